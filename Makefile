@@ -1,0 +1,62 @@
+# The two commands of the README, and what they are made of.
+#   make run   - bootstrap, then start the embedded stack and print the URL to give Dify
+#   make test  - bootstrap, then lint (ruff, buf), check the generated code, run the tests
+
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+# Reinstall when the dependency declarations change.
+INSTALL_STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
+BUF_VERSION := 1.75.0
+BUF := .tools/node_modules/.bin/buf
+# Wheels that compile from source are built once per machine and reused by every later install.
+WHEEL_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/modelplane/wheels
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: run test install lint format protos check-generated pytest bench clean
+
+run: install
+	$(BIN)/modelplane up
+
+test: install lint check-generated pytest
+
+install: $(INSTALL_STAMP)
+
+$(INSTALL_STAMP):
+	@test -n "$(PYTHON)" || { echo "Python 3.11 is required"; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || \
+		{ echo "modelplane needs Python 3.11 (the Triton python-backend stub it uses is built for it)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	rm -f $(VENV)/.installed-*
+	mkdir -p $(WHEEL_CACHE)
+	$(BIN)/pip install --quiet --find-links $(WHEEL_CACHE) -c constraints.txt -e '.[dev]'
+	touch $@
+
+$(BUF):
+	npm install --silent --no-audit --no-fund --no-save --prefix .tools @bufbuild/buf@$(BUF_VERSION)
+
+lint: install $(BUF)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BUF) lint
+	@# Contracts may grow, never break: compare with the previous commit when there is one.
+	@if git rev-parse -q --verify HEAD~1 >/dev/null; then \
+		$(BUF) breaking --against '.git#ref=HEAD~1'; \
+	else echo "buf breaking: no previous commit to compare with"; fi
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+protos: install
+	$(BIN)/python scripts/gen_protos.py
+
+check-generated: install
+	$(BIN)/python scripts/gen_protos.py --check
+
+pytest: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .tools .modelplane .pytest_cache .ruff_cache

@@ -1,0 +1,239 @@
+"""The `modelplane` command: run the stack or one service, and manage models."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from modelplane.common.errors import ModelplaneError
+from modelplane.common.logging import configure_logging
+from modelplane.common.types import FileDigest, ModelSpec, ModelState, Priority, Task
+
+app = typer.Typer(help="modelplane: serve your own models to a private Dify deployment.", no_args_is_help=True)
+models_app = typer.Typer(help="Register, load, unload and inspect models.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+console = Console(stderr=True)
+
+SERVICES = ("registry", "loader", "inference", "gateway")
+RegistryOption = Annotated[str, typer.Option(envvar="MODELPLANE_CLI_REGISTRY", help="host:port of the registry.")]
+LoaderOption = Annotated[str, typer.Option(envvar="MODELPLANE_CLI_LOADER", help="host:port of the loader.")]
+
+
+def _run(work: Coroutine[Any, Any, None]) -> None:
+    """Runs one command's work; a refusal from a service is printed as its message, not a trace."""
+    try:
+        asyncio.run(work)
+    except ModelplaneError as error:
+        console.print(f"[red]error:[/red] {error.message}")
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def up(
+    bundled: Annotated[bool, typer.Option(help="Register and load the bundled models.")] = True,
+) -> None:
+    """Start the whole embedded stack: Triton, registry, loader, inference and gateway."""
+    from modelplane.stack import run_stack  # noqa: PLC0415 - keeps `modelplane models` light
+
+    configure_logging("up")
+    asyncio.run(run_stack(load_bundled=bundled))
+
+
+@app.command()
+def serve(service: Annotated[str, typer.Argument(help=f"One of: {', '.join(SERVICES)}.")]) -> None:
+    """Run one service in this process (the production way: one service per container)."""
+    from modelplane.common.service import Service, run_until_signalled  # noqa: PLC0415
+
+    if service not in SERVICES:
+        console.print(f"[red]error:[/red] unknown service {service!r}; choose one of {', '.join(SERVICES)}")
+        raise typer.Exit(2)
+    configure_logging(service)
+    if service == "registry":
+        from modelplane.registry.server import RegistryService as ServiceClass  # noqa: PLC0415
+    elif service == "loader":
+        from modelplane.loader.server import LoaderService as ServiceClass  # type: ignore[assignment]  # noqa: PLC0415
+    elif service == "inference":
+        from modelplane.inference.server import InferenceService as ServiceClass  # type: ignore[assignment]  # noqa: PLC0415
+    else:
+        from modelplane.gateway.server import GatewayService as ServiceClass  # type: ignore[assignment]  # noqa: PLC0415
+
+    async def run(service_class: type[Service]) -> None:
+        # Built inside the loop: gRPC's aio server binds to the loop that is running when it is made.
+        await run_until_signalled(service_class())
+
+    asyncio.run(run(ServiceClass))
+
+
+@app.command()
+def digest(path: Annotated[Path, typer.Argument(help="A package directory or a single model file.")]) -> None:
+    """Print the SHA-256 to register as a package's expected digest."""
+    from modelplane.loader.manifest import build_manifest, package_digest  # noqa: PLC0415
+
+    root = path.resolve()
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    digests = []
+    for file in files:
+        hasher = hashlib.sha256()
+        with file.open("rb") as handle:
+            while chunk := handle.read(4 * 1024 * 1024):
+                hasher.update(chunk)
+        relative = file.name if root.is_file() else file.relative_to(root).as_posix()
+        digests.append(FileDigest(path=relative, size_bytes=file.stat().st_size, sha256=hasher.hexdigest()))
+    print(package_digest(build_manifest(digests)))
+
+
+def _default_registry() -> str:
+    return (
+        os.environ.get("MODELPLANE_CLI_REGISTRY") or f"localhost:{os.environ.get('MODELPLANE_REGISTRY_PORT', '50051')}"
+    )
+
+
+def _default_loader() -> str:
+    return os.environ.get("MODELPLANE_CLI_LOADER") or f"localhost:{os.environ.get('MODELPLANE_LOADER_PORT', '50052')}"
+
+
+@models_app.command("ls")
+def models_ls(registry: RegistryOption = "") -> None:
+    """List models with their state, priority, footprint and last use."""
+    from modelplane.registry.client import RegistryClient  # noqa: PLC0415
+
+    async def run() -> None:
+        async with RegistryClient(registry or _default_registry()) as client:
+            models = await client.list_models()
+        table = Table("NAME", "TASK", "STATE", "VERSION", "PRIORITY", "FOOTPRINT", "REASON")
+        for m in models:
+            footprint = f"{m.status.footprint_bytes / 2**20:.0f} MiB" if m.status.footprint_bytes else "-"
+            table.add_row(
+                m.name,
+                m.spec.task.name.lower(),
+                m.state.name,
+                str(m.version),
+                m.spec.effective_priority.name.lower(),
+                footprint,
+                m.status.reason[:60],
+            )
+        Console().print(table)
+
+    _run(run())
+
+
+@models_app.command("register")
+def models_register(
+    name: Annotated[str, typer.Argument(help="Name clients will use.")],
+    source: Annotated[str, typer.Option(help="Path, file://, s3:// or http(s):// URI of the package.")],
+    task: Annotated[str, typer.Option(help="embedding, rerank or generation.")],
+    sha256: Annotated[str, typer.Option(help="Expected SHA-256 (see `modelplane digest`).")] = "",
+    priority: Annotated[str, typer.Option(help="pinned, high, normal or low.")] = "normal",
+    load: Annotated[bool, typer.Option(help="Load it right away.")] = False,
+    registry: RegistryOption = "",
+) -> None:
+    """Register a model (or a new version of one)."""
+    from modelplane.registry.client import RegistryClient  # noqa: PLC0415
+
+    try:
+        spec = ModelSpec(
+            name=name,
+            task=Task[task.upper()],
+            source_uri=source,
+            expected_sha256=sha256,
+            priority=Priority[priority.upper()],
+        )
+    except KeyError as error:
+        console.print(f"[red]error:[/red] unknown value {error}")
+        raise typer.Exit(2) from None
+
+    async def run() -> None:
+        async with RegistryClient(registry or _default_registry()) as client:
+            model, created = await client.register(spec, load=load)
+        verb = "registered" if created else "unchanged"
+        console.print(f"{model.name}: {verb} (version {model.version}, {model.state.name})")
+
+    _run(run())
+
+
+@models_app.command("load")
+def models_load(name: str, loader: LoaderOption = "", refresh: bool = False) -> None:
+    """Load a model into Triton, showing progress, and print the time of each phase."""
+    from modelplane.loader.client import LoaderClient  # noqa: PLC0415
+
+    async def run() -> None:
+        columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn()]
+        async with LoaderClient(loader or _default_loader()) as client:
+            with Progress(*columns, console=console) as progress:
+                bar = progress.add_task(name, total=None)
+                async for update in client.load(name, refresh=refresh):
+                    p = update.progress
+                    progress.update(
+                        bar,
+                        description=f"{name}: {p.phase.name.lower()} {p.current_file}".strip(),
+                        completed=p.bytes_done,
+                        total=p.bytes_total or None,
+                    )
+                    if update.done:
+                        final = update
+        state = final.model.state if final.model else ModelState.UNSPECIFIED
+        console.print(f"{name}: {state.name}")
+        for phase in final.phase_durations:
+            console.print(f"  {phase.phase.name.lower():<11} {phase.duration.total_seconds():8.2f} s")
+
+    _run(run())
+
+
+@models_app.command("unload")
+def models_unload(name: str, loader: LoaderOption = "") -> None:
+    """Unload a model from Triton; its files stay cached for a fast reload."""
+    from modelplane.loader.client import LoaderClient  # noqa: PLC0415
+
+    async def run() -> None:
+        async with LoaderClient(loader or _default_loader()) as client:
+            model = await client.unload(name)
+        console.print(f"{name}: {model.state.name}")
+
+    _run(run())
+
+
+@models_app.command("events")
+def models_events(name: str, registry: RegistryOption = "") -> None:
+    """Show a model's lifecycle transitions."""
+    from modelplane.registry.client import RegistryClient  # noqa: PLC0415
+
+    async def run() -> None:
+        async with RegistryClient(registry or _default_registry()) as client:
+            events = await client.events(name)
+        table = Table("TIME", "VERSION", "FROM", "TO", "MESSAGE")
+        for e in events:
+            when = e.create_time.isoformat(timespec="seconds") if e.create_time else ""
+            table.add_row(when, str(e.version), e.from_state.name, e.to_state.name, e.message)
+        Console().print(table)
+
+    _run(run())
+
+
+@models_app.command("delete")
+def models_delete(name: str, registry: RegistryOption = "") -> None:
+    """Remove an unloaded model from the catalogue."""
+    from modelplane.registry.client import RegistryClient  # noqa: PLC0415
+
+    async def run() -> None:
+        async with RegistryClient(registry or _default_registry()) as client:
+            await client.delete(name)
+        console.print(f"{name}: deleted")
+
+    _run(run())
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Settings shared by every service; each service adds its own class with its own env prefix.
+
+Every field has a docstring: it is the field's description in `modelplane config` and the
+deployment docs. Paths default under MODELPLANE_HOME so one variable moves all state.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def modelplane_home() -> Path:
+    """Where modelplane keeps its state unless a setting says otherwise."""
+    explicit = os.environ.get("MODELPLANE_HOME")
+    if explicit:
+        return Path(explicit).expanduser().resolve()
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "modelplane"
+
+
+class LoggingSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MODELPLANE_LOG_", use_attribute_docstrings=True, extra="ignore")
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    """Lowest level of log line written."""
+    format: Literal["auto", "json", "console"] = "auto"
+    """`json` for log collectors, `console` for people; `auto` picks console on a terminal."""
+
+
+class ServerSettings(BaseSettings):
+    """What every gRPC service needs to listen; subclasses set the env prefix and port."""
+
+    model_config = SettingsConfigDict(use_attribute_docstrings=True, extra="ignore")
+
+    host: str = "0.0.0.0"  # noqa: S104 - services listen on every interface in containers
+    """Interface to listen on."""
+    port: int = 0
+    """TCP port to listen on; 0 picks a free one (tests)."""
+    shutdown_grace_seconds: float = 10.0
+    """On SIGTERM, how long requests in flight may finish before they are cancelled."""
+    max_message_bytes: int = 64 * 1024 * 1024
+    """Largest gRPC message accepted or sent."""
+    metrics_port: int = 0
+    """Port of this service's Prometheus /metrics endpoint; 0 serves none."""
+
+
+class TritonSettings(BaseSettings):
+    """Where Triton is and, for the embedded one, how to start it."""
+
+    model_config = SettingsConfigDict(env_prefix="MODELPLANE_TRITON_", use_attribute_docstrings=True, extra="ignore")
+
+    embedded: bool = True
+    """Start the tritonserver binary of the nvidia-pytriton wheel (`modelplane up`); false when an
+    external Triton (NVIDIA's container) serves at `grpc_address`."""
+    grpc_address: str = "localhost:8001"
+    """host:port of Triton's KServe v2 gRPC endpoint."""
+    http_port: int = 8000
+    """HTTP port of the embedded Triton."""
+    metrics_port: int = 8002
+    """Prometheus metrics port of the embedded Triton."""
+    model_repository: Path = Field(default_factory=lambda: modelplane_home() / "triton" / "models")
+    """Triton's model repository: the loader writes it, Triton reads it."""
+    startup_timeout_seconds: float = 120.0
+    """How long the embedded Triton may take to become live."""
+    log_verbose: int = 0
+    """Triton's --log-verbose level."""
+    restart_backoff_max_seconds: float = 30.0
+    """Longest wait between restarts of an embedded Triton that keeps dying."""

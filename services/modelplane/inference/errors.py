@@ -1,0 +1,43 @@
+"""The inference service's errors."""
+
+from __future__ import annotations
+
+from modelplane.common.errors import FailedPrecondition, InvalidArgument, ModelNotFound, Unavailable
+
+__all__ = [
+    "InputTooLong",
+    "InvalidRequest",
+    "ModelLoading",
+    "ModelNotFound",
+    "ModelNotServable",
+    "TritonUnavailable",
+    "WrongTask",
+]
+
+
+class InvalidRequest(InvalidArgument):
+    reason = "INVALID_REQUEST"
+
+
+class InputTooLong(InvalidArgument):
+    reason = "INPUT_TOO_LONG"
+
+
+class WrongTask(InvalidArgument):
+    reason = "WRONG_TASK"
+
+
+class ModelNotServable(FailedPrecondition):
+    """The model is in a state from which it cannot serve (FAILED): a person must act."""
+
+    reason = "MODEL_NOT_SERVABLE"
+
+
+class ModelLoading(Unavailable):
+    """The model is being loaded; the request can be retried."""
+
+    reason = "MODEL_LOADING"
+
+
+class TritonUnavailable(Unavailable):
+    reason = "TRITON_UNAVAILABLE"

@@ -1,0 +1,160 @@
+"""The inference service's core: embeddings (and, as they land, rerank and generation) through Triton.
+
+Works on domain types; the servicer converts. Every request runs against a model the catalogue
+made ready (loading it on demand), in chunks Triton accepts, with exact token counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import structlog
+
+from modelplane.common.request_context import current_request_id
+from modelplane.common.types import Task, Usage
+from modelplane.inference.catalog import ModelCatalog, ServingModel
+from modelplane.inference.errors import InputTooLong, InvalidRequest, WrongTask
+from modelplane.inference.settings import InferenceSettings
+from modelplane.inference.stats import RequestStatistics
+from modelplane.inference.tokenization import EncodedBatch
+from modelplane.inference.triton import TritonInferer
+
+log = structlog.get_logger()
+
+
+class Truncation(enum.IntEnum):
+    UNSPECIFIED = 0
+    END = 1
+    NONE = 2
+
+
+@dataclass(frozen=True)
+class EmbedInput:
+    """A text, or token ids already produced by the model's tokenizer (without special tokens)."""
+
+    text: str | None = None
+    token_ids: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Embedding:
+    index: int
+    values: np.ndarray
+    num_tokens: int
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    model: str
+    embeddings: list[Embedding]
+    usage: Usage
+
+
+class InferenceHandler:
+    def __init__(
+        self, settings: InferenceSettings, catalog: ModelCatalog, triton: TritonInferer, stats: RequestStatistics
+    ) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.triton = triton
+        self.stats = stats
+
+    def _wait_seconds(self, deadline_seconds: float | None) -> float:
+        if deadline_seconds is None:
+            return self.settings.load_wait_seconds
+        return max(0.0, min(deadline_seconds, self.settings.load_wait_seconds))
+
+    def _truncates(self, truncation: Truncation) -> bool:
+        if truncation == Truncation.UNSPECIFIED:
+            return self.settings.truncation == "truncate"
+        return truncation == Truncation.END
+
+    async def _serving(self, model: str, task: Task, deadline_seconds: float | None) -> ServingModel:
+        structlog.contextvars.bind_contextvars(model=model)
+        serving = await self.catalog.acquire(model, wait_seconds=self._wait_seconds(deadline_seconds))
+        if serving.model.spec.task != task:
+            raise WrongTask(
+                f"Model '{model}' serves {serving.model.spec.task.name.lower()}, not {task.name.lower()}; "
+                "pick a model of the right type (GET /v1/models lists each model's task).",
+                metadata={"model": model, "task": serving.model.spec.task.name},
+            )
+        self.stats.record(model, cold_start=serving.cold_start)
+        return serving
+
+    async def embed(
+        self,
+        model: str,
+        inputs: Sequence[EmbedInput],
+        *,
+        truncation: Truncation = Truncation.UNSPECIFIED,
+        deadline_seconds: float | None = None,
+    ) -> EmbedResult:
+        if not inputs:
+            raise InvalidRequest("The request has no input; send at least one text.")
+        if len(inputs) > self.settings.max_inputs_per_request:
+            raise InvalidRequest(
+                f"The request has {len(inputs)} inputs; at most {self.settings.max_inputs_per_request} are accepted "
+                "per request. Split it into smaller batches."
+            )
+        serving = await self._serving(model, Task.EMBEDDING, deadline_seconds)
+        tokenizer = serving.tokenizer
+        if tokenizer is None:
+            raise InvalidRequest(f"Model '{model}' has no tokenizer, so it cannot embed text.")
+        texts = [item.text or "" for item in inputs if item.token_ids is None]
+        encoded = iter(tokenizer.encode_texts(texts)) if texts else iter(())
+        sequences: list[tuple[list[int], list[int]]] = []
+        for item in inputs:
+            if item.token_ids is not None:
+                ids = tokenizer.frame_token_ids(item.token_ids)
+                sequences.append((ids, [0] * len(ids)))
+            else:
+                encoding = next(encoded)
+                sequences.append((encoding.ids, encoding.type_ids))
+        if not self._truncates(truncation):
+            for index, (ids, _) in enumerate(sequences):
+                if len(ids) > tokenizer.max_tokens:
+                    raise InputTooLong(
+                        f"Input {index} has {len(ids)} tokens; model '{model}' accepts at most {tokenizer.max_tokens}. "
+                        "Shorten it, or allow truncation.",
+                        metadata={"model": model, "index": str(index)},
+                    )
+        vectors, batch_facts = await self._run_encoder(serving, sequences)
+        if serving.profile.normalize_embeddings:
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+            vectors = vectors / np.maximum(norms, 1e-12)
+        embeddings = [
+            Embedding(index=i, values=vectors[i], num_tokens=count, truncated=cut)
+            for i, (count, cut) in enumerate(zip(batch_facts.token_counts, batch_facts.truncated, strict=True))
+        ]
+        prompt_tokens = sum(batch_facts.token_counts)
+        return EmbedResult(model=model, embeddings=embeddings, usage=Usage(prompt_tokens=prompt_tokens))
+
+    async def _run_encoder(
+        self, serving: ServingModel, sequences: list[tuple[list[int], list[int]]]
+    ) -> tuple[np.ndarray, EncodedBatch]:
+        """Runs the sequences through Triton in chunks the model accepts, concurrently, in order."""
+        assert serving.tokenizer is not None
+        profile = serving.profile
+        size = max(1, profile.max_batch_size or 32)
+        chunks = [
+            serving.tokenizer.batch(sequences[i : i + size], profile.input_names)
+            for i in range(0, len(sequences), size)
+        ]
+        request_id = current_request_id.get()
+        outputs = await asyncio.gather(
+            *(
+                self.triton.infer(profile.triton_model_name, chunk.arrays, profile.output_name, request_id=request_id)
+                for chunk in chunks
+            )
+        )
+        facts = EncodedBatch(
+            arrays={},
+            token_counts=[count for chunk in chunks for count in chunk.token_counts],
+            truncated=[cut for chunk in chunks for cut in chunk.truncated],
+        )
+        return np.concatenate(outputs).astype(np.float32, copy=False), facts

@@ -1,0 +1,54 @@
+"""The inference service process."""
+
+from __future__ import annotations
+
+from modelplane.common.grpc_server import GrpcServer, start_metrics_server
+from modelplane.common.service import Service
+from modelplane.common.settings import TritonSettings
+from modelplane.inference.catalog import ModelCatalog
+from modelplane.inference.handlers import InferenceHandler
+from modelplane.inference.servicer import InferenceServicer
+from modelplane.inference.settings import InferenceSettings
+from modelplane.inference.stats import RequestStatistics
+from modelplane.inference.triton import TritonInferer
+from modelplane.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
+from modelplane.loader.client import LoaderClient
+from modelplane.registry.client import RegistryClient
+
+SERVICE_FULL_NAME = inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+
+
+class InferenceService(Service):
+    name = "inference"
+
+    def __init__(self, settings: InferenceSettings | None = None, triton: TritonSettings | None = None) -> None:
+        self.settings = settings or InferenceSettings()
+        self.triton_settings = triton or TritonSettings()
+        self.server = GrpcServer(self.name, self.settings)
+        self.port = 0
+        self._closers: list = []
+
+    async def start(self) -> None:
+        registry = RegistryClient(self.settings.registry_address)
+        loader = LoaderClient(self.settings.loader_address)
+        triton = TritonInferer(self.triton_settings.grpc_address)
+        self.catalog = ModelCatalog(registry, loader)
+        self.stats = RequestStatistics(registry, self.settings.stats_report_interval_seconds)
+        handler = InferenceHandler(self.settings, self.catalog, triton, self.stats)
+        self.server.add_servicer(
+            inference_service_pb2_grpc.add_InferenceServiceServicer_to_server,
+            InferenceServicer(handler),
+            SERVICE_FULL_NAME,
+        )
+        self.catalog.start()
+        self.stats.start()
+        self.port = await self.server.start()
+        start_metrics_server(self.settings.metrics_port)
+        self._closers = [registry.close, loader.close, triton.close]
+
+    async def stop(self) -> None:
+        await self.server.stop()
+        await self.catalog.stop()
+        await self.stats.stop()
+        for close in self._closers:
+            await close()

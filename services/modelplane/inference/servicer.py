@@ -1,0 +1,28 @@
+"""The inference service's gRPC edge: convert, call the handler, convert back."""
+
+from __future__ import annotations
+
+import grpc
+
+from modelplane.inference import converters
+from modelplane.inference.handlers import InferenceHandler, Truncation
+from modelplane.inference.v1 import inference_service_pb2 as pb
+from modelplane.inference.v1 import inference_service_pb2_grpc as pb_grpc
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    return context.time_remaining()
+
+
+class InferenceServicer(pb_grpc.InferenceServiceServicer):
+    def __init__(self, handler: InferenceHandler) -> None:
+        self.handler = handler
+
+    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        result = await self.handler.embed(
+            request.model,
+            converters.embed_inputs_from_proto(request),
+            truncation=Truncation(request.truncation),
+            deadline_seconds=_deadline(context),
+        )
+        return converters.embed_result_to_proto(result)

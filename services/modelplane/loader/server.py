@@ -1,0 +1,50 @@
+"""The loader service process."""
+
+from __future__ import annotations
+
+from modelplane.common.grpc_server import GrpcServer, start_metrics_server
+from modelplane.common.service import Service
+from modelplane.common.settings import TritonSettings
+from modelplane.loader.cache import PackageCache
+from modelplane.loader.handlers import LoaderHandler
+from modelplane.loader.pipeline import LoadPipeline
+from modelplane.loader.servicer import LoaderServicer
+from modelplane.loader.settings import LoaderSettings
+from modelplane.loader.triton_control import TritonControl
+from modelplane.loader.triton_repo import ModelRepository
+from modelplane.loader.v1 import loader_service_pb2, loader_service_pb2_grpc
+from modelplane.registry.client import RegistryClient
+
+SERVICE_FULL_NAME = loader_service_pb2.DESCRIPTOR.services_by_name["LoaderService"].full_name
+
+
+class LoaderService(Service):
+    name = "loader"
+
+    def __init__(self, settings: LoaderSettings | None = None, triton: TritonSettings | None = None) -> None:
+        self.settings = settings or LoaderSettings()
+        self.triton_settings = triton or TritonSettings()
+        self.server = GrpcServer(self.name, self.settings)
+        self.port = 0
+        self.handler: LoaderHandler | None = None
+
+    async def start(self) -> None:
+        registry = RegistryClient(self.settings.registry_address)
+        triton = TritonControl(self.triton_settings.grpc_address)
+        repository = ModelRepository(self.triton_settings.model_repository)
+        cache = PackageCache(self.settings.cache_dir)
+        pipeline = LoadPipeline(self.settings, registry, cache, repository, triton)
+        self.handler = LoaderHandler(self.settings, registry, pipeline, triton, repository)
+        self.server.add_servicer(
+            loader_service_pb2_grpc.add_LoaderServiceServicer_to_server, LoaderServicer(self.handler), SERVICE_FULL_NAME
+        )
+        self.port = await self.server.start()
+        start_metrics_server(self.settings.metrics_port)
+        self.handler.start_background()
+
+    async def stop(self) -> None:
+        await self.server.stop()
+        if self.handler is not None:
+            await self.handler.stop_background()
+            await self.handler.registry.close()
+            await self.handler.triton.close()

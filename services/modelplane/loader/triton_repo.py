@@ -1,0 +1,143 @@
+"""Triton's model repository: config.pbtxt generation and atomic writes of model entries.
+
+An entry is built in a staging directory beside the repository (same filesystem, outside the
+directory Triton scans) and renamed into place, so Triton never reads a half-written entry.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class TensorConfig:
+    name: str
+    data_type: str  # Triton's TYPE_* name
+    dims: tuple[int, ...]
+    allow_ragged_batch: bool = False
+    optional: bool = False
+
+
+@dataclass
+class TritonModelConfig:
+    name: str
+    inputs: list[TensorConfig]
+    outputs: list[TensorConfig]
+    backend: str = ""
+    platform: str = ""
+    max_batch_size: int = 0
+    preferred_batch_sizes: list[int] = field(default_factory=list)
+    max_queue_delay_microseconds: int | None = None
+    dynamic_batching: bool = True
+    instance_count: int = 1
+    instance_kind: str = "KIND_CPU"
+    decoupled: bool = False
+    parameters: dict[str, str] = field(default_factory=dict)
+    default_model_filename: str = ""
+
+
+def _quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _tensor(tensor: TensorConfig) -> str:
+    fields = [
+        f"name: {_quote(tensor.name)}",
+        f"data_type: {tensor.data_type}",
+        f"dims: [ {', '.join(str(d) for d in tensor.dims)} ]",
+    ]
+    if tensor.allow_ragged_batch:
+        fields.append("allow_ragged_batch: true")
+    if tensor.optional:
+        fields.append("optional: true")
+    return "  {\n    " + "\n    ".join(fields) + "\n  }"
+
+
+def render_config(config: TritonModelConfig) -> str:
+    """config.pbtxt text, in the protobuf text format of Triton's model_config.proto."""
+    lines = [f"name: {_quote(config.name)}"]
+    if config.backend:
+        lines.append(f"backend: {_quote(config.backend)}")
+    if config.platform:
+        lines.append(f"platform: {_quote(config.platform)}")
+    if config.default_model_filename:
+        lines.append(f"default_model_filename: {_quote(config.default_model_filename)}")
+    lines.append(f"max_batch_size: {config.max_batch_size}")
+    if config.inputs:
+        lines.append("input [\n" + ",\n".join(_tensor(t) for t in config.inputs) + "\n]")
+    if config.outputs:
+        lines.append("output [\n" + ",\n".join(_tensor(t) for t in config.outputs) + "\n]")
+    if config.dynamic_batching and config.max_batch_size > 0:
+        batching = []
+        if config.preferred_batch_sizes:
+            batching.append(f"preferred_batch_size: [ {', '.join(map(str, config.preferred_batch_sizes))} ]")
+        if config.max_queue_delay_microseconds is not None:
+            batching.append(f"max_queue_delay_microseconds: {config.max_queue_delay_microseconds}")
+        lines.append("dynamic_batching {" + ("\n  " + "\n  ".join(batching) + "\n" if batching else " ") + "}")
+    lines.append(
+        f"instance_group [\n  {{\n    count: {config.instance_count}\n    kind: {config.instance_kind}\n  }}\n]"
+    )
+    if config.decoupled:
+        lines.append("model_transaction_policy {\n  decoupled: true\n}")
+    for key, value in sorted(config.parameters.items()):
+        lines.append(f"parameters {{\n  key: {_quote(key)}\n  value: {{ string_value: {_quote(value)} }}\n}}")
+    return "\n".join(lines) + "\n"
+
+
+def python_model_source(model_kind: str) -> Path:
+    """The model.py of one of the python-backend models shipped in modelplane.loader.triton_models."""
+    return Path(str(resources.files("modelplane.loader.triton_models") / model_kind / "model.py"))
+
+
+class ModelRepository:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.staging = root.parent / f".{root.name}-staging"
+        self.trash = root.parent / f".{root.name}-trash"
+        for directory in (self.root, self.staging, self.trash):
+            directory.mkdir(parents=True, exist_ok=True)
+
+    def entry_path(self, name: str) -> Path:
+        return self.root / name
+
+    def write(self, config: TritonModelConfig, version: int, files: dict[str, Path]) -> Path:
+        """Writes `<name>/config.pbtxt` and `<name>/<version>/<file>` for each file, then swaps the
+        entry in. Large files are hard-linked from the cache when both share a filesystem."""
+        build = self.staging / f"{config.name}-{uuid.uuid4().hex[:8]}"
+        version_dir = build / str(version)
+        version_dir.mkdir(parents=True)
+        try:
+            (build / "config.pbtxt").write_text(render_config(config))
+            for name, source in files.items():
+                _link_or_copy(source, version_dir / name)
+            final = self.entry_path(config.name)
+            if final.exists():
+                retired = self.trash / f"{config.name}-{uuid.uuid4().hex[:8]}"
+                final.rename(retired)
+                build.rename(final)
+                shutil.rmtree(retired, ignore_errors=True)
+            else:
+                build.rename(final)
+            return final
+        finally:
+            if build.exists():
+                shutil.rmtree(build, ignore_errors=True)
+
+    def remove(self, name: str) -> None:
+        final = self.entry_path(name)
+        if final.exists():
+            retired = self.trash / f"{name}-{uuid.uuid4().hex[:8]}"
+            final.rename(retired)
+            shutil.rmtree(retired, ignore_errors=True)
+
+
+def _link_or_copy(source: Path, destination: Path) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copyfile(source, destination)

@@ -1,0 +1,78 @@
+"""Protobuf ⇄ domain conversion for the registry's messages."""
+
+from __future__ import annotations
+
+from datetime import UTC
+
+from modelplane.common.converters import from_proto, to_proto
+from modelplane.common.types import (
+    LoadProgress,
+    ModelAsset,
+    ModelSpec,
+    ModelState,
+    PackageManifest,
+    RequestCount,
+    ServingProfile,
+)
+from modelplane.common.v1 import model_pb2
+from modelplane.registry.handlers import Transition
+from modelplane.registry.store import RequestStatistics
+from modelplane.registry.v1 import registry_service_pb2 as pb
+from modelplane.registry.watch import ModelChange
+
+
+def spec_from_proto(message: model_pb2.ModelSpec) -> ModelSpec:
+    return from_proto(message, ModelSpec)
+
+
+def transition_from_proto(request: pb.TransitionModelRequest) -> Transition:
+    return Transition(
+        name=request.name,
+        version=request.version,
+        to_state=ModelState(request.to_state),
+        expected_from_state=ModelState(request.expected_from_state),
+        message=request.message,
+        progress=from_proto(request.progress, LoadProgress) if request.HasField("progress") else None,
+        manifest=from_proto(request.manifest, PackageManifest) if request.HasField("manifest") else None,
+        profile=from_proto(request.profile, ServingProfile) if request.HasField("profile") else None,
+        assets=[from_proto(a, ModelAsset) for a in request.assets] if request.assets else None,
+        footprint_bytes=request.footprint_bytes,
+        request_id=request.request_id,
+        progress_only=request.progress_only,
+        begins_operation=request.begins_operation,
+    )
+
+
+def request_counts_from_proto(request: pb.RecordModelRequestsRequest) -> list[RequestCount]:
+    return [
+        RequestCount(
+            model_name=item.model_name,
+            count=item.count,
+            cold_starts=item.cold_starts,
+            last_request_time=item.last_request_time.ToDatetime(tzinfo=UTC),
+        )
+        for item in request.counts
+    ]
+
+
+def statistics_to_proto(stats: RequestStatistics) -> pb.ModelStatistics:
+    message = pb.ModelStatistics(
+        model_name=stats.model_name,
+        total_requests=stats.total_requests,
+        rate_5m=stats.rate_5m,
+        rate_1h=stats.rate_1h,
+        hour_of_day_counts=stats.hour_of_day_counts,
+        cold_starts=stats.cold_starts,
+    )
+    if stats.last_request_time:
+        message.last_request_time.FromDatetime(stats.last_request_time)
+    return message
+
+
+def change_to_proto(change: ModelChange) -> pb.WatchModelsResponse:
+    response = pb.WatchModelsResponse(
+        change_type=int(change.change_type), model=to_proto(change.model, model_pb2.Model)
+    )
+    if change.event is not None:
+        response.event.CopyFrom(to_proto(change.event, model_pb2.ModelEvent))
+    return response

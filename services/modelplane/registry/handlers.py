@@ -1,0 +1,356 @@
+"""The registry's rules: what may be registered, which transitions are legal, who is told.
+
+Used by the gRPC servicer; works on domain types only, so it is tested without a network.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import structlog
+
+from modelplane.common.redact import redact_uri
+from modelplane.common.types import (
+    RESIDENT_STATES,
+    WORKING_STATES,
+    DesiredState,
+    LoadProgress,
+    Model,
+    ModelAsset,
+    ModelEvent,
+    ModelSpec,
+    ModelState,
+    ModelStatus,
+    PackageManifest,
+    PhaseDuration,
+    RequestCount,
+    ServingProfile,
+    Task,
+    is_valid_model_name,
+)
+from modelplane.registry.errors import InvalidModelSpec, ModelBusy, ModelNotFound, StaleTransition
+from modelplane.registry.store import RegistryStore, RequestStatistics
+from modelplane.registry.watch import ChangeType, ModelChange, WatchHub
+
+log = structlog.get_logger()
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_MAX_PAGE = 1000
+_DEFAULT_PAGE = 100
+
+# The lifecycle graph (DESIGN.md). FAILED and REGISTERED (a reset) are reachable from every state,
+# and a state may "transition" to itself to report progress.
+_NEXT: dict[ModelState, frozenset[ModelState]] = {
+    ModelState.REGISTERED: frozenset({ModelState.FETCHING}),
+    ModelState.FETCHING: frozenset({ModelState.VERIFYING}),
+    ModelState.VERIFYING: frozenset({ModelState.CONVERTING, ModelState.STAGED}),
+    ModelState.CONVERTING: frozenset({ModelState.STAGED}),
+    ModelState.STAGED: frozenset({ModelState.LOADING, ModelState.FETCHING, ModelState.VERIFYING}),
+    ModelState.LOADING: frozenset({ModelState.READY, ModelState.UNLOADING, ModelState.STAGED}),
+    ModelState.READY: frozenset({ModelState.UNLOADING, ModelState.LOADING, ModelState.STAGED}),
+    ModelState.UNLOADING: frozenset({ModelState.STAGED}),
+    ModelState.FAILED: frozenset(
+        {ModelState.FETCHING, ModelState.VERIFYING, ModelState.LOADING, ModelState.UNLOADING, ModelState.STAGED}
+    ),
+}
+# Spec fields that can change without a new version.
+MUTABLE_SPEC_FIELDS = frozenset(
+    {"priority", "idle_ttl", "memory_quota_bytes", "memory_estimate_bytes", "runtime_hints", "labels", "description"}
+)
+
+
+@dataclass(frozen=True)
+class Transition:
+    """What the loader asks the registry to record."""
+
+    name: str
+    version: int
+    to_state: ModelState
+    expected_from_state: ModelState = ModelState.UNSPECIFIED
+    message: str = ""
+    progress: LoadProgress | None = None
+    manifest: PackageManifest | None = None
+    profile: ServingProfile | None = None
+    assets: Sequence[ModelAsset] | None = None
+    footprint_bytes: int = 0
+    request_id: str = ""
+    progress_only: bool = False
+    begins_operation: bool = False
+
+
+def _identity(spec: ModelSpec) -> tuple[object, ...]:
+    """What makes two specs the same package; a change of any of these is a new version."""
+    return (spec.task, spec.format, spec.source_uri, spec.expected_sha256, spec.manifest)
+
+
+def validate_spec(spec: ModelSpec) -> ModelSpec:
+    """Returns the spec normalised (lowercase digests), or raises with what to fix."""
+    if not is_valid_model_name(spec.name):
+        raise InvalidModelSpec(
+            f"Model name {spec.name!r} is not valid: use 1 to 64 lowercase letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit."
+        )
+    if spec.task == Task.UNSPECIFIED:
+        raise InvalidModelSpec(f"Model '{spec.name}' has no task: say embedding, rerank or generation.")
+    if not spec.source_uri.strip():
+        raise InvalidModelSpec(f"Model '{spec.name}' has no source URI: give a path, s3:// or http(s):// URI.")
+    expected = spec.expected_sha256.strip().lower()
+    if expected and not _SHA256.match(expected):
+        raise InvalidModelSpec(
+            f"Expected SHA-256 of model '{spec.name}' must be 64 hexadecimal characters, got {spec.expected_sha256!r}."
+        )
+    if spec.manifest:
+        for entry in spec.manifest.files:
+            if entry.path.startswith("/") or ".." in entry.path.split("/") or "\\" in entry.path:
+                raise InvalidModelSpec(
+                    f"Manifest of model '{spec.name}' lists {entry.path!r}, which escapes the package: "
+                    "paths must be relative and must not contain '..'."
+                )
+    return spec.model_copy(update={"expected_sha256": expected})
+
+
+def _encode_page_token(name: str) -> str:
+    return base64.urlsafe_b64encode(name.encode()).decode()
+
+
+def _decode_page_token(token: str) -> str:
+    try:
+        return base64.urlsafe_b64decode(token.encode()).decode()
+    except (binascii.Error, UnicodeDecodeError) as error:
+        raise InvalidModelSpec("page_token is not one this registry issued; start from the first page.") from error
+
+
+class RegistryHandler:
+    def __init__(self, store: RegistryStore, hub: WatchHub) -> None:
+        self.store = store
+        self.hub = hub
+
+    async def get(self, name: str) -> Model:
+        model = await self.store.get_model(name)
+        if model is None:
+            raise ModelNotFound(name)
+        return model
+
+    async def list(
+        self,
+        *,
+        task: Task = Task.UNSPECIFIED,
+        states: Sequence[ModelState] = (),
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> tuple[list[Model], str]:
+        limit = min(page_size or _DEFAULT_PAGE, _MAX_PAGE)
+        after = _decode_page_token(page_token) if page_token else ""
+        models = await self.store.list_models(task=task, states=states, after_name=after, limit=limit + 1)
+        more = len(models) > limit
+        models = models[:limit]
+        return models, _encode_page_token(models[-1].name) if more else ""
+
+    async def register(self, spec: ModelSpec, *, load: bool, request_id: str = "") -> tuple[Model, bool]:
+        spec = validate_spec(spec)
+        existing = await self.store.get_model(spec.name)
+        desired = DesiredState.LOADED if load else (existing.desired_state if existing else DesiredState.UNLOADED)
+        if existing and _identity(existing.spec) == _identity(spec):
+            # The same package again: keep its version and state, take the new mutable fields.
+            updated = existing.model_copy(update={"spec": spec, "desired_state": desired or DesiredState.UNLOADED})
+            if updated != existing:
+                updated, _ = await self.store.put_model(updated, new_version=False, event=None)
+                self.hub.publish(ModelChange(ChangeType.UPDATED, updated))
+            return updated, False
+        version = existing.version + 1 if existing else 1
+        model = Model(
+            spec=spec,
+            version=version,
+            desired_state=desired,
+            status=ModelStatus(state=ModelState.REGISTERED, update_time=datetime.now(UTC)),
+            create_time=existing.create_time if existing else None,
+        )
+        event = ModelEvent(
+            model_name=spec.name,
+            version=version,
+            from_state=existing.state if existing else ModelState.UNSPECIFIED,
+            to_state=ModelState.REGISTERED,
+            message=f"registered version {version} from {redact_uri(spec.source_uri)}",
+            request_id=request_id,
+        )
+        model, event = await self.store.put_model(model, new_version=True, event=event)
+        log.info("model registered", model=spec.name, version=version)
+        self.hub.publish(ModelChange(ChangeType.REGISTERED, model, event))
+        return model, True
+
+    async def update(self, spec: ModelSpec, fields: Sequence[str]) -> Model:
+        unknown = set(fields) - MUTABLE_SPEC_FIELDS
+        if unknown:
+            raise InvalidModelSpec(
+                f"Fields {sorted(unknown)} cannot change in place; register the model again to make a new "
+                f"version. Changeable: {sorted(MUTABLE_SPEC_FIELDS)}."
+            )
+
+        def apply(current: Model | None) -> Model:
+            if current is None:
+                raise ModelNotFound(spec.name)
+            changes = {name: getattr(spec, name) for name in fields}
+            return current.model_copy(update={"spec": current.spec.model_copy(update=changes)})
+
+        model, _ = await self.store.transition(spec.name, apply)
+        self.hub.publish(ModelChange(ChangeType.UPDATED, model))
+        return model
+
+    async def set_desired_state(self, name: str, desired: DesiredState) -> Model:
+        def apply(current: Model | None) -> Model:
+            if current is None:
+                raise ModelNotFound(name)
+            return current.model_copy(update={"desired_state": desired})
+
+        model, _ = await self.store.transition(name, apply)
+        self.hub.publish(ModelChange(ChangeType.UPDATED, model))
+        return model
+
+    async def delete(self, name: str) -> None:
+        model = await self.get(name)
+        if model.state in RESIDENT_STATES or model.state in WORKING_STATES:
+            raise ModelBusy(
+                f"Model '{name}' is {model.state.name}; unload it (`modelplane models unload {name}`) before "
+                "deleting it.",
+                metadata={"model": name, "state": model.state.name},
+            )
+        await self.store.delete_model(name)
+        log.info("model deleted", model=name)
+        self.hub.publish(ModelChange(ChangeType.DELETED, model))
+
+    async def transition(self, request: Transition) -> tuple[Model, ModelEvent | None]:
+        if request.to_state == ModelState.UNSPECIFIED:
+            raise InvalidModelSpec("to_state is required.")
+        now = datetime.now(UTC)
+
+        def apply(current: Model | None) -> Model:
+            if current is None:
+                raise ModelNotFound(request.name)
+            _check_transition(current, request)
+            return _apply_transition(current, request, now)
+
+        def describe(before: Model, after: Model) -> ModelEvent | None:
+            if request.progress_only:
+                return None
+            return ModelEvent(
+                model_name=request.name,
+                version=request.version,
+                from_state=before.state,
+                to_state=after.state,
+                message=request.message,
+                request_id=request.request_id,
+            )
+
+        model, event = await self.store.transition(request.name, apply, describe=describe, assets=request.assets)
+        if event is not None:
+            log.info(
+                "model transition",
+                model=request.name,
+                version=request.version,
+                from_state=event.from_state.name,
+                to_state=event.to_state.name,
+                message=event.message,
+            )
+        self.hub.publish(ModelChange(ChangeType.UPDATED, model, event))
+        return model, event
+
+    async def events(self, *, name: str = "", after_id: int = 0, page_size: int = 0) -> list[ModelEvent]:
+        return await self.store.list_events(
+            name=name, after_id=after_id, limit=min(page_size or _DEFAULT_PAGE, _MAX_PAGE)
+        )
+
+    async def assets(self, name: str) -> tuple[ServingProfile, list[ModelAsset]]:
+        model = await self.get(name)
+        if model.status.profile is None:
+            raise ModelBusy(
+                f"Model '{name}' is {model.state.name} and has not been staged yet, so there is nothing to "
+                "serve it with; load it first.",
+                metadata={"model": name, "state": model.state.name},
+            )
+        return model.status.profile, await self.store.get_assets(name)
+
+    async def record_requests(self, counts: Sequence[RequestCount]) -> None:
+        for item in counts:
+            if item.count > 0 or item.cold_starts > 0:
+                await self.store.record_requests(item.model_name, item.count, item.cold_starts, item.last_request_time)
+
+    async def statistics(self, names: Sequence[str] = ()) -> list[RequestStatistics]:
+        return await self.store.statistics(names)
+
+    async def watch(self, *, names: Sequence[str] = (), include_initial: bool = False) -> AsyncIterator[ModelChange]:
+        wanted = set(names)
+        # Subscribe before reading the snapshot, so no change falls between the two.
+        with self.hub.subscribe() as subscription:
+            if include_initial:
+                models, token = await self.list(page_size=_MAX_PAGE)
+                while True:
+                    for model in models:
+                        if not wanted or model.name in wanted:
+                            yield ModelChange(ChangeType.INITIAL, model)
+                    if not token:
+                        break
+                    models, token = await self.list(page_size=_MAX_PAGE, page_token=token)
+            async for change in subscription.changes():
+                if not wanted or change.model.name in wanted:
+                    yield change
+
+
+def _check_transition(current: Model, request: Transition) -> None:
+    if request.version != current.version:
+        raise StaleTransition(
+            f"Model '{request.name}' is at version {current.version}; the transition for version "
+            f"{request.version} is stale.",
+            metadata={"model": request.name, "current_version": str(current.version)},
+        )
+    if request.expected_from_state and current.state != request.expected_from_state:
+        raise StaleTransition(
+            f"Model '{request.name}' is {current.state.name}, not {request.expected_from_state.name}.",
+            metadata={"model": request.name, "state": current.state.name},
+        )
+    to_state = request.to_state
+    if request.progress_only:
+        if to_state != current.state:
+            raise StaleTransition(
+                f"Progress for {to_state.name} but model '{request.name}' is {current.state.name}.",
+                metadata={"model": request.name, "state": current.state.name},
+            )
+        return
+    legal = to_state in (ModelState.FAILED, ModelState.REGISTERED, current.state) or to_state in _NEXT.get(
+        current.state, frozenset()
+    )
+    if not legal:
+        raise StaleTransition(
+            f"Model '{request.name}' cannot go from {current.state.name} to {to_state.name}.",
+            metadata={"model": request.name, "state": current.state.name},
+        )
+
+
+def _apply_transition(current: Model, request: Transition, now: datetime) -> Model:
+    status = current.status.model_copy(deep=True)
+    if request.progress_only:
+        status.progress = request.progress
+        return current.model_copy(update={"status": status})
+    previous = current.state
+    if request.begins_operation:
+        status.phase_durations = []
+    if previous != request.to_state:
+        if previous in WORKING_STATES and status.update_time is not None and not request.begins_operation:
+            status.phase_durations.append(PhaseDuration(phase=previous, duration=now - status.update_time))
+        status.update_time = now
+    status.state = request.to_state
+    status.reason = request.message
+    status.progress = request.progress if request.to_state in WORKING_STATES else None
+    if request.manifest is not None:
+        status.manifest = request.manifest
+    if request.profile is not None:
+        status.profile = request.profile
+    if request.footprint_bytes:
+        status.footprint_bytes = request.footprint_bytes
+    if request.to_state == ModelState.REGISTERED:
+        status.profile = None  # nothing staged any more
+    return current.model_copy(update={"status": status})

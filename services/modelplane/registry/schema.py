@@ -1,0 +1,75 @@
+"""The registry's tables. Alembic migrations in `migrations/` create and evolve them."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+models = sa.Table(
+    "models",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("task", sa.Integer, nullable=False),
+    sa.Column("state", sa.Integer, nullable=False),
+    sa.Column("desired_state", sa.Integer, nullable=False),
+    # The current version's spec and the observed status, as the domain models' JSON.
+    sa.Column("spec_json", sa.Text, nullable=False),
+    sa.Column("status_json", sa.Text, nullable=False),
+    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("update_time", sa.DateTime(timezone=True), nullable=False),
+)
+
+model_versions = sa.Table(
+    "model_versions",
+    metadata,
+    sa.Column("model_name", sa.String(64), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("spec_json", sa.Text, nullable=False),
+    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
+)
+
+model_events = sa.Table(
+    "model_events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("model_name", sa.String(64), nullable=False, index=True),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("from_state", sa.Integer, nullable=False),
+    sa.Column("to_state", sa.Integer, nullable=False),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("request_id", sa.String(128), nullable=False),
+    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
+)
+
+# Asset contents are shared by digest: ten copies of one model store one tokenizer.
+assets = sa.Table(
+    "assets",
+    metadata,
+    sa.Column("sha256", sa.String(64), primary_key=True),
+    sa.Column("content", sa.LargeBinary, nullable=False),
+)
+
+model_assets = sa.Table(
+    "model_assets",
+    metadata,
+    sa.Column("model_name", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(255), primary_key=True),
+    sa.Column("sha256", sa.String(64), nullable=False),
+)
+
+model_request_stats = sa.Table(
+    "model_request_stats",
+    metadata,
+    sa.Column("model_name", sa.String(64), primary_key=True),
+    sa.Column("total_requests", sa.BigInteger, nullable=False),
+    sa.Column("cold_starts", sa.BigInteger, nullable=False),
+    sa.Column("rate_5m", sa.Float, nullable=False),
+    sa.Column("rate_1h", sa.Float, nullable=False),
+    # When the rates were last decayed, as seconds since the epoch.
+    sa.Column("rates_time", sa.Float, nullable=False),
+    # 24 counts, one per UTC hour of the day, as a JSON list.
+    sa.Column("hour_of_day_json", sa.Text, nullable=False),
+    sa.Column("last_request_time", sa.DateTime(timezone=True), nullable=True),
+)

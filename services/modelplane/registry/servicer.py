@@ -1,0 +1,106 @@
+"""The registry's gRPC edge: convert, call the handler, convert back."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from modelplane.common.converters import to_proto
+from modelplane.common.request_context import current_request_id
+from modelplane.common.types import DesiredState, ModelState, Task
+from modelplane.common.v1 import model_pb2
+from modelplane.registry import converters
+from modelplane.registry.handlers import RegistryHandler
+from modelplane.registry.v1 import registry_service_pb2 as pb
+from modelplane.registry.v1 import registry_service_pb2_grpc as pb_grpc
+
+
+class RegistryServicer(pb_grpc.RegistryServiceServicer):
+    def __init__(self, handler: RegistryHandler) -> None:
+        self.handler = handler
+
+    async def RegisterModel(
+        self, request: pb.RegisterModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RegisterModelResponse:
+        model, created = await self.handler.register(
+            converters.spec_from_proto(request.spec), load=request.load, request_id=current_request_id.get()
+        )
+        return pb.RegisterModelResponse(model=to_proto(model, model_pb2.Model), created=created)
+
+    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.GetModelResponse:
+        return pb.GetModelResponse(model=to_proto(await self.handler.get(request.name), model_pb2.Model))
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        models, token = await self.handler.list(
+            task=Task(request.task),
+            states=[ModelState(s) for s in request.states],
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.ListModelsResponse(models=[to_proto(m, model_pb2.Model) for m in models], next_page_token=token)
+
+    async def UpdateModel(
+        self, request: pb.UpdateModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdateModelResponse:
+        model = await self.handler.update(converters.spec_from_proto(request.spec), list(request.update_mask.paths))
+        return pb.UpdateModelResponse(model=to_proto(model, model_pb2.Model))
+
+    async def SetDesiredState(
+        self, request: pb.SetDesiredStateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SetDesiredStateResponse:
+        model = await self.handler.set_desired_state(request.name, DesiredState(request.desired_state))
+        return pb.SetDesiredStateResponse(model=to_proto(model, model_pb2.Model))
+
+    async def DeleteModel(
+        self, request: pb.DeleteModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteModelResponse:
+        await self.handler.delete(request.name)
+        return pb.DeleteModelResponse()
+
+    async def TransitionModel(
+        self, request: pb.TransitionModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TransitionModelResponse:
+        model, event = await self.handler.transition(converters.transition_from_proto(request))
+        response = pb.TransitionModelResponse(model=to_proto(model, model_pb2.Model))
+        if event is not None:
+            response.event.CopyFrom(to_proto(event, model_pb2.ModelEvent))
+        return response
+
+    async def ListModelEvents(
+        self, request: pb.ListModelEventsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelEventsResponse:
+        events = await self.handler.events(name=request.name, after_id=request.after_id, page_size=request.page_size)
+        return pb.ListModelEventsResponse(events=[to_proto(e, model_pb2.ModelEvent) for e in events])
+
+    async def WatchModels(
+        self, request: pb.WatchModelsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchModelsResponse]:
+        async for change in self.handler.watch(names=list(request.names), include_initial=request.include_initial):
+            yield converters.change_to_proto(change)
+
+    async def GetModelAssets(
+        self, request: pb.GetModelAssetsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetModelAssetsResponse:
+        profile, assets = await self.handler.assets(request.name)
+        return pb.GetModelAssetsResponse(
+            profile=to_proto(profile, model_pb2.ServingProfile),
+            assets=[to_proto(a, model_pb2.ModelAsset) for a in assets],
+        )
+
+    async def RecordModelRequests(
+        self, request: pb.RecordModelRequestsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RecordModelRequestsResponse:
+        await self.handler.record_requests(converters.request_counts_from_proto(request))
+        return pb.RecordModelRequestsResponse()
+
+    async def GetModelStatistics(
+        self, request: pb.GetModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetModelStatisticsResponse:
+        stats = await self.handler.statistics(list(request.names))
+        return pb.GetModelStatisticsResponse(statistics=[converters.statistics_to_proto(s) for s in stats])
+
+
+__all__ = ["RegistryServicer"]

@@ -1,0 +1,354 @@
+"""Persistence of the catalogue: SQLAlchemy Core over SQLite (WAL) or PostgreSQL.
+
+Every method is one transaction. The store knows rows and JSON; the rules about what may change
+and when live in `handlers.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from modelplane.common.types import (
+    DesiredState,
+    Model,
+    ModelAsset,
+    ModelEvent,
+    ModelSpec,
+    ModelState,
+    ModelStatus,
+    Task,
+)
+from modelplane.registry import schema
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+_RATE_TIME_CONSTANTS = {"rate_5m": 300.0, "rate_1h": 3600.0}
+
+# Computes a model's new value from its current one (None when it does not exist); may raise.
+Mutation = Callable[[Model | None], Model]
+# Makes the event that records a change, from the model before and after it.
+Describe = Callable[[Model, Model], ModelEvent | None]
+
+
+@dataclass(frozen=True)
+class RequestStatistics:
+    model_name: str
+    total_requests: int
+    cold_starts: int
+    rate_5m: float
+    rate_1h: float
+    hour_of_day_counts: list[int]
+    last_request_time: datetime | None
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    # SQLite returns naive datetimes; every time the registry stores is UTC.
+    if value is None:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _model_from_row(row: sa.Row) -> Model:
+    return Model(
+        spec=ModelSpec.model_validate_json(row.spec_json),
+        version=row.version,
+        desired_state=DesiredState(row.desired_state),
+        status=ModelStatus.model_validate_json(row.status_json),
+        create_time=_utc(row.create_time),
+    )
+
+
+def _event_from_row(row: sa.Row) -> ModelEvent:
+    return ModelEvent(
+        id=row.id,
+        model_name=row.model_name,
+        version=row.version,
+        from_state=ModelState(row.from_state),
+        to_state=ModelState(row.to_state),
+        message=row.message,
+        request_id=row.request_id,
+        create_time=_utc(row.create_time),
+    )
+
+
+class RegistryStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        # SQLite allows one writer; serialising writes here avoids lock-upgrade deadlocks between
+        # concurrent transactions of this process. PostgreSQL needs no such lock.
+        self._write_lock = asyncio.Lock() if engine.dialect.name == "sqlite" else None
+
+    @classmethod
+    async def open(cls, url: str) -> RegistryStore:
+        if url.startswith("sqlite"):
+            database = sa.engine.make_url(url).database
+            if database and database != ":memory:":
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(url, pool_pre_ping=True)
+        if engine.dialect.name == "sqlite":
+            sa.event.listen(engine.sync_engine, "connect", _configure_sqlite)
+        store = cls(engine)
+        await store.migrate()
+        return store
+
+    async def migrate(self) -> None:
+        """Brings the schema to the newest migration; runs on every start."""
+
+        def upgrade(connection: sa.Connection) -> None:
+            config = Config()
+            config.set_main_option("script_location", str(MIGRATIONS_DIR))
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+
+        async with self.engine.begin() as connection:
+            await connection.run_sync(upgrade)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    @contextlib.asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        lock = self._write_lock or contextlib.nullcontext()
+        async with lock, self.engine.begin() as connection:
+            yield connection
+
+    # Models ---------------------------------------------------------------------------------
+
+    async def get_model(self, name: str) -> Model | None:
+        async with self.engine.connect() as connection:
+            row = (await connection.execute(sa.select(schema.models).where(schema.models.c.name == name))).first()
+        return _model_from_row(row) if row else None
+
+    async def list_models(
+        self, *, task: Task = Task.UNSPECIFIED, states: Sequence[ModelState] = (), after_name: str = "", limit: int
+    ) -> list[Model]:
+        query = sa.select(schema.models).order_by(schema.models.c.name).limit(limit)
+        if task:
+            query = query.where(schema.models.c.task == int(task))
+        if states:
+            query = query.where(schema.models.c.state.in_([int(s) for s in states]))
+        if after_name:
+            query = query.where(schema.models.c.name > after_name)
+        async with self.engine.connect() as connection:
+            rows = (await connection.execute(query)).all()
+        return [_model_from_row(row) for row in rows]
+
+    async def put_model(
+        self, model: Model, *, new_version: bool, event: ModelEvent | None
+    ) -> tuple[Model, ModelEvent | None]:
+        """Inserts or replaces a model row, records its version when new, and its event."""
+        now = datetime.now(UTC)
+        values = {
+            "version": model.version,
+            "task": int(model.spec.task),
+            "state": int(model.status.state),
+            "desired_state": int(model.desired_state),
+            "spec_json": model.spec.model_dump_json(),
+            "status_json": model.status.model_dump_json(),
+            "update_time": now,
+        }
+        async with self._write() as connection:
+            exists = (
+                await connection.execute(sa.select(schema.models.c.name).where(schema.models.c.name == model.name))
+            ).first()
+            if exists:
+                await connection.execute(
+                    sa.update(schema.models).where(schema.models.c.name == model.name).values(**values)
+                )
+            else:
+                model = model.model_copy(update={"create_time": now})
+                await connection.execute(sa.insert(schema.models).values(name=model.name, create_time=now, **values))
+            if new_version:
+                await connection.execute(
+                    sa.insert(schema.model_versions).values(
+                        model_name=model.name, version=model.version, spec_json=values["spec_json"], create_time=now
+                    )
+                )
+            if event is not None:
+                event = await self._insert_event(connection, event, now)
+        return model, event
+
+    async def transition(
+        self,
+        name: str,
+        mutate: Mutation,
+        *,
+        describe: Describe | None = None,
+        assets: Sequence[ModelAsset] | None = None,
+    ) -> tuple[Model, ModelEvent | None]:
+        """Reads a model, applies `mutate` (which may raise to refuse), and writes the result, the
+        event `describe` makes of the change, and the assets, in one transaction, so two writers
+        cannot interleave."""
+        async with self._write() as connection:
+            row = (await connection.execute(sa.select(schema.models).where(schema.models.c.name == name))).first()
+            current = _model_from_row(row) if row else None
+            updated = mutate(current)
+            now = datetime.now(UTC)
+            await connection.execute(
+                sa.update(schema.models)
+                .where(schema.models.c.name == name)
+                .values(
+                    state=int(updated.status.state),
+                    desired_state=int(updated.desired_state),
+                    spec_json=updated.spec.model_dump_json(),
+                    status_json=updated.status.model_dump_json(),
+                    update_time=now,
+                )
+            )
+            if assets is not None:
+                await self._replace_assets(connection, name, assets)
+            event = describe(current, updated) if describe and current else None
+            if event is not None:
+                event = await self._insert_event(connection, event, now)
+        return updated, event
+
+    async def delete_model(self, name: str) -> None:
+        async with self._write() as connection:
+            for table in (
+                schema.models,
+                schema.model_versions,
+                schema.model_events,
+                schema.model_assets,
+                schema.model_request_stats,
+            ):
+                column = table.c.name if table is schema.models else table.c.model_name
+                await connection.execute(sa.delete(table).where(column == name))
+            await self._drop_orphan_assets(connection)
+
+    # Events -------------------------------------------------------------------------------
+
+    async def _insert_event(self, connection: AsyncConnection, event: ModelEvent, now: datetime) -> ModelEvent:
+        result = await connection.execute(
+            sa.insert(schema.model_events).values(
+                model_name=event.model_name,
+                version=event.version,
+                from_state=int(event.from_state),
+                to_state=int(event.to_state),
+                message=event.message,
+                request_id=event.request_id,
+                create_time=now,
+            )
+        )
+        return event.model_copy(update={"id": result.inserted_primary_key[0], "create_time": now})
+
+    async def list_events(self, *, name: str = "", after_id: int = 0, limit: int) -> list[ModelEvent]:
+        query = sa.select(schema.model_events).where(schema.model_events.c.id > after_id)
+        if name:
+            query = query.where(schema.model_events.c.model_name == name)
+        async with self.engine.connect() as connection:
+            rows = (await connection.execute(query.order_by(schema.model_events.c.id).limit(limit))).all()
+        return [_event_from_row(row) for row in rows]
+
+    # Assets -------------------------------------------------------------------------------
+
+    async def _replace_assets(self, connection: AsyncConnection, name: str, assets: Sequence[ModelAsset]) -> None:
+        await connection.execute(sa.delete(schema.model_assets).where(schema.model_assets.c.model_name == name))
+        for asset in assets:
+            known = (
+                await connection.execute(
+                    sa.select(schema.assets.c.sha256).where(schema.assets.c.sha256 == asset.sha256)
+                )
+            ).first()
+            if not known:
+                await connection.execute(sa.insert(schema.assets).values(sha256=asset.sha256, content=asset.content))
+            await connection.execute(
+                sa.insert(schema.model_assets).values(model_name=name, name=asset.name, sha256=asset.sha256)
+            )
+        await self._drop_orphan_assets(connection)
+
+    async def _drop_orphan_assets(self, connection: AsyncConnection) -> None:
+        referenced = sa.select(schema.model_assets.c.sha256)
+        await connection.execute(sa.delete(schema.assets).where(schema.assets.c.sha256.not_in(referenced)))
+
+    async def get_assets(self, name: str) -> list[ModelAsset]:
+        query = (
+            sa.select(schema.model_assets.c.name, schema.assets.c.sha256, schema.assets.c.content)
+            .join(schema.assets, schema.assets.c.sha256 == schema.model_assets.c.sha256)
+            .where(schema.model_assets.c.model_name == name)
+            .order_by(schema.model_assets.c.name)
+        )
+        async with self.engine.connect() as connection:
+            rows = (await connection.execute(query)).all()
+        return [ModelAsset(name=row.name, sha256=row.sha256, content=row.content) for row in rows]
+
+    # Request statistics -------------------------------------------------------------------
+
+    async def record_requests(self, name: str, count: int, cold_starts: int, last_request: datetime) -> None:
+        now = time.time()
+        table = schema.model_request_stats
+        async with self._write() as connection:
+            row = (await connection.execute(sa.select(table).where(table.c.model_name == name))).first()
+            if row is None:
+                stats = {
+                    "total_requests": 0,
+                    "cold_starts": 0,
+                    "rate_5m": 0.0,
+                    "rate_1h": 0.0,
+                    "rates_time": now,
+                    "hour_of_day_json": json.dumps([0] * 24),
+                    "last_request_time": None,
+                }
+            else:
+                stats = dict(row._mapping)
+                stats.pop("model_name")
+            elapsed = max(0.0, now - stats["rates_time"])
+            for column, tau in _RATE_TIME_CONSTANTS.items():
+                # Exponentially weighted rate: decay by the time passed, then add this batch.
+                stats[column] = stats[column] * math.exp(-elapsed / tau) + count / tau
+            hours = json.loads(stats["hour_of_day_json"])
+            hours[last_request.astimezone(UTC).hour] += count
+            previous_last = _utc(stats["last_request_time"])
+            stats.update(
+                total_requests=stats["total_requests"] + count,
+                cold_starts=stats["cold_starts"] + cold_starts,
+                rates_time=now,
+                hour_of_day_json=json.dumps(hours),
+                last_request_time=max(last_request, previous_last) if previous_last else last_request,
+            )
+            if row is None:
+                await connection.execute(sa.insert(table).values(model_name=name, **stats))
+            else:
+                await connection.execute(sa.update(table).where(table.c.model_name == name).values(**stats))
+
+    async def statistics(self, names: Sequence[str] = ()) -> list[RequestStatistics]:
+        table = schema.model_request_stats
+        query = sa.select(table).order_by(table.c.model_name)
+        if names:
+            query = query.where(table.c.model_name.in_(list(names)))
+        async with self.engine.connect() as connection:
+            rows = (await connection.execute(query)).all()
+        now = time.time()
+        return [
+            RequestStatistics(
+                model_name=row.model_name,
+                total_requests=row.total_requests,
+                cold_starts=row.cold_starts,
+                rate_5m=row.rate_5m * math.exp(-max(0.0, now - row.rates_time) / _RATE_TIME_CONSTANTS["rate_5m"]),
+                rate_1h=row.rate_1h * math.exp(-max(0.0, now - row.rates_time) / _RATE_TIME_CONSTANTS["rate_1h"]),
+                hour_of_day_counts=json.loads(row.hour_of_day_json),
+                last_request_time=_utc(row.last_request_time),
+            )
+            for row in rows
+        ]
+
+
+def _configure_sqlite(dbapi_connection: object, _record: object) -> None:
+    cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
+    # WAL lets readers run beside the writer; synchronous=FULL makes every acknowledged write
+    # survive a crash of the process or the machine.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()

@@ -1,0 +1,297 @@
+"""`modelplane up`: the whole embedded stack in one process tree.
+
+The supervisor starts the embedded Triton, then each service in its own process
+(`modelplane serve <name>`, exactly as in production), waits until each is healthy, registers and
+loads the bundled models, and prints the URL to give Dify. A child that dies is restarted with
+backoff; Ctrl-C or SIGTERM stops the gateway first and Triton last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import httpx
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from modelplane.bundled import bundled_models
+from modelplane.common.errors import ModelplaneError
+from modelplane.common.process import die_with_parent
+from modelplane.common.settings import TritonSettings, modelplane_home
+from modelplane.gateway.settings import GatewaySettings
+from modelplane.inference.settings import InferenceSettings
+from modelplane.loader.client import LoaderClient
+from modelplane.loader.settings import LoaderSettings
+from modelplane.registry.client import RegistryClient
+from modelplane.registry.settings import RegistrySettings
+from modelplane.triton.embedded import EmbeddedTriton
+
+log = structlog.get_logger()
+
+_RESTART_BACKOFF_MAX = 30.0
+_STABLE_AFTER_SECONDS = 60.0
+
+
+class StackError(RuntimeError):
+    pass
+
+
+@dataclass
+class ChildProcess:
+    """One service process, restarted with backoff when it dies."""
+
+    name: str
+    env: dict[str, str]
+    process: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+    _stopping: bool = field(default=False, repr=False)
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "modelplane.cli",
+            "serve",
+            self.name,
+            env=self.env,
+            stdin=asyncio.subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C reaches the supervisor only, which stops children in order
+            preexec_fn=die_with_parent,
+        )
+        self.started_at = time.monotonic()
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    async def stop(self, grace: float = 15.0) -> None:
+        self._stopping = True
+        if not self.alive:
+            return
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.process.wait(), timeout=grace)
+        except TimeoutError:
+            log.warning("service did not stop in time; killing it", service=self.name)
+            self.process.kill()
+            await self.process.wait()
+
+    async def supervise(self) -> None:
+        backoff = 1.0
+        while not self._stopping:
+            assert self.process is not None
+            code = await self.process.wait()
+            if self._stopping:
+                return
+            if time.monotonic() - self.started_at > _STABLE_AFTER_SECONDS:
+                backoff = 1.0
+            self.restarts += 1
+            log.error("service died; restarting", service=self.name, returncode=code, in_seconds=backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _RESTART_BACKOFF_MAX)
+            if not self._stopping:
+                await self.start()
+
+
+@dataclass(frozen=True)
+class StackLayout:
+    """Where everything listens, read from the same settings each service reads."""
+
+    home: Path
+    registry: RegistrySettings
+    loader: LoaderSettings
+    inference: InferenceSettings
+    gateway: GatewaySettings
+    triton: TritonSettings
+
+    @classmethod
+    def from_environment(cls) -> StackLayout:
+        return cls(
+            home=modelplane_home(),
+            registry=RegistrySettings(),
+            loader=LoaderSettings(),
+            inference=InferenceSettings(),
+            gateway=GatewaySettings(),
+            triton=TritonSettings(),
+        )
+
+    def environment(self) -> dict[str, str]:
+        """The variables every child gets, so all of them agree on every address."""
+        internal = "127.0.0.1"
+        registry = f"{internal}:{self.registry.port}"
+        env = dict(os.environ)
+        env.update(
+            {
+                "MODELPLANE_HOME": str(self.home),
+                "MODELPLANE_REGISTRY_HOST": os.environ.get("MODELPLANE_REGISTRY_HOST", internal),
+                "MODELPLANE_REGISTRY_PORT": str(self.registry.port),
+                "MODELPLANE_REGISTRY_DATABASE_URL": self.registry.database_url,
+                "MODELPLANE_LOADER_HOST": os.environ.get("MODELPLANE_LOADER_HOST", internal),
+                "MODELPLANE_LOADER_PORT": str(self.loader.port),
+                "MODELPLANE_LOADER_REGISTRY_ADDRESS": registry,
+                "MODELPLANE_LOADER_CACHE_DIR": str(self.loader.cache_dir),
+                "MODELPLANE_INFERENCE_HOST": os.environ.get("MODELPLANE_INFERENCE_HOST", internal),
+                "MODELPLANE_INFERENCE_PORT": str(self.inference.port),
+                "MODELPLANE_INFERENCE_REGISTRY_ADDRESS": registry,
+                "MODELPLANE_INFERENCE_LOADER_ADDRESS": f"{internal}:{self.loader.port}",
+                "MODELPLANE_GATEWAY_HOST": self.gateway.host,
+                "MODELPLANE_GATEWAY_PORT": str(self.gateway.port),
+                "MODELPLANE_GATEWAY_INFERENCE_ADDRESS": f"{internal}:{self.inference.port}",
+                "MODELPLANE_GATEWAY_REGISTRY_ADDRESS": registry,
+                "MODELPLANE_TRITON_GRPC_ADDRESS": self.triton.grpc_address,
+                "MODELPLANE_TRITON_MODEL_REPOSITORY": str(self.triton.model_repository),
+            }
+        )
+        return env
+
+
+class Stack:
+    def __init__(self, layout: StackLayout, *, load_bundled: bool = True) -> None:
+        self.layout = layout
+        self.load_bundled = load_bundled
+        env = layout.environment()
+        self.triton = EmbeddedTriton(layout.triton, workdir=layout.home / "triton") if layout.triton.embedded else None
+        self.children = {name: ChildProcess(name, env) for name in ("registry", "loader", "inference", "gateway")}
+        self._supervisors: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        if self.triton is not None:
+            await self.triton.start()
+        await self._start_child("registry", self.layout.registry.port)
+        await asyncio.gather(
+            self._start_child("loader", self.layout.loader.port),
+            self._start_child("inference", self.layout.inference.port),
+        )
+        await self._start_gateway()
+        self._supervisors = [asyncio.create_task(child.supervise()) for child in self.children.values()]
+
+    async def _start_child(self, name: str, port: int) -> None:
+        child = self.children[name]
+        await child.start()
+        await _wait_grpc_serving(child, f"127.0.0.1:{port}")
+        log.info("service ready", service=name, port=port)
+
+    async def _start_gateway(self) -> None:
+        child = self.children["gateway"]
+        await child.start()
+        url = f"http://127.0.0.1:{self.layout.gateway.port}/healthz"
+        deadline = time.monotonic() + 60
+        async with httpx.AsyncClient(timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                if not child.alive:
+                    raise StackError("the gateway exited while starting; see its log above")
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await client.get(url)).status_code == 200:
+                        log.info("service ready", service="gateway", port=self.layout.gateway.port)
+                        return
+                await asyncio.sleep(0.2)
+        raise StackError("the gateway did not answer /healthz within 60 s")
+
+    async def register_bundled(self) -> list[str]:
+        """Registers the bundled models and waits until each is READY, printing progress."""
+        registry = RegistryClient(f"127.0.0.1:{self.layout.registry.port}")
+        loader = LoaderClient(f"127.0.0.1:{self.layout.loader.port}")
+        names = []
+        try:
+            for spec in bundled_models():
+                await registry.register(spec, load=True)
+                names.append(spec.name)
+                last_phase = None
+                async for update in loader.load(spec.name, reason="bundled", timeout_seconds=1800):
+                    if update.progress.phase != last_phase or update.done:
+                        last_phase = update.progress.phase
+                        log.info(
+                            "loading bundled model",
+                            model=spec.name,
+                            phase=last_phase.name,
+                            message=update.progress.message,
+                        )
+        finally:
+            await registry.close()
+            await loader.close()
+        return names
+
+    async def stop(self) -> None:
+        for task in self._supervisors:
+            task.cancel()
+        for name in ("gateway", "inference", "loader", "registry"):
+            await self.children[name].stop()
+        if self.triton is not None:
+            await self.triton.stop()
+
+
+async def _wait_grpc_serving(child: ChildProcess, address: str, limit_seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + limit_seconds
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if not child.alive:
+                raise StackError(f"the {child.name} service exited while starting; see its log above")
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                response = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            await asyncio.sleep(0.2)
+    raise StackError(f"the {child.name} service was not healthy within {limit_seconds:.0f} s")
+
+
+def banner(layout: StackLayout, models: list[str]) -> str:
+    base = f"http://localhost:{layout.gateway.port}/v1"
+    example = models[0] if models else "MODEL"
+    return "\n".join(
+        [
+            "",
+            "modelplane is up.",
+            f"  Base URL for Dify (OpenAI-API-compatible provider):  {base}",
+            f"  Models: {', '.join(models) or '(none registered)'}",
+            "  Try:",
+            f"    curl -s {base}/embeddings -H 'Content-Type: application/json' \\",
+            f'      -d \'{{"model": "{example}", "input": ["hello", "world"]}}\'',
+            f"  State and logs live in {layout.home}. Press Ctrl-C to stop.",
+            "",
+        ]
+    )
+
+
+async def run_stack(*, load_bundled: bool = True) -> None:
+    layout = StackLayout.from_environment()
+    stack = Stack(layout, load_bundled=load_bundled)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.create_task(_start_and_load(stack, layout, load_bundled))
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            starting.result()  # raise what went wrong while starting
+            await stopped
+        else:
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await starting
+    finally:
+        log.info("stopping modelplane")
+        await stack.stop()
+
+
+async def _start_and_load(stack: Stack, layout: StackLayout, load_bundled: bool) -> None:
+    await stack.start()
+    models: list[str] = []
+    if load_bundled:
+        try:
+            models = await stack.register_bundled()
+        except ModelplaneError as error:
+            log.error("a bundled model did not load; the stack keeps running", error=error.message)
+    print(banner(layout, models), file=sys.stderr, flush=True)

@@ -1,0 +1,219 @@
+"""The embedded Triton: the real `tritonserver` binary shipped in the nvidia-pytriton wheel.
+
+The supervisor starts it in explicit model-control mode with the python backend, waits until it
+is live, restarts it (with backoff) when it dies, and stops it cleanly. Nothing here imitates
+Triton; when `MODELPLANE_TRITON_EMBEDDED=false` none of this runs and the services talk to an
+external Triton (NVIDIA's container) at the configured address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import structlog
+
+from modelplane.common.process import die_with_parent
+from modelplane.common.settings import TritonSettings, modelplane_home
+
+log = structlog.get_logger()
+
+
+class TritonStartError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class TritonDistribution:
+    """Where the wheel keeps the server, its python backend and its shared libraries."""
+
+    binary: Path
+    python_backend: Path
+    stub: Path
+    libraries: Path
+
+    @classmethod
+    def locate(cls) -> TritonDistribution:
+        try:
+            import pytriton  # noqa: PLC0415 - only the embedded mode needs the wheel
+        except ImportError as error:
+            raise TritonStartError(
+                "The embedded Triton needs the nvidia-pytriton wheel; install modelplane's dependencies "
+                "(`make run` does) or set MODELPLANE_TRITON_EMBEDDED=false and point "
+                "MODELPLANE_TRITON_GRPC_ADDRESS at an external Triton."
+            ) from error
+        root = Path(pytriton.__file__).parent / "tritonserver"
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        distribution = cls(
+            binary=root / "bin" / "tritonserver",
+            python_backend=root / "backends" / "python",
+            stub=root / "python_backend_stubs" / version / "triton_python_backend_stub",
+            libraries=root.parent.parent / "nvidia_pytriton.libs",
+        )
+        for path in (distribution.binary, distribution.python_backend, distribution.stub, distribution.libraries):
+            if not path.exists():
+                raise TritonStartError(f"The nvidia-pytriton wheel lacks {path}; reinstall it (Python {version}).")
+        return distribution
+
+
+class EmbeddedTriton:
+    def __init__(self, settings: TritonSettings | None = None, *, workdir: Path | None = None) -> None:
+        self.settings = settings or TritonSettings()
+        self.workdir = workdir or modelplane_home() / "triton"
+        self.distribution = TritonDistribution.locate()
+        self.process: asyncio.subprocess.Process | None = None
+        self.restarts = 0
+        self._stopping = False
+        self._supervisor: asyncio.Task[None] | None = None
+        self._log_file: object | None = None
+
+    @property
+    def grpc_port(self) -> int:
+        return int(self.settings.grpc_address.rsplit(":", 1)[1])
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "tritonserver.log"
+
+    def _backend_directory(self) -> Path:
+        """Triton wants <dir>/python/ holding the backend library, its utils module and the stub
+        built for the running Python; the wheel keeps the stubs apart, so link them together."""
+        backend = self.workdir / "backends" / "python"
+        backend.mkdir(parents=True, exist_ok=True)
+        links = {
+            "libtriton_python.so": self.distribution.python_backend / "libtriton_python.so",
+            "triton_python_backend_utils.py": self.distribution.python_backend / "triton_python_backend_utils.py",
+            "triton_python_backend_stub": self.distribution.stub,
+        }
+        for name, target in links.items():
+            link = backend / name
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(target)
+        return backend.parent
+
+    def command(self) -> list[str]:
+        s = self.settings
+        return [
+            str(self.distribution.binary),
+            f"--model-repository={s.model_repository}",
+            "--model-control-mode=explicit",
+            f"--backend-directory={self._backend_directory()}",
+            "--grpc-address=127.0.0.1",
+            f"--grpc-port={self.grpc_port}",
+            "--http-address=127.0.0.1",
+            f"--http-port={s.http_port}",
+            "--metrics-address=127.0.0.1",
+            f"--metrics-port={s.metrics_port}",
+            "--allow-gpu-metrics=false",
+            "--exit-on-error=false",
+            "--exit-timeout-secs=10",
+            f"--log-verbose={s.log_verbose}",
+        ]
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        # The server and the python-backend stub need the wheel's bundled libraries, and the stub
+        # needs a libpython of the running version (prefer this interpreter's own).
+        library_dirs = [str(self.distribution.libraries)]
+        libdir = sysconfig.get_config_var("LIBDIR")
+        if libdir and any(Path(libdir).glob("libpython3*.so*")):
+            library_dirs.append(libdir)
+        if env.get("LD_LIBRARY_PATH"):
+            library_dirs.append(env["LD_LIBRARY_PATH"])
+        env["LD_LIBRARY_PATH"] = ":".join(library_dirs)
+        # The stub runs model.py with the first Python environment on PATH: make it this one.
+        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+        return env
+
+    async def start(self) -> None:
+        self._stopping = False
+        await self._spawn()
+        self._supervisor = asyncio.create_task(self._supervise(), name="triton-supervisor")
+
+    async def _spawn(self) -> None:
+        self.settings.model_repository.mkdir(parents=True, exist_ok=True)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log_file = self.log_path.open("ab")
+        self.process = await asyncio.create_subprocess_exec(
+            *self.command(),
+            env=self.environment(),
+            stdout=log_file,
+            stderr=asyncio.subprocess.STDOUT,
+            stdin=asyncio.subprocess.DEVNULL,
+            preexec_fn=die_with_parent,
+        )
+        log_file.close()
+        log.info("triton starting", pid=self.process.pid, grpc_port=self.grpc_port, log=str(self.log_path))
+        await self._wait_live()
+        log.info("triton live", pid=self.process.pid)
+
+    async def _wait_live(self) -> None:
+        assert self.process is not None
+        url = f"http://127.0.0.1:{self.settings.http_port}/v2/health/live"
+        deadline = time.monotonic() + self.settings.startup_timeout_seconds
+        async with httpx.AsyncClient(timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                if self.process.returncode is not None:
+                    raise TritonStartError(
+                        f"tritonserver exited with status {self.process.returncode} while starting:\n{self.log_tail()}"
+                    )
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await client.get(url)).status_code == 200:
+                        return
+                await asyncio.sleep(0.2)
+        await self._terminate()
+        raise TritonStartError(
+            f"tritonserver was not live within {self.settings.startup_timeout_seconds:.0f} s:\n{self.log_tail()}"
+        )
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    async def _supervise(self) -> None:
+        backoff = 1.0
+        while not self._stopping:
+            assert self.process is not None
+            returncode = await self.process.wait()
+            if self._stopping:
+                return
+            self.restarts += 1
+            log.error("triton died; restarting", returncode=returncode, restarts=self.restarts, in_seconds=backoff)
+            await asyncio.sleep(backoff)
+            try:
+                await self._spawn()
+                backoff = 1.0
+            except TritonStartError as error:
+                log.error("triton restart failed", error=str(error))
+                backoff = min(backoff * 2, self.settings.restart_backoff_max_seconds)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        await self._terminate()
+        log.info("triton stopped")
+
+    async def _terminate(self) -> None:
+        if self.process is None or self.process.returncode is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.process.wait(), timeout=20)
+        except TimeoutError:
+            log.warning("triton did not stop within 20 s; killing it")
+            self.process.kill()
+            await self.process.wait()

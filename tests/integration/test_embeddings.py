@@ -1,0 +1,120 @@
+"""Embeddings end to end: HTTP → gateway → inference → the real Triton → the real MiniLM."""
+
+from __future__ import annotations
+
+import base64
+import subprocess
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from sentence_transformers import SentenceTransformer
+
+from tests.integration.conftest import RunningStack
+
+MODEL = "all-minilm-l6-v2"
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A bank in Frankfurt serves its own language models on premise.",
+    "Hospitals keep patient records inside their own network.",
+    "How do I reset my password?",
+    "Triton Inference Server loads models from a repository.",
+    "SELECT name FROM models WHERE state = 'READY';",
+    "Das Wetter in Berlin ist heute sonnig.",
+    "Le modèle est chargé en mémoire.",
+    "東京は日本の首都です。",
+    "emoji 🚀🔥 and symbols ∑∫√ in one line",
+    "a",
+    "OK",
+    "   leading and trailing spaces   ",
+    "UPPER CASE SHOUTING ABOUT THROUGHPUT",
+    "Numbers: 3.14159, 2.71828, 1,000,000 and 42.",
+    "The factory's sensor reported a temperature of 87 °C at 14:32.",
+    "Retrieval-augmented generation needs fast, accurate embeddings.",
+    "line one\nline two\ttabbed",
+    "https://example.internal/docs/models?id=7#section",
+    "The mitochondria is the powerhouse of the cell. " * 30,  # longer than the model's 256-token limit
+    "Short.",
+    "Why is the sky blue during the day and red at sunset?",
+]
+
+
+@pytest.fixture(scope="module")
+def reference(minilm_path: Path) -> np.ndarray:
+    model = SentenceTransformer(str(minilm_path), device="cpu")
+    return model.encode(SENTENCES, normalize_embeddings=False)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_vectors_match_sentence_transformers(stack: RunningStack, reference: np.ndarray) -> None:
+    response = httpx.post(f"{stack.gateway_url}/v1/embeddings", json={"model": MODEL, "input": SENTENCES}, timeout=60)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [item["index"] for item in body["data"]] == list(range(len(SENTENCES)))
+    vectors = np.array([item["embedding"] for item in body["data"]])
+    assert vectors.shape == (len(SENTENCES), 384)
+    cosine = _cosine(vectors, reference)
+    assert cosine.min() >= 0.999, dict(zip(SENTENCES, cosine.round(5), strict=True))
+    assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > len(SENTENCES)
+
+
+def test_the_readme_curl_works_as_typed(stack: RunningStack) -> None:
+    """curl -d sends a form content type; the gateway reads every body as JSON."""
+    result = subprocess.run(
+        ["curl", "-s", f"{stack.gateway_url}/v1/embeddings", "-d", f'{{"model":"{MODEL}","input":["a","b"]}}'],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    import json
+
+    body = json.loads(result.stdout)
+    assert len(body["data"]) == 2 and len(body["data"][0]["embedding"]) == 384
+
+
+def test_single_string_and_base64(stack: RunningStack, reference: np.ndarray) -> None:
+    response = httpx.post(
+        f"{stack.gateway_url}/embeddings",  # the bare path works as well as /v1
+        json={"model": MODEL, "input": SENTENCES[0], "encoding_format": "base64"},
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    vector = np.frombuffer(base64.b64decode(response.json()["data"][0]["embedding"]), dtype="<f4")
+    assert _cosine(vector[None, :], reference[:1])[0] >= 0.999
+
+
+def test_token_id_input_equals_text_input(stack: RunningStack, minilm_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(minilm_path)(SENTENCES[1], add_special_tokens=False)["input_ids"]
+    by_ids = httpx.post(f"{stack.gateway_url}/v1/embeddings", json={"model": MODEL, "input": ids}, timeout=60).json()
+    by_text = httpx.post(
+        f"{stack.gateway_url}/v1/embeddings", json={"model": MODEL, "input": SENTENCES[1]}, timeout=60
+    ).json()
+    np.testing.assert_allclose(by_ids["data"][0]["embedding"], by_text["data"][0]["embedding"], atol=1e-5)
+
+
+def test_models_lists_the_bundled_model(stack: RunningStack) -> None:
+    body = httpx.get(f"{stack.gateway_url}/v1/models", timeout=10).json()
+    cards = {card["id"]: card for card in body["data"]}
+    assert cards[MODEL]["task"] == "embedding" and cards[MODEL]["state"] == "READY"
+
+
+def test_unknown_model_is_a_404_that_says_what_to_do(stack: RunningStack) -> None:
+    response = httpx.post(f"{stack.gateway_url}/v1/embeddings", json={"model": "nope", "input": "x"}, timeout=30)
+    assert response.status_code == 404
+    error = response.json()["error"]
+    assert error["code"] == "model_not_found"
+    assert "Model 'nope' is not registered" in error["message"] and "/v1/models" in error["message"]
+    assert response.headers["x-request-id"]
+
+
+def test_malformed_body_is_refused_with_the_field(stack: RunningStack) -> None:
+    response = httpx.post(f"{stack.gateway_url}/v1/embeddings", json={"input": "x"}, timeout=10)
+    assert response.status_code == 422
+    assert "model" in response.json()["error"]["message"]

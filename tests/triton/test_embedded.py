@@ -1,0 +1,39 @@
+"""The embedded Triton: the real tritonserver binary, supervised."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+from modelplane.common.settings import TritonSettings
+from modelplane.loader.triton_control import TritonControl
+from modelplane.triton.embedded import EmbeddedTriton
+from tests.conftest import free_port
+
+
+async def test_starts_restarts_after_sigkill_and_stops(tmp_path: Path) -> None:
+    settings = TritonSettings(
+        grpc_address=f"127.0.0.1:{free_port()}",
+        http_port=free_port(),
+        metrics_port=free_port(),
+        model_repository=tmp_path / "models",
+    )
+    triton = EmbeddedTriton(settings, workdir=tmp_path / "triton")
+    await triton.start()
+    control = TritonControl(settings.grpc_address)
+    try:
+        assert await control.is_live()
+        assert triton.process is not None
+        first_pid = triton.process.pid
+        os.kill(first_pid, signal.SIGKILL)
+        for _ in range(200):
+            if triton.restarts == 1 and triton.process.pid != first_pid and await control.is_live():
+                break
+            await asyncio.sleep(0.1)
+        assert triton.restarts == 1 and await control.is_live()
+    finally:
+        await control.close()
+        await triton.stop()
+    assert triton.process.returncode is not None
