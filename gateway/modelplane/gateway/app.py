@@ -37,7 +37,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     # Users type the base URL with or without /v1; both work.
     app.include_router(api, prefix="/v1")
     app.include_router(api, include_in_schema=False)
-    app.include_router(probes)
+    app.include_router(probes.router)
     app.add_middleware(RequestContextMiddleware)
     app.add_exception_handler(ModelplaneError, errors.handle_modelplane_error)
     app.add_exception_handler(RequestValidationError, errors.handle_validation_error)

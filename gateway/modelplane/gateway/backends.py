@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+from fastapi import Request
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelplane.common.channels import open_channel
@@ -47,3 +48,8 @@ class Backends:
             except grpc.aio.AioRpcError:
                 status[name] = False
         return status
+
+
+def backends(request: Request) -> Backends:
+    """The gRPC clients of the application serving this request."""
+    return request.app.state.backends

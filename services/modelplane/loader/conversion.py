@@ -1,8 +1,9 @@
-"""Runs converters in a subprocess and caches what they produce.
+"""Running converters in a subprocess, and caching what they produce.
 
-Converted artifacts are keyed by (package digest, converter version, target, options), so a
-second load of the same package converts nothing. A conversion writes into a private directory
-that is renamed into place only when it succeeded.
+Converted artifacts are keyed by (package digest, converter version, options), so a second load
+of the same package converts nothing. A conversion writes into a private directory that is
+renamed into place only when it succeeded, so a crash or a cancelled load leaves no artifact
+that looks finished.
 """
 
 from __future__ import annotations
@@ -12,14 +13,13 @@ import contextlib
 import hashlib
 import json
 import shutil
-import sys
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from modelplane.loader.convert.encoder import CONVERTER_VERSION as ENCODER_CONVERTER_VERSION
 from modelplane.loader.errors import ConversionFailed
 
 log = structlog.get_logger()
@@ -27,7 +27,7 @@ log = structlog.get_logger()
 REPORT_FILE = "conversion.json"
 
 
-def artifact_key(package_digest: str, converter_version: str, **options: object) -> str:
+def artifact_key(package_digest: str, converter_version: str, options: dict[str, Any]) -> str:
     text = json.dumps({"package": package_digest, "converter": converter_version, **options}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -37,29 +37,14 @@ def read_report(artifact: Path) -> dict[str, Any] | None:
     return json.loads(report.read_text()) if report.is_file() else None
 
 
-async def convert_encoder(
-    package: Path, artifact: Path, *, task: str, tolerance: float, timeout_seconds: float
-) -> dict[str, Any]:
-    """Exports a Hugging Face encoder to ONNX into `artifact` unless it is already there."""
+async def build_once(artifact: Path, build: Callable[[Path], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+    """Runs `build` into a private directory and publishes it as `artifact`, unless it exists."""
     cached = read_report(artifact)
     if cached is not None:
         return cached
     work = artifact.with_name(f"{artifact.name}.partial-{uuid.uuid4().hex[:8]}")
-    command = [
-        sys.executable,
-        "-m",
-        "modelplane.loader.convert.encoder",
-        "--source",
-        str(package),
-        "--output",
-        str(work),
-        "--task",
-        task,
-        "--tolerance",
-        str(tolerance),
-    ]
     try:
-        report = await _run_converter(command, timeout_seconds)
+        report = await build(work)
         await asyncio.to_thread(_publish, work, artifact, report)
         return report
     finally:
@@ -67,13 +52,14 @@ async def convert_encoder(
 
 
 def _publish(work: Path, artifact: Path, report: dict[str, Any]) -> None:
-    """Records the report and moves the finished conversion into place (atomic rename)."""
+    work.mkdir(parents=True, exist_ok=True)
     (work / REPORT_FILE).write_text(json.dumps(report, indent=2))
     if not artifact.exists():  # else a concurrent conversion of the same package finished first
         work.rename(artifact)
 
 
-async def _run_converter(command: list[str], timeout_seconds: float) -> dict[str, Any]:
+async def run_converter(command: list[str], timeout_seconds: float) -> dict[str, Any]:
+    """Runs a converter command that prints one JSON object (its report, or {"error": ...})."""
     process = await asyncio.create_subprocess_exec(
         *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL
     )
@@ -89,7 +75,7 @@ async def _run_converter(command: list[str], timeout_seconds: float) -> dict[str
         result = json.loads(lines[-1]) if lines else {}
     except json.JSONDecodeError:
         result = {}
-    if process.returncode == 0 and "error" not in result and result:
+    if process.returncode == 0 and result and "error" not in result:
         return result
     if "error" in result:
         raise ConversionFailed(f"Conversion failed: {result['error']}")
@@ -99,6 +85,3 @@ async def _run_converter(command: list[str], timeout_seconds: float) -> dict[str
         f"The converter exited with status {process.returncode}: {tail[-500:] or 'no output'}. "
         "The loader log has the full output."
     )
-
-
-__all__ = ["ENCODER_CONVERTER_VERSION", "artifact_key", "convert_encoder", "read_report"]

@@ -8,10 +8,8 @@ go to quarantine, nothing unverified reaches the cache or Triton's repository.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +19,17 @@ from modelplane.common.errors import ModelplaneError
 from modelplane.common.types import (
     LoadProgress,
     Model,
-    ModelAsset,
-    ModelFormat,
     ModelState,
     PackageManifest,
-    Task,
 )
-from modelplane.loader import conversion
+from modelplane.loader.builders import RepositoryEntry, select_builder
 from modelplane.loader.cache import PackageCache
-from modelplane.loader.errors import ChecksumMismatch, NotAModel
+from modelplane.loader.conversion import artifact_key, build_once, read_report
+from modelplane.loader.errors import ChecksumMismatch
 from modelplane.loader.formats import detect_format
 from modelplane.loader.manifest import package_digest
 from modelplane.loader.settings import LoaderSettings
 from modelplane.loader.sources import open_source
-from modelplane.loader.triton_configs import RepositoryEntry, encoder_entry
 from modelplane.loader.triton_control import TritonControl
 from modelplane.loader.triton_repo import ModelRepository
 from modelplane.registry.client import RegistryClient
@@ -43,15 +38,6 @@ log = structlog.get_logger()
 
 ProgressListener = Callable[[LoadProgress], None]
 _PROGRESS_INTERVAL_SECONDS = 0.5
-_ASSET_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
-@dataclass
-class Staged:
-    package: Path
-    manifest: PackageManifest
-    entry: RepositoryEntry
-    assets: list[ModelAsset]
 
 
 class ModelTracker:
@@ -119,8 +105,8 @@ class LoadPipeline:
             package, manifest = await self._fetch_and_verify(tracker)
         else:
             package, manifest = cached
-        staged = await self._stage(tracker, package, manifest)
-        await self._load(tracker, staged)
+        await self._stage(tracker, package, manifest)
+        await self._load(tracker)
         return tracker.model
 
     def _cached_package(self, model: Model) -> tuple[Path, PackageManifest] | None:
@@ -183,49 +169,30 @@ class LoadPipeline:
                         metadata={"model": spec.name, "file": path},
                     )
 
-    async def _stage(self, tracker: ModelTracker, package: Path, manifest: PackageManifest) -> Staged:
+    async def _stage(self, tracker: ModelTracker, package: Path, manifest: PackageManifest) -> RepositoryEntry:
         model = tracker.model
-        model_format = model.spec.format or detect_format(package, manifest)
-        if model_format not in (ModelFormat.HUGGINGFACE,) or model.spec.task not in (Task.EMBEDDING, Task.RERANK):
-            raise NotAModel(
-                f"Model '{model.name}' is {model_format.name} for {model.spec.task.name}, which this loader does "
-                "not serve yet; supported: Hugging Face (safetensors) embedding and rerank models."
-            )
-        task = "rerank" if model.spec.task == Task.RERANK else "embedding"
-        tolerance = model.spec.runtime_hints.parity_tolerance or self.settings.parity_tolerance
-        key = conversion.artifact_key(
-            manifest.sha256, conversion.ENCODER_CONVERTER_VERSION, task=task, tolerance=tolerance
-        )
-        artifact = self.cache.artifact_path(key)
-        report = conversion.read_report(artifact)
+        builder = select_builder(model.spec.format or detect_format(package, manifest), model.spec.task)
+        options = builder.options(model, self.settings)
+        artifact = self.cache.artifact_path(artifact_key(manifest.sha256, builder.converter_version, options))
+        report = read_report(artifact)
         if report is None:
             if tracker.model.state != ModelState.VERIFYING:
                 await tracker.enter(ModelState.VERIFYING, "package found in the local cache")
-            await tracker.enter(ModelState.CONVERTING, "exporting to ONNX and checking parity with PyTorch")
-            report = await conversion.convert_encoder(
-                package,
-                artifact,
-                task=task,
-                tolerance=tolerance,
-                timeout_seconds=self.settings.load_timeout_seconds,
-            )
-        entry = encoder_entry(model, artifact, report, self.settings)
-        assets = [
-            ModelAsset(name=name, sha256=hashlib.sha256(content).hexdigest(), content=content)
-            for name in _ASSET_FILES
-            if (artifact / name).is_file()
-            for content in [(artifact / name).read_bytes()]
-        ]
-        entry.profile.tokenizer_sha256 = next((a.sha256 for a in assets if a.name == "tokenizer.json"), "")
+            await tracker.enter(ModelState.CONVERTING, f"converting ({builder.converter_version})")
+            report = await build_once(artifact, lambda work: builder.build(tracker.model, package, work, self.settings))
+        entry = builder.entry(model, package, artifact, report, self.settings)
         await asyncio.to_thread(self.repository.write, entry.config, model.version, entry.files)
         if tracker.model.state != ModelState.STAGED:
-            message = (
-                f"staged; ONNX parity max abs diff {report['max_abs_diff']:.2e} (tolerance {report['tolerance']:.0e})"
+            await tracker.enter(
+                ModelState.STAGED,
+                builder.describe(report),
+                manifest=manifest,
+                profile=entry.profile,
+                assets=entry.assets,
             )
-            await tracker.enter(ModelState.STAGED, message, manifest=manifest, profile=entry.profile, assets=assets)
-        return Staged(package=package, manifest=manifest, entry=entry, assets=assets)
+        return entry
 
-    async def _load(self, tracker: ModelTracker, staged: Staged) -> None:
+    async def _load(self, tracker: ModelTracker) -> None:
         await tracker.enter(ModelState.LOADING, "loading into Triton")
         started = time.perf_counter()
         try:

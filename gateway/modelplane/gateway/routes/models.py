@@ -1,0 +1,49 @@
+"""GET /v1/models."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from modelplane.common.v1 import model_pb2
+from modelplane.gateway import schemas
+from modelplane.gateway.backends import backends
+from modelplane.registry.v1 import registry_service_pb2 as registry_pb
+
+router = APIRouter()
+
+_LISTED_STATES = [
+    s
+    for s in model_pb2.ModelState.values()
+    if s not in (model_pb2.MODEL_STATE_UNSPECIFIED, model_pb2.MODEL_STATE_FAILED)
+]
+_TASKS = {
+    model_pb2.TASK_EMBEDDING: "embedding",
+    model_pb2.TASK_RERANK: "rerank",
+    model_pb2.TASK_GENERATION: "generation",
+}
+
+
+@router.get("/models", response_model=schemas.ModelList)
+async def list_models(request: Request) -> schemas.ModelList:
+    """Models that are ready, or that a request loads on demand."""
+    client = backends(request)
+    cards: list[schemas.ModelCard] = []
+    token = ""
+    while True:
+        page = await client.unary(
+            "registry",
+            client.registry.ListModels,
+            registry_pb.ListModelsRequest(states=_LISTED_STATES, page_size=1000, page_token=token),
+        )
+        cards.extend(
+            schemas.ModelCard(
+                id=m.spec.name,
+                created=m.create_time.seconds,
+                task=_TASKS.get(m.spec.task, "unknown"),
+                state=model_pb2.ModelState.Name(m.status.state).removeprefix("MODEL_STATE_"),
+            )
+            for m in page.models
+        )
+        token = page.next_page_token
+        if not token:
+            return schemas.ModelList(data=cards)
