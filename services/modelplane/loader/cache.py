@@ -1,40 +1,57 @@
 """The local (hot) cache in front of remote storage, content-addressed by digest.
 
-    packages/<manifest sha256>/   verified packages; visible only once every file matched
-    artifacts/<key>/              converted artifacts, keyed by package digest and converter
-    partial/<id>/                 fetches in progress; never read by anything else
-    quarantine/<time>-<name>/     bytes that failed verification, kept for the operator
+    packages/<manifest sha256>/          verified packages; visible only once every file matched
+    artifacts/<manifest sha256>/<key>/   what converters made of that package, keyed by converter
+    partial/<id>/                        fetches in progress; never read by anything else
+    quarantine/<time>-<name>/            bytes that failed verification, kept for the operator
 
 A file is hashed while it is written to `<name>.partial`, fsynced and renamed; a package
 directory is renamed into `packages/` only after verification, so nothing half-written or
 unproven is ever where Triton or a converter could read it.
+
+The cache keeps to a byte budget by evicting the least recently used packages (with their
+artifacts) that no loaded or loading model needs. Its state is its directory tree: after a
+restart it knows every package from the tree, their last use from the directories' mtimes, and
+discards what a crash left in `partial/`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import shutil
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
 from modelplane.common.types import FileDigest, PackageManifest
+from modelplane.loader.errors import CacheFull
 from modelplane.loader.manifest import build_manifest
 from modelplane.loader.sources import PackageSource, SourceFile
 
 log = structlog.get_logger()
 
 ProgressCallback = Callable[[int, int, str], None]  # (bytes_done, files_done, current_file)
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+@dataclass(frozen=True)
+class CachedPackage:
+    digest: str
+    size_bytes: int  # the package and every artifact made from it
+    last_used: float  # seconds since the epoch
 
 
 class PackageCache:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, budget_bytes: int = 0) -> None:
         self.root = root
+        self.budget_bytes = budget_bytes
         self.packages = root / "packages"
         self.artifacts = root / "artifacts"
         self.partial = root / "partial"
@@ -49,12 +66,76 @@ class PackageCache:
             log.info("discarding interrupted fetch", path=str(leftover))
             shutil.rmtree(leftover, ignore_errors=True)
 
+    # Lookup -------------------------------------------------------------------------------
+
     def package_path(self, manifest_sha256: str) -> Path | None:
         path = self.packages / manifest_sha256
         return path if path.is_dir() else None
 
-    def artifact_path(self, key: str) -> Path:
-        return self.artifacts / key
+    def artifact_path(self, manifest_sha256: str, key: str) -> Path:
+        return self.artifacts / manifest_sha256 / key
+
+    def touch(self, manifest_sha256: str) -> None:
+        """Marks a package used now, for least-recently-used eviction."""
+        path = self.packages / manifest_sha256
+        if path.is_dir():
+            os.utime(path)
+
+    def index(self) -> list[CachedPackage]:
+        """Every cached package, least recently used first."""
+        entries = []
+        for path in self.packages.iterdir():
+            if path.is_dir():
+                size = _tree_bytes(path) + _tree_bytes(self.artifacts / path.name)
+                entries.append(CachedPackage(path.name, size, path.stat().st_mtime))
+        return sorted(entries, key=lambda e: e.last_used)
+
+    # Room ---------------------------------------------------------------------------------
+
+    async def make_room(self, needed_bytes: int, keep: set[str]) -> list[str]:
+        """Evicts least recently used packages outside `keep` until `needed_bytes` fit the budget
+        and the disk; refuses when even that is not enough. Returns the digests evicted."""
+        return await asyncio.to_thread(self._make_room, needed_bytes, keep)
+
+    def _make_room(self, needed: int, keep: set[str]) -> list[str]:
+        entries = self.index()
+        used = sum(e.size_bytes for e in entries)
+        evicted: list[str] = []
+
+        def short() -> bool:
+            over_budget = self.budget_bytes > 0 and used + needed > self.budget_bytes
+            return over_budget or shutil.disk_usage(self.root).free < needed
+
+        for entry in entries:
+            if not short():
+                break
+            if entry.digest in keep:
+                continue
+            self.evict(entry.digest)
+            used -= entry.size_bytes
+            evicted.append(entry.digest)
+        if short():
+            kept = sum(e.size_bytes for e in entries if e.digest in keep)
+            budget = f"; its budget is {_size(self.budget_bytes)}" if self.budget_bytes else ""
+            raise CacheFull(
+                f"The package needs {_size(needed)}, but the cache at {self.root} has "
+                f"{_size(shutil.disk_usage(self.root).free)} free on its disk{budget}, with {_size(kept)} held by "
+                "packages that loaded models need. Free space on that disk, point MODELPLANE_LOADER_CACHE_DIR at a "
+                "larger one, raise MODELPLANE_LOADER_CACHE_BUDGET_BYTES, or unload models.",
+                metadata={"needed_bytes": str(needed)},
+            )
+        return evicted
+
+    def evict(self, manifest_sha256: str) -> None:
+        """Removes a package and its artifacts; renamed away first, so nobody sees half of it."""
+        for path in (self.packages / manifest_sha256, self.artifacts / manifest_sha256):
+            if path.exists():
+                doomed = self.partial / f"evicted-{uuid.uuid4().hex}"
+                path.rename(doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
+        log.info("package evicted from the cache", package=manifest_sha256)
+
+    # Fetching -----------------------------------------------------------------------------
 
     async def fetch(
         self, source: PackageSource, files: list[SourceFile], on_progress: ProgressCallback
@@ -66,28 +147,46 @@ class PackageCache:
         done_bytes = 0
         try:
             for index, file in enumerate(files):
-                target = staging / file.path
-                target.parent.mkdir(parents=True, exist_ok=True)
-                partial = target.with_name(target.name + ".partial")
-                hasher = hashlib.sha256()
-                written = 0
-                handle = await asyncio.to_thread(open, partial, "wb")
-                try:
-                    async for chunk in source.read(file):
-                        await asyncio.to_thread(_write_and_hash, handle, hasher, chunk)
-                        written += len(chunk)
-                        on_progress(done_bytes + written, index, file.path)
-                    await asyncio.to_thread(_flush_and_sync, handle)
-                finally:
-                    handle.close()
-                partial.rename(target)
-                done_bytes += written
-                digests.append(FileDigest(path=file.path, size_bytes=written, sha256=hasher.hexdigest()))
+                digest = await self._fetch_file(
+                    source, file, staging, lambda n, base=done_bytes, i=index, f=file.path: on_progress(base + n, i, f)
+                )
+                done_bytes += digest.size_bytes
+                digests.append(digest)
                 on_progress(done_bytes, index + 1, file.path)
+        except OSError as error:
+            shutil.rmtree(staging, ignore_errors=True)
+            if error.errno in _DISK_FULL:
+                raise CacheFull(
+                    f"The cache's disk at {self.root} filled up while the package was fetched ({_size(done_bytes)} "
+                    "written); nothing of it was kept. Free space on that disk, point MODELPLANE_LOADER_CACHE_DIR "
+                    "at a larger one, or set MODELPLANE_LOADER_CACHE_BUDGET_BYTES below the disk's size so the "
+                    "cache evicts in time."
+                ) from None
+            raise
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return staging, build_manifest(digests)
+
+    async def _fetch_file(
+        self, source: PackageSource, file: SourceFile, staging: Path, on_bytes: Callable[[int], None]
+    ) -> FileDigest:
+        target = staging / file.path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        hasher = hashlib.sha256()
+        written = 0
+        handle = await asyncio.to_thread(open, partial, "wb")
+        try:
+            async for chunk in source.read(file):
+                await asyncio.to_thread(_write_and_hash, handle, hasher, chunk)
+                written += len(chunk)
+                on_bytes(written)
+            await asyncio.to_thread(_flush_and_sync, handle)
+        finally:
+            handle.close()
+        partial.rename(target)
+        return FileDigest(path=file.path, size_bytes=written, sha256=hasher.hexdigest())
 
     def admit(self, staging: Path, manifest: PackageManifest) -> Path:
         """Makes a verified package visible under its digest (atomic rename)."""
@@ -97,6 +196,7 @@ class PackageCache:
         else:
             _sync_directory_tree(staging)
             staging.rename(final)
+        os.utime(final)
         return final
 
     def quarantine(self, staging: Path, label: str) -> Path:
@@ -123,3 +223,22 @@ def _sync_directory_tree(root: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _tree_bytes(root: Path) -> int:
+    total = 0
+    for directory, _, names in os.walk(root):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(directory, name)).st_size
+            except FileNotFoundError:
+                continue  # evicted or published while we counted
+    return total
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)

@@ -1,6 +1,6 @@
 """Running converters in a subprocess, and caching what they produce.
 
-Converted artifacts are keyed by (package digest, converter version, options), so a second load
+Converted artifacts are keyed by (package digest, converter version, target, options), so a second load
 of the same package converts nothing. A conversion writes into a private directory that is
 renamed into place only when it succeeded, so a crash or a cancelled load leaves no artifact
 that looks finished.
@@ -27,9 +27,10 @@ log = structlog.get_logger()
 REPORT_FILE = "conversion.json"
 
 
-def artifact_key(package_digest: str, converter_version: str, options: dict[str, Any]) -> str:
-    text = json.dumps({"package": package_digest, "converter": converter_version, **options}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
+def artifact_key(converter_version: str, options: dict[str, Any]) -> str:
+    """The artifact's name under its package's directory in the cache (artifacts/<package>/<key>)."""
+    text = json.dumps({"converter": converter_version, **options}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def read_report(artifact: Path) -> dict[str, Any] | None:
@@ -53,6 +54,7 @@ async def build_once(artifact: Path, build: Callable[[Path], Awaitable[dict[str,
 
 def _publish(work: Path, artifact: Path, report: dict[str, Any]) -> None:
     work.mkdir(parents=True, exist_ok=True)
+    artifact.parent.mkdir(parents=True, exist_ok=True)
     (work / REPORT_FILE).write_text(json.dumps(report, indent=2))
     if not artifact.exists():  # else a concurrent conversion of the same package finished first
         work.rename(artifact)

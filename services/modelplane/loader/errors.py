@@ -14,13 +14,16 @@ from modelplane.common.errors import (
 
 __all__ = [
     "BudgetExceeded",
+    "CacheFull",
     "ChecksumMismatch",
     "ConversionFailed",
     "LoadCancelled",
     "LoadTimedOut",
+    "ManifestMismatch",
     "ModelNotFound",
     "NotAModel",
     "PackageRefused",
+    "SignatureRefused",
     "SourceUnavailable",
     "TritonLoadFailed",
     "TritonUnavailable",
@@ -36,6 +39,18 @@ class PackageRefused(FailedPrecondition):
 
 class ChecksumMismatch(PackageRefused):
     reason = "CHECKSUM_MISMATCH"
+
+
+class ManifestMismatch(PackageRefused):
+    """A file the manifest lists is missing from the package, or the package holds one it does not."""
+
+    reason = "MANIFEST_MISMATCH"
+
+
+class SignatureRefused(PackageRefused):
+    """The manifest's signature is missing where one is required, or matches no trusted key."""
+
+    reason = "SIGNATURE_REFUSED"
 
 
 class NotAModel(PackageRefused):
@@ -68,6 +83,12 @@ class LoadTimedOut(DeadlineExceeded):
 
 class LoadCancelled(Cancelled):
     reason = "LOAD_CANCELLED"
+
+
+class CacheFull(ResourceExhausted):
+    """The cache's disk or byte budget cannot take the package, even after evicting what it may."""
+
+    reason = "CACHE_FULL"
 
 
 class BudgetExceeded(ResourceExhausted):

@@ -16,6 +16,11 @@ from pathlib import PurePosixPath
 from modelplane.common.types import FileDigest, PackageManifest
 from modelplane.loader.errors import PackageRefused
 
+SUMS_FILE = "SHA256SUMS"
+SIGNATURE_FILE = "SHA256SUMS.sig"
+# Kept beside a package to describe it; never part of it, nor of its digest.
+SIDECAR_FILES = frozenset({SUMS_FILE, SIGNATURE_FILE})
+
 
 def safe_relative_path(path: str) -> str:
     """Returns the path normalised, or refuses one that could land outside the package."""
@@ -57,5 +62,7 @@ def parse_sha256sums(text: str) -> dict[str, str]:
         name = name[1:] if name[:1] in (" ", "*") else name
         if len(digest) != 64 or not name:
             raise PackageRefused(f"SHA256SUMS line {number} is not '<sha256>  <path>': {line[:80]!r}")
-        digests[safe_relative_path(name.removeprefix("./"))] = digest.lower()
+        path = safe_relative_path(name.removeprefix("./"))
+        if path not in SIDECAR_FILES:  # `sha256sum * > SHA256SUMS` lists the file it writes
+            digests[path] = digest.lower()
     return digests

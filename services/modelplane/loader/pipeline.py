@@ -8,8 +8,9 @@ go to quarantine, nothing unverified reaches the cache or Triton's repository.
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ import structlog
 
 from modelplane.common.errors import ModelplaneError
 from modelplane.common.types import (
+    RESIDENT_STATES,
+    WORKING_STATES,
     LoadProgress,
     Model,
     ModelState,
@@ -27,11 +30,12 @@ from modelplane.loader.cache import PackageCache
 from modelplane.loader.conversion import artifact_key, build_once, read_report
 from modelplane.loader.errors import ChecksumMismatch
 from modelplane.loader.formats import detect_format
-from modelplane.loader.manifest import package_digest
 from modelplane.loader.settings import LoaderSettings
-from modelplane.loader.sources import open_source
+from modelplane.loader.signing import trusted_keys
+from modelplane.loader.sources import PackageSource, SourceFile, open_source
 from modelplane.loader.triton_control import TritonControl
 from modelplane.loader.triton_repo import ModelRepository
+from modelplane.loader.verification import ExpectedPackage, check_listing, expected_package, verify
 from modelplane.registry.client import RegistryClient
 
 log = structlog.get_logger()
@@ -83,6 +87,41 @@ class ModelTracker:
             log.debug("progress not recorded", error=error.message)
 
 
+class SharedFetches:
+    """Loads that need the same package (same source, same expectations) share one download."""
+
+    def __init__(self) -> None:
+        self._flights: dict[str, tuple[asyncio.Task[tuple[Path, PackageManifest]], list[ProgressListener]]] = {}
+
+    async def run(
+        self,
+        key: str,
+        fetch: Callable[[ProgressListener], Awaitable[tuple[Path, PackageManifest]]],
+        listener: ProgressListener,
+    ) -> tuple[Path, PackageManifest]:
+        flight = self._flights.get(key)
+        if flight is None:
+            listeners: list[ProgressListener] = []
+
+            def publish(progress: LoadProgress) -> None:
+                for follow in list(listeners):
+                    follow(progress)
+
+            task = asyncio.create_task(fetch(publish))
+            flight = (task, listeners)
+            self._flights[key] = flight
+            task.add_done_callback(lambda _: self._flights.pop(key, None))
+        task, listeners = flight
+        listeners.append(listener)
+        try:
+            # Shielded: one caller giving up must not cancel the download the others wait for.
+            return await asyncio.shield(task)
+        finally:
+            listeners.remove(listener)
+            if not listeners and not task.done():
+                task.cancel()
+
+
 class LoadPipeline:
     def __init__(
         self,
@@ -97,6 +136,9 @@ class LoadPipeline:
         self.cache = cache
         self.repository = repository
         self.triton = triton
+        self.trusted_keys = trusted_keys(settings)
+        self.fetches = SharedFetches()
+        self._packages_in_use: collections.Counter[str] = collections.Counter()
 
     async def run(self, tracker: ModelTracker, *, refresh: bool = False) -> Model:
         model = tracker.model
@@ -105,7 +147,14 @@ class LoadPipeline:
             package, manifest = await self._fetch_and_verify(tracker)
         else:
             package, manifest = cached
-        await self._stage(tracker, package, manifest)
+            self.cache.touch(manifest.sha256)
+        self._packages_in_use[manifest.sha256] += 1
+        try:
+            await self._stage(tracker, package, manifest)
+        finally:
+            self._packages_in_use[manifest.sha256] -= 1
+            if not self._packages_in_use[manifest.sha256]:
+                del self._packages_in_use[manifest.sha256]
         await self._load(tracker)
         return tracker.model
 
@@ -119,13 +168,44 @@ class LoadPipeline:
 
     async def _fetch_and_verify(self, tracker: ModelTracker) -> tuple[Path, PackageManifest]:
         spec = tracker.model.spec
-        source = open_source(spec.source_uri)
-        await tracker.enter(ModelState.FETCHING, f"fetching from {source.display_uri}")
-        files = await source.list_files()
-        total = sum(f.size for f in files)
+        known_paths = [f.path for f in spec.manifest.files] if spec.manifest else []
+        source = open_source(spec.source_uri, self.settings, known_paths)
+        try:
+            await tracker.enter(ModelState.FETCHING, f"fetching from {source.display_uri}")
+            files = await source.list_files()
+            expected = await expected_package(
+                tracker.model, source, files, self.trusted_keys, self.settings.require_signed_manifests
+            )
+            check_listing(expected, files, source.display_uri)
+            package, manifest = await self.fetches.run(
+                expected.fetch_key(spec.source_uri),
+                lambda publish: self._fetch_verify_admit(source, files, expected, tracker.model.name, publish),
+                tracker.progress,
+            )
+        finally:
+            await source.close()
+        signed = f", signed by key {expected.signed_by}" if expected.signed_by else ""
+        await tracker.enter(
+            ModelState.VERIFYING,
+            f"verified {len(manifest.files)} files against {expected.describe()}{signed}",
+            manifest=manifest,
+        )
+        return package, manifest
+
+    async def _fetch_verify_admit(
+        self,
+        source: PackageSource,
+        files: list[SourceFile],
+        expected: ExpectedPackage,
+        label: str,
+        publish: ProgressListener,
+    ) -> tuple[Path, PackageManifest]:
+        total = sum(max(f.size, 0) for f in files)
+        keep = await self._packages_needed()
+        await self.cache.make_room(total, keep)
 
         def on_progress(done: int, files_done: int, current: str) -> None:
-            tracker.progress(
+            publish(
                 LoadProgress(
                     phase=ModelState.FETCHING,
                     bytes_done=done,
@@ -137,43 +217,24 @@ class LoadPipeline:
             )
 
         staging, manifest = await self.cache.fetch(source, files, on_progress)
-        await tracker.enter(ModelState.VERIFYING, f"verifying {len(manifest.files)} files")
         try:
-            self._verify(tracker.model, manifest)
+            verify(expected, files, manifest)
         except ChecksumMismatch:
-            self.cache.quarantine(staging, tracker.model.name)
+            self.cache.quarantine(staging, label)
             raise
-        package = self.cache.admit(staging, manifest)
-        return package, manifest
+        return self.cache.admit(staging, manifest), manifest
 
-    @staticmethod
-    def _verify(model: Model, manifest: PackageManifest) -> None:
-        spec = model.spec
-        actual = package_digest(manifest)
-        if spec.expected_sha256 and spec.expected_sha256 != actual:
-            what = manifest.files[0].path if len(manifest.files) == 1 else "the package manifest"
-            raise ChecksumMismatch(
-                f"SHA-256 mismatch for {what}: expected {spec.expected_sha256}, got {actual}. The package at the "
-                "source is not the one registered; check the source or register the right digest. The fetched "
-                "bytes were moved to the cache's quarantine folder.",
-                metadata={"model": spec.name, "expected": spec.expected_sha256, "actual": actual},
-            )
-        if spec.manifest and spec.manifest.files:
-            expected = {f.path: f.sha256 for f in spec.manifest.files}
-            got = {f.path: f.sha256 for f in manifest.files}
-            for path in sorted(expected.keys() | got.keys()):
-                if expected.get(path) != got.get(path):
-                    raise ChecksumMismatch(
-                        f"File {path}: expected SHA-256 {expected.get(path, '(not in manifest)')}, got "
-                        f"{got.get(path, '(missing from package)')}. Fix the package or its manifest.",
-                        metadata={"model": spec.name, "file": path},
-                    )
+    async def _packages_needed(self) -> set[str]:
+        """Packages the cache must keep: those of models resident in Triton or being loaded."""
+        models = await self.registry.list_models(states=sorted(RESIDENT_STATES | WORKING_STATES))
+        needed = {m.status.manifest.sha256 for m in models if m.status.manifest is not None}
+        return needed | set(self._packages_in_use)
 
     async def _stage(self, tracker: ModelTracker, package: Path, manifest: PackageManifest) -> RepositoryEntry:
         model = tracker.model
         builder = select_builder(model.spec.format or detect_format(package, manifest), model.spec.task)
         options = builder.options(model, self.settings)
-        artifact = self.cache.artifact_path(artifact_key(manifest.sha256, builder.converter_version, options))
+        artifact = self.cache.artifact_path(manifest.sha256, artifact_key(builder.converter_version, options))
         report = read_report(artifact)
         if report is None:
             if tracker.model.state != ModelState.VERIFYING:

@@ -32,7 +32,7 @@ class LoaderService(Service):
         registry = RegistryClient(self.settings.registry_address)
         triton = TritonControl(self.triton_settings.grpc_address)
         repository = ModelRepository(self.triton_settings.model_repository)
-        cache = PackageCache(self.settings.cache_dir)
+        cache = PackageCache(self.settings.cache_dir, self.settings.cache_budget_bytes)
         pipeline = LoadPipeline(self.settings, registry, cache, repository, triton)
         self.handler = LoaderHandler(self.settings, registry, pipeline, triton, repository)
         self.server.add_servicer(

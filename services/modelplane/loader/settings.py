@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from modelplane.common.settings import ServerSettings, modelplane_home
@@ -20,6 +20,10 @@ class LoaderSettings(ServerSettings):
     """host:port of the registry service."""
     cache_dir: Path = Field(default_factory=lambda: modelplane_home() / "cache")
     """The local (hot) cache: verified packages and converted artifacts, content-addressed."""
+    cache_budget_bytes: int = 0
+    """Most bytes the cache may hold (packages and their converted artifacts). When a fetch needs room,
+    the least recently used packages that no loaded or loading model needs are evicted. 0 means no
+    budget: only the free space of the cache's disk limits it."""
     default_target: RuntimeTarget = RuntimeTarget.EMBEDDED
     """Which Triton the repository entries are written for when a model's hints do not say."""
     load_timeout_seconds: float = 900.0
@@ -30,6 +34,10 @@ class LoaderSettings(ServerSettings):
     """Loads (fetch, convert or Triton load) that run at the same time; more wait their turn."""
     parity_tolerance: float = 1e-4
     """Largest absolute difference allowed between a converted model's outputs and PyTorch's."""
+    fp16_parity_tolerance: float = 1e-2
+    """Largest absolute difference allowed for an fp16 artifact (precision FP16), against fp32."""
+    int8_parity_tolerance: float = 5e-2
+    """Largest absolute difference allowed for a dynamically quantised int8 artifact (precision INT8)."""
     max_batch_size: int = 64
     """Default largest batch Triton forms for an encoder model."""
     max_queue_delay_microseconds: int = 2000
@@ -38,3 +46,40 @@ class LoaderSettings(ServerSettings):
     """Threads onnxruntime uses inside one inference on the embedded Triton; 0 means all cores."""
     reconcile_interval_seconds: float = 30.0
     """How often the loader compares the registry with Triton and converges them."""
+
+    # Sources ---------------------------------------------------------------------------------
+    download_part_bytes: int = 8 * 1024 * 1024
+    """Size of one ranged GET when a large S3 object is downloaded in parallel parts."""
+    download_concurrency: int = 8
+    """Ranged GETs of one object in flight at once (S3); memory use is this times the part size."""
+    fetch_retries: int = 5
+    """Attempts for one request or ranged part before a fetch fails (S3 and HTTP)."""
+    fetch_retry_backoff_seconds: float = 0.5
+    """First wait between attempts; it doubles with each attempt, with jitter, up to 30 s."""
+    s3_endpoint_url: str = ""
+    """Endpoint of the S3 service (MinIO: http://minio:9000). Empty means AWS_ENDPOINT_URL or AWS S3."""
+    s3_region: str = ""
+    """Region of the S3 bucket. Empty means AWS_REGION / AWS_DEFAULT_REGION, else us-east-1."""
+    s3_access_key_id: SecretStr | None = None
+    """S3 access key id. Unset means the standard chain: AWS_ACCESS_KEY_ID, the shared credentials
+    file, or the machine's role."""
+    s3_secret_access_key: SecretStr | None = None
+    """S3 secret access key, with s3_access_key_id."""
+    s3_session_token: SecretStr | None = None
+    """S3 session token for temporary credentials, with s3_access_key_id."""
+    s3_addressing_style: str = "path"
+    """`path` (MinIO and most private S3 services) or `virtual` (bucket in the host name)."""
+    http_timeout_seconds: float = 60.0
+    """Longest wait for an HTTP(S) source to connect or send the next bytes."""
+    http_bearer_token: SecretStr | None = None
+    """Sent as `Authorization: Bearer …` to HTTP(S) sources that need it."""
+    http_ca_bundle: Path | None = None
+    """CA certificates for HTTPS sources signed by an internal CA; unset means the system store."""
+
+    # Manifests and signatures ----------------------------------------------------------------
+    trusted_signing_keys: list[str] = Field(default_factory=list)
+    """Ed25519 public keys whose signature on a package's SHA256SUMS (as SHA256SUMS.sig) is trusted:
+    each an OpenSSH line (`ssh-ed25519 AAAA…`), a PEM public key, base64 of the 32 raw bytes, or the
+    path of a file holding one. JSON list in the environment."""
+    require_signed_manifests: bool = False
+    """Refuse every package whose SHA256SUMS is not signed by one of the trusted keys."""

@@ -1,45 +1,16 @@
-"""Where packages are kept. A source lists a package's files and streams their bytes in order;
-the cache writes and hashes them. Local disks and NFS mounts are plain paths or file:// URIs."""
+"""Local disks and NFS mounts: a plain path or a file:// URI."""
 
 from __future__ import annotations
 
-import abc
 import asyncio
 import os
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from modelplane.common.redact import redact_uri
-from modelplane.loader.errors import PackageRefused, SourceUnavailable, UnsupportedSource
-from modelplane.loader.manifest import safe_relative_path
-
-CHUNK_BYTES = 4 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class SourceFile:
-    path: str  # relative to the package root, forward slashes
-    size: int
-
-
-class PackageSource(abc.ABC):
-    def __init__(self, uri: str) -> None:
-        self.uri = uri
-
-    @property
-    def display_uri(self) -> str:
-        """The URI as it may appear in logs, events and errors."""
-        return redact_uri(self.uri)
-
-    @abc.abstractmethod
-    async def list_files(self) -> list[SourceFile]:
-        """Every file of the package; refuses paths that escape it."""
-
-    @abc.abstractmethod
-    def read(self, file: SourceFile) -> AsyncIterator[bytes]:
-        """The file's bytes, in order."""
+from modelplane.loader.errors import PackageRefused, SourceUnavailable
+from modelplane.loader.manifest import SIDECAR_FILES, safe_relative_path
+from modelplane.loader.sources import CHUNK_BYTES, PackageSource, SourceFile
 
 
 class LocalSource(PackageSource):
@@ -48,6 +19,12 @@ class LocalSource(PackageSource):
     def __init__(self, uri: str, path: Path) -> None:
         super().__init__(uri)
         self.path = path
+
+    @classmethod
+    def from_uri(cls, uri: str) -> LocalSource:
+        parts = urlsplit(uri)
+        path = Path(unquote(parts.path) if parts.scheme == "file" else uri).expanduser()
+        return cls(uri, path)
 
     async def list_files(self) -> list[SourceFile]:
         return await asyncio.to_thread(self._list_files)
@@ -59,6 +36,7 @@ class LocalSource(PackageSource):
                 "share is mounted on the loader's machine."
             )
         if self.path.is_file():
+            self.single_file = True
             return [SourceFile(self.path.name, self.path.stat().st_size)]
         root = self.path.resolve()
         files: list[SourceFile] = []
@@ -67,6 +45,8 @@ class LocalSource(PackageSource):
             for name in sorted(names):
                 full = Path(directory) / name
                 relative = safe_relative_path(full.relative_to(root).as_posix())
+                if relative in SIDECAR_FILES:
+                    continue
                 target = full.resolve()
                 if not target.is_relative_to(root):
                     raise PackageRefused(
@@ -88,14 +68,7 @@ class LocalSource(PackageSource):
         finally:
             handle.close()
 
-
-def open_source(uri: str) -> PackageSource:
-    """The source for a model's source URI."""
-    parts = urlsplit(uri)
-    if parts.scheme in ("", "file"):
-        path = Path(unquote(parts.path) if parts.scheme == "file" else uri).expanduser()
-        return LocalSource(uri, path)
-    raise UnsupportedSource(
-        f"Source {redact_uri(uri)} has scheme '{parts.scheme}', which this loader cannot read; "
-        "use a local path, file://, s3:// or http(s)://."
-    )
+    async def read_sidecar(self, name: str) -> bytes | None:
+        directory = self.path.parent if self.path.is_file() else self.path
+        sidecar = directory / name
+        return await asyncio.to_thread(sidecar.read_bytes) if sidecar.is_file() else None

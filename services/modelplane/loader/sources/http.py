@@ -1,0 +1,195 @@
+"""HTTP(S) servers: http(s)://host/path/file (a single-file package) or http(s)://host/path/ (a
+package directory, whose files are listed by the SHA256SUMS beside them or by an operator-given
+manifest, since HTTP cannot list a directory).
+
+A download that breaks off is resumed where it stopped with a `Range` request; `If-Range` with
+the file's ETag (or Last-Modified) makes sure the rest belongs to the same file, so a file
+replaced on the server mid-download fails cleanly instead of mixing two versions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+import httpx
+import structlog
+
+from modelplane.loader.errors import SourceUnavailable
+from modelplane.loader.manifest import SUMS_FILE, parse_sha256sums, safe_relative_path
+from modelplane.loader.sources import CHUNK_BYTES, PackageSource, SourceFile
+from modelplane.loader.sources.retry import backoff_delay
+
+if TYPE_CHECKING:
+    from modelplane.loader.settings import LoaderSettings
+
+log = structlog.get_logger()
+
+_RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
+
+
+class HttpSource(PackageSource):
+    def __init__(self, uri: str, settings: LoaderSettings, known_paths: Sequence[str] = ()) -> None:
+        super().__init__(uri)
+        self.settings = settings
+        self.known_paths = list(known_paths)
+        parts = urlsplit(uri)
+        self.is_directory = parts.path.endswith("/") or not parts.path
+        directory_path = parts.path if self.is_directory else parts.path.rsplit("/", 1)[0] + "/"
+        self.base = urlunsplit((parts.scheme, parts.netloc, directory_path, "", ""))
+        self.single_name = "" if self.is_directory else unquote(parts.path.rsplit("/", 1)[-1])
+        self.single_file = not self.is_directory
+        headers = {"Accept-Encoding": "identity"}  # ranges and digests are over the file's own bytes
+        if settings.http_bearer_token is not None:
+            headers["Authorization"] = f"Bearer {settings.http_bearer_token.get_secret_value()}"
+        self.client = httpx.AsyncClient(
+            headers=headers,
+            timeout=httpx.Timeout(settings.http_timeout_seconds),
+            verify=str(settings.http_ca_bundle) if settings.http_ca_bundle else True,
+            follow_redirects=True,
+        )
+
+    def _url(self, path: str) -> str:
+        if not self.is_directory and path == self.single_name:
+            return self.uri
+        return self.base + quote(path)
+
+    def _where(self, path: str) -> str:
+        return self.display_uri if path == self.single_name else f"{self.display_uri.rstrip('/')}/{path}"
+
+    async def list_files(self) -> list[SourceFile]:
+        if not self.is_directory:
+            paths = [self.single_name]
+        elif self.known_paths:
+            paths = [safe_relative_path(p) for p in self.known_paths]
+        else:
+            sums = await self.read_sidecar(SUMS_FILE)
+            if sums is None:
+                raise SourceUnavailable(
+                    f"{self.display_uri} is a directory on an HTTP server, which cannot list its files. Publish a "
+                    f"{SUMS_FILE} file beside the package (sha256sum of every file) or register the model with a "
+                    "manifest."
+                )
+            paths = sorted(parse_sha256sums(sums.decode(errors="replace")))
+        return [await self._describe(path) for path in paths]
+
+    async def _describe(self, path: str) -> SourceFile:
+        response = await self._request("HEAD", path)
+        size = (
+            int(response.headers.get("Content-Length", -1))
+            if "chunked" not in response.headers.get("Transfer-Encoding", "")
+            else -1
+        )
+        return SourceFile(path, size, response.headers.get("ETag") or response.headers.get("Last-Modified", ""))
+
+    async def _request(self, method: str, path: str) -> httpx.Response:
+        attempt = 1
+        while True:
+            try:
+                response = await self.client.request(method, self._url(path))
+                if response.status_code not in _RETRYABLE_STATUS:
+                    _raise_for_status(response, self._where(path))
+                    return response
+                failure = f"HTTP {response.status_code}"
+            except httpx.TransportError as error:
+                failure = type(error).__name__
+            if attempt >= self.settings.fetch_retries:
+                raise SourceUnavailable(
+                    f"{self._where(path)} kept failing ({failure}) after {attempt} attempts; check the server."
+                )
+            await asyncio.sleep(backoff_delay(attempt, self.settings.fetch_retry_backoff_seconds))
+            attempt += 1
+
+    async def read(self, file: SourceFile) -> AsyncIterator[bytes]:
+        position = 0
+        failures = 0
+        while True:
+            headers = {}
+            if position:
+                headers["Range"] = f"bytes={position}-"
+                if file.version:
+                    headers["If-Range"] = file.version
+            try:
+                async with self.client.stream("GET", self._url(file.path), headers=headers) as response:
+                    if response.status_code in _RETRYABLE_STATUS:
+                        raise _Retry(f"HTTP {response.status_code}")
+                    _raise_for_status(response, self._where(file.path))
+                    skip = self._resume_offset(response, position, file)
+                    async for chunk in response.aiter_bytes(CHUNK_BYTES):
+                        if skip:
+                            dropped = min(skip, len(chunk))
+                            chunk, skip = chunk[dropped:], skip - dropped
+                        if chunk:
+                            position += len(chunk)
+                            failures = 0
+                            yield chunk
+                if file.size < 0 or position >= file.size:
+                    return
+                raise _Retry(f"the response ended after {position} of {file.size} bytes")
+            except (httpx.TransportError, _Retry) as error:
+                failures += 1
+                if failures >= self.settings.fetch_retries:
+                    raise SourceUnavailable(
+                        f"Downloading {self._where(file.path)} failed {failures} times in a row at byte {position} "
+                        f"({_reason(error)}); check the server and the network. Nothing partial was kept."
+                    ) from None
+                delay = backoff_delay(failures, self.settings.fetch_retry_backoff_seconds)
+                log.warning(
+                    "download interrupted; resuming",
+                    file=file.path,
+                    at_byte=position,
+                    attempt=failures,
+                    error=_reason(error),
+                    in_seconds=round(delay, 2),
+                )
+                await asyncio.sleep(delay)
+
+    def _resume_offset(self, response: httpx.Response, position: int, file: SourceFile) -> int:
+        """How many bytes of this response were already received (a server that ignores Range)."""
+        if not position:
+            return 0
+        if response.status_code == 206:
+            start = response.headers.get("Content-Range", "").removeprefix("bytes ").split("-")[0]
+            if start != str(position):
+                raise SourceUnavailable(f"{self._where(file.path)} answered a resume with the wrong byte range.")
+            return 0
+        served = response.headers.get("ETag") or response.headers.get("Last-Modified", "")
+        if file.version and served != file.version:
+            raise SourceUnavailable(
+                f"{self._where(file.path)} changed on the server while it was being downloaded; load again once "
+                "it is replaced completely."
+            )
+        return position  # the same file from a server that ignores Range: skip what we already have
+
+    async def read_sidecar(self, name: str) -> bytes | None:
+        try:
+            response = await self.client.get(self.base + quote(name))
+        except httpx.TransportError:
+            return None
+        return response.content if response.status_code == 200 else None
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+class _Retry(Exception):
+    pass
+
+
+def _reason(error: Exception) -> str:
+    return str(error) if isinstance(error, _Retry) else f"{type(error).__name__}: {error}"[:200]
+
+
+def _raise_for_status(response: httpx.Response, where: str) -> None:
+    if response.status_code in (200, 206):
+        return
+    if response.status_code == 404:
+        raise SourceUnavailable(f"{where} does not exist on the server (HTTP 404). Check the model's source URI.")
+    if response.status_code in (401, 403):
+        raise SourceUnavailable(
+            f"The server refused {where} (HTTP {response.status_code}). Check MODELPLANE_LOADER_HTTP_BEARER_TOKEN "
+            "and the server's access rules."
+        )
+    raise SourceUnavailable(f"The server answered HTTP {response.status_code} for {where}.")
