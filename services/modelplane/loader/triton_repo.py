@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,16 @@ class TensorConfig:
     dims: tuple[int, ...]
     allow_ragged_batch: bool = False
     optional: bool = False
+
+
+@dataclass(frozen=True)
+class WarmupSample:
+    """A request Triton runs through the model before it reports it READY, so the first real
+    request does not pay for lazy initialisation (onnxruntime's arena, TensorRT's contexts)."""
+
+    name: str
+    batch_size: int
+    inputs: dict[str, tuple[str, tuple[int, ...]]]  # tensor name → (TYPE_*, dims), zero-filled
 
 
 @dataclass
@@ -39,6 +50,7 @@ class TritonModelConfig:
     decoupled: bool = False
     parameters: dict[str, str] = field(default_factory=dict)
     default_model_filename: str = ""
+    warmup: list[WarmupSample] = field(default_factory=list)
 
 
 def _quote(value: str) -> str:
@@ -86,7 +98,26 @@ def render_config(config: TritonModelConfig) -> str:
         lines.append("model_transaction_policy {\n  decoupled: true\n}")
     for key, value in sorted(config.parameters.items()):
         lines.append(f"parameters {{\n  key: {_quote(key)}\n  value: {{ string_value: {_quote(value)} }}\n}}")
-    return "\n".join(lines) + "\n"
+    for sample in config.warmup:
+        inputs = "".join(
+            f"\n    inputs {{\n      key: {_quote(name)}\n      value {{ data_type: {kind} "
+            f"dims: [ {', '.join(map(str, dims))} ] zero_data: true }}\n    }}"
+            for name, (kind, dims) in sample.inputs.items()
+        )
+        header = f"name: {_quote(sample.name)}\n    batch_size: {sample.batch_size}"
+        lines.append(f"model_warmup [\n  {{\n    {header}{inputs}\n  }}\n]")
+    text = "\n".join(lines) + "\n"
+    parse_config(text)
+    return text
+
+
+def parse_config(text: str) -> Any:
+    """config.pbtxt text as Triton reads it: parsed into model_config.proto's ModelConfig (from
+    tritonclient), which refuses unknown fields and wrong types as Triton does."""
+    from google.protobuf import text_format  # noqa: PLC0415
+    from tritonclient.grpc import model_config_pb2  # noqa: PLC0415
+
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
 
 
 def python_model_source(model_kind: str) -> Path:

@@ -72,13 +72,20 @@ class ArtifactBuilder(abc.ABC):
         return "staged"
 
 
-def select_builder(model_format: ModelFormat, task: Task) -> ArtifactBuilder:
+def builders() -> list[ArtifactBuilder]:
+    """Every builder, asked in order; a new kind of package adds its builder here."""
     from modelplane.loader.builders.encoder import EncoderBuilder  # noqa: PLC0415 - avoids an import cycle
+    from modelplane.loader.builders.onnx import OnnxPackageBuilder  # noqa: PLC0415
 
-    for builder in (EncoderBuilder(),):
+    return [EncoderBuilder(), OnnxPackageBuilder()]
+
+
+def select_builder(model_format: ModelFormat, task: Task) -> ArtifactBuilder:
+    for builder in builders():
         if builder.accepts(model_format, task):
             return builder
     raise NotAModel(
         f"A {model_format.name} package for {task.name.lower()} is not something this loader serves yet; "
-        "supported: Hugging Face (safetensors) embedding and rerank models."
+        "supported: Hugging Face encoders (safetensors, or PyTorch .bin weights) and ONNX encoders, for "
+        "embedding and rerank."
     )

@@ -1,4 +1,5 @@
-"""Hugging Face encoders (embedding models, cross-encoders) → ONNX with pooling in the graph."""
+"""Hugging Face encoders (embedding models, cross-encoders) → ONNX with pooling in the graph, and
+the Triton entry for each target: the embedded python backend, the onnxruntime backend, TensorRT."""
 
 from __future__ import annotations
 
@@ -9,10 +10,17 @@ from typing import Any
 
 from modelplane.common.types import Model, ModelFormat, RerankScoring, RuntimeTarget, ServingProfile, Task
 from modelplane.loader.builders import ArtifactBuilder, RepositoryEntry, read_assets
+from modelplane.loader.builders.targets import (
+    effective_target,
+    precision_options,
+    target_options,
+    tensorrt_sentence,
+    with_tensorrt_plan,
+)
 from modelplane.loader.conversion import run_converter
 from modelplane.loader.convert.encoder import CONVERTER_VERSION
 from modelplane.loader.settings import LoaderSettings
-from modelplane.loader.triton_repo import TensorConfig, TritonModelConfig, python_model_source
+from modelplane.loader.triton_repo import TensorConfig, TritonModelConfig, WarmupSample, python_model_source
 
 
 def _special_tokens(artifact: Path) -> dict[str, str]:
@@ -41,16 +49,23 @@ class EncoderBuilder(ArtifactBuilder):
     converter_version = CONVERTER_VERSION
 
     def accepts(self, model_format: ModelFormat, task: Task) -> bool:
-        return model_format == ModelFormat.HUGGINGFACE and task in (Task.EMBEDDING, Task.RERANK)
+        formats = (ModelFormat.HUGGINGFACE, ModelFormat.PYTORCH)
+        return model_format in formats and task in (Task.EMBEDDING, Task.RERANK)
 
     def _tolerance(self, model: Model, settings: LoaderSettings) -> float:
         return model.spec.runtime_hints.parity_tolerance or settings.parity_tolerance
 
     def options(self, model: Model, settings: LoaderSettings) -> dict[str, Any]:
-        return {"task": model.spec.task.name, "tolerance": self._tolerance(model, settings)}
+        return {
+            "task": model.spec.task.name,
+            "tolerance": self._tolerance(model, settings),
+            **precision_options(model, settings),
+            **target_options(model, settings),
+        }
 
     async def build(self, model: Model, package: Path, artifact: Path, settings: LoaderSettings) -> dict[str, Any]:
         task = "rerank" if model.spec.task == Task.RERANK else "embedding"
+        options = precision_options(model, settings)
         command = [
             sys.executable,
             "-m",
@@ -63,17 +78,26 @@ class EncoderBuilder(ArtifactBuilder):
             task,
             "--tolerance",
             str(self._tolerance(model, settings)),
+            "--precision",
+            options["precision"],
+            "--precision-tolerance",
+            str(options["precision_tolerance"]),
         ]
-        return await run_converter(command, settings.load_timeout_seconds)
+        report = await run_converter(command, settings.load_timeout_seconds)
+        return await with_tensorrt_plan(model, artifact, report, settings)
 
     def describe(self, report: dict[str, Any]) -> str:
-        return f"staged; ONNX parity max abs diff {report['max_abs_diff']:.2e} (tolerance {report['tolerance']:.0e})"
+        precision = report.get("precision", "fp32")
+        return (
+            f"staged; ONNX ({precision}) parity max abs diff {report['max_abs_diff']:.2e} against PyTorch "
+            f"(tolerance {report['tolerance']:.0e})" + tensorrt_sentence(report)
+        )
 
     def entry(
         self, model: Model, package: Path, artifact: Path, report: dict[str, Any], settings: LoaderSettings
     ) -> RepositoryEntry:
         hints = model.spec.runtime_hints
-        target = hints.target or settings.default_target
+        target = effective_target(model, settings)
         special = _special_tokens(artifact)
         max_batch = hints.max_batch_size or settings.max_batch_size
         output_dim = int(report["output_dimension"])
@@ -106,10 +130,16 @@ class EncoderBuilder(ArtifactBuilder):
                 "pad_token_id": str(_token_id(artifact, special.get("pad_token"))),
             }
             files["model.py"] = python_model_source("onnx_encoder")
+        elif target == RuntimeTarget.TENSORRT:
+            config.platform = "tensorrt_plan"
+            config.default_model_filename = report["tensorrt"]["plan_file"]
+            config.instance_kind = "KIND_GPU"
+            files = {report["tensorrt"]["plan_file"]: artifact / report["tensorrt"]["plan_file"]}
         else:
             config.platform = "onnxruntime_onnx"
             config.default_model_filename = report["onnx_file"]
             config.instance_kind = "KIND_GPU"
+        config.warmup = [WarmupSample("short text", 1, {name: ("TYPE_INT64", (16,)) for name in report["input_names"]})]
         task = model.spec.task
         assets = read_assets(artifact)
         profile = ServingProfile(

@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-CONVERTER_VERSION = "encoder-1"
+from modelplane.loader.convert.precision import PrecisionError, lower_precision
+from modelplane.loader.convert.weights import PICKLE_SUFFIXES, UnsafeWeights, as_safetensors
+
+CONVERTER_VERSION = "encoder-2"
 OPSET = 17
 SAMPLE_TEXTS = [
     "A short one.",
@@ -67,6 +71,10 @@ class ConversionReport:
     tokenizer_files: list[str] = field(default_factory=list)
     torch_version: str = ""
     transformers_version: str = ""
+    precision: str = "fp32"
+    fp32_max_abs_diff: float = 0.0
+    execution_provider: str = "CPUExecutionProvider"
+    weights: str = "safetensors"
 
 
 def read_encoder_config(source: Path, model_max_positions: int) -> EncoderConfig:
@@ -137,7 +145,28 @@ def _build_wrapper(model, task: str, pooling: str):
     return CrossEncoderLogits() if task == "rerank" else PooledEncoder()
 
 
-def convert(source: Path, output: Path, task: str, tolerance: float) -> ConversionReport:
+def convert(
+    source: Path, output: Path, task: str, tolerance: float, precision: str = "fp32", precision_tolerance: float = 0.0
+) -> ConversionReport:
+    """Exports `source` to ONNX in `output`; `precision` int8 or fp16 adds a lower-precision variant
+    (checked against PyTorch with `precision_tolerance`) and serves that instead."""
+    weights = "safetensors"
+    if not any(source.glob("*.safetensors")) and any(source.glob(f"*{s}") for s in PICKLE_SUFFIXES):
+        try:
+            source = as_safetensors(source, output.parent / f".{output.name}-weights")
+        except UnsafeWeights as error:
+            raise ConversionError(str(error)) from None
+        weights = "pytorch pickle (weights_only=True) → safetensors"
+    try:
+        return _convert(source, output, task, tolerance, precision, precision_tolerance, weights)
+    finally:
+        if weights != "safetensors":
+            shutil.rmtree(source, ignore_errors=True)
+
+
+def _convert(
+    source: Path, output: Path, task: str, tolerance: float, precision: str, precision_tolerance: float, weights: str
+) -> ConversionReport:
     import numpy as np  # noqa: PLC0415
     import onnxruntime as ort  # noqa: PLC0415
     import torch  # noqa: PLC0415
@@ -152,7 +181,8 @@ def convert(source: Path, output: Path, task: str, tolerance: float) -> Conversi
         )
     loader = AutoModelForSequenceClassification if task == "rerank" else AutoModel
     try:
-        model = loader.from_pretrained(source, local_files_only=True).eval()
+        # use_safetensors: transformers itself never unpickles anything (see weights.py).
+        model = loader.from_pretrained(source, local_files_only=True, use_safetensors=True).eval()
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError, KeyError) as error:
         raise ConversionError(f"transformers could not load the model: {error}") from error
@@ -202,6 +232,16 @@ def convert(source: Path, output: Path, task: str, tolerance: float) -> Conversi
             f"the ONNX export differs from PyTorch by up to {max_abs_diff:.2e}, above the tolerance "
             f"{tolerance:.0e}; the model may use an operation the exporter gets wrong."
         )
+    fp32_max_abs_diff, provider = max_abs_diff, "CPUExecutionProvider"
+    if precision != "fp32":
+        feed = {name: batch[name].numpy().astype(np.int64) for name in input_names}
+        try:
+            onnx_path, max_abs_diff, provider = lower_precision(
+                onnx_path, precision, feed, output_name, expected, precision_tolerance
+            )
+        except PrecisionError as error:
+            raise ConversionError(str(error)) from None
+        tolerance = precision_tolerance
     copied = []
     for name in TOKENIZER_FILES:
         if (source / name).exists():
@@ -228,6 +268,10 @@ def convert(source: Path, output: Path, task: str, tolerance: float) -> Conversi
         tokenizer_files=copied,
         torch_version=torch.__version__,
         transformers_version=transformers.__version__,
+        precision=precision,
+        fp32_max_abs_diff=fp32_max_abs_diff,
+        execution_provider=provider,
+        weights=weights,
     )
 
 
@@ -237,9 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--task", choices=["embedding", "rerank"], required=True)
     parser.add_argument("--tolerance", type=float, default=1e-4)
+    parser.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32")
+    parser.add_argument("--precision-tolerance", type=float, default=0.0)
     args = parser.parse_args(argv)
     try:
-        report = convert(args.source, args.output, args.task, args.tolerance)
+        report = convert(args.source, args.output, args.task, args.tolerance, args.precision, args.precision_tolerance)
     except ConversionError as error:
         print(json.dumps({"error": str(error)}))
         return 1
