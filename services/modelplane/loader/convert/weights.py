@@ -31,7 +31,8 @@ def as_safetensors(source: Path, work: Path) -> Path:
             raise UnsafeWeights(
                 f"{path.name} is not plain weights: loading it with weights_only=True was refused "
                 f"({_first_line(error)}). A pickle that names other code could run it, so modelplane will not "
-                "open it. Save the model with save_pretrained(safe_serialization=True) and ship the .safetensors files instead."
+                "open it. Save the model with save_pretrained(safe_serialization=True) and ship the .safetensors "
+                "files instead."
             ) from None
         if isinstance(loaded, dict) and "state_dict" in loaded and isinstance(loaded["state_dict"], dict):
             loaded = loaded["state_dict"]
