@@ -141,13 +141,7 @@ class LoadPipeline:
         self._packages_in_use: collections.Counter[str] = collections.Counter()
 
     async def run(self, tracker: ModelTracker, *, refresh: bool = False) -> Model:
-        model = tracker.model
-        cached = None if refresh else self._cached_package(model)
-        if cached is None:
-            package, manifest = await self._fetch_and_verify(tracker)
-        else:
-            package, manifest = cached
-            self.cache.touch(manifest.sha256)
+        package, manifest = await self.prepare(tracker, refresh=refresh)
         self._packages_in_use[manifest.sha256] += 1
         try:
             await self._stage(tracker, package, manifest)
@@ -157,6 +151,14 @@ class LoadPipeline:
                 del self._packages_in_use[manifest.sha256]
         await self._load(tracker)
         return tracker.model
+
+    async def prepare(self, tracker: ModelTracker, *, refresh: bool = False) -> tuple[Path, PackageManifest]:
+        """The model's verified package in the cache: found there, or fetched and verified."""
+        cached = None if refresh else self._cached_package(tracker.model)
+        if cached is None:
+            return await self._fetch_and_verify(tracker)
+        self.cache.touch(cached[1].sha256)
+        return cached
 
     def _cached_package(self, model: Model) -> tuple[Path, PackageManifest] | None:
         """A package verified before is not hashed again: the registry holds its digest."""

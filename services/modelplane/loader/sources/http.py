@@ -103,8 +103,9 @@ class HttpSource(PackageSource):
             attempt += 1
 
     async def read(self, file: SourceFile) -> AsyncIterator[bytes]:
-        position = 0
+        position = 0  # bytes handed to the caller
         failures = 0
+        buffer = bytearray()  # received, not yet handed over: handed over even when the connection drops
         while True:
             headers = {}
             if position:
@@ -117,18 +118,29 @@ class HttpSource(PackageSource):
                         raise _Retry(f"HTTP {response.status_code}")
                     _raise_for_status(response, self._where(file.path))
                     skip = self._resume_offset(response, position, file)
-                    async for chunk in response.aiter_bytes(CHUNK_BYTES):
+                    async for received in response.aiter_bytes():
                         if skip:
-                            dropped = min(skip, len(chunk))
-                            chunk, skip = chunk[dropped:], skip - dropped
-                        if chunk:
-                            position += len(chunk)
+                            dropped = min(skip, len(received))
+                            received, skip = received[dropped:], skip - dropped
+                        buffer += received
+                        if len(buffer) >= CHUNK_BYTES:
+                            position += len(buffer)
                             failures = 0
-                            yield chunk
+                            yield bytes(buffer)
+                            buffer.clear()
+                if buffer:
+                    position += len(buffer)
+                    yield bytes(buffer)
+                    buffer.clear()
                 if file.size < 0 or position >= file.size:
                     return
                 raise _Retry(f"the response ended after {position} of {file.size} bytes")
             except (httpx.TransportError, _Retry) as error:
+                if buffer:
+                    position += len(buffer)
+                    failures = 0
+                    yield bytes(buffer)
+                    buffer.clear()
                 failures += 1
                 if failures >= self.settings.fetch_retries:
                     raise SourceUnavailable(
