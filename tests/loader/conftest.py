@@ -74,7 +74,8 @@ class LoaderCore:
         return model
 
     async def prepare(self, name: str, progress: list[LoadProgress] | None = None) -> Model:
-        tracker = ModelTracker(self.registry, await self.registry.get_model(name), "", (progress or []).append)
+        listener = progress.append if progress is not None else (lambda _: None)
+        tracker = ModelTracker(self.registry, await self.registry.get_model(name), "", listener)
         await self.pipeline.prepare(tracker)
         return tracker.model
 

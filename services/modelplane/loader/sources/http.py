@@ -41,6 +41,7 @@ class HttpSource(PackageSource):
         self.base = urlunsplit((parts.scheme, parts.netloc, directory_path, "", ""))
         self.single_name = "" if self.is_directory else unquote(parts.path.rsplit("/", 1)[-1])
         self.single_file = not self.is_directory
+        self._sidecars: dict[str, bytes | None] = {}
         headers = {"Accept-Encoding": "identity"}  # ranges and digests are over the file's own bytes
         if settings.http_bearer_token is not None:
             headers["Authorization"] = f"Bearer {settings.http_bearer_token.get_secret_value()}"
@@ -176,6 +177,11 @@ class HttpSource(PackageSource):
         return position  # the same file from a server that ignores Range: skip what we already have
 
     async def read_sidecar(self, name: str) -> bytes | None:
+        if name not in self._sidecars:
+            self._sidecars[name] = await self._get_sidecar(name)
+        return self._sidecars[name]
+
+    async def _get_sidecar(self, name: str) -> bytes | None:
         try:
             response = await self.client.get(self.base + quote(name))
         except httpx.TransportError:
