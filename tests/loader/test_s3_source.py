@@ -19,7 +19,7 @@ def _bucket() -> str:
     return f"models-{uuid.uuid4().hex[:12]}"
 
 
-async def _read_all(source, file) -> bytes:  # noqa: ANN001
+async def _read_all(source, file) -> bytes:
     return b"".join([chunk async for chunk in source.read(file)])
 
 
