@@ -19,7 +19,7 @@ from modelplane.common.errors import ModelplaneError
 from modelplane.common.types import ModelSpec, ModelState, Task
 from modelplane.loader.signing import load_trusted_key
 from tests.loader.conftest import LoaderCore, loader_settings
-from tests.loader.servers import FileServer, S3Server, write_random_file
+from tests.loader.servers import S3_ACCESS_KEY_ID, S3_SECRET_ACCESS_KEY, FileServer, S3Server, write_random_file
 
 
 def _package(root: Path) -> dict[str, str]:
@@ -243,8 +243,8 @@ async def test_concurrent_loads_of_one_package_share_one_download(
     assert package_gets == {f"minilm/{path}": 1 for path in digests}  # each file once, for three models
 
 
-async def test_an_s3_package_end_to_end_into_the_cache(
-    s3_server: S3Server, tmp_path: Path, make_core: Callable[..., LoaderCore]
+async def test_an_s3_package_end_to_end_into_the_cache_with_no_credential_in_any_log_or_event(
+    s3_server: S3Server, tmp_path: Path, make_core: Callable[..., LoaderCore], capfd: pytest.CaptureFixture[str]
 ) -> None:
     core = make_core(loader_settings(tmp_path, s3_server))
     digests = _package(tmp_path / "pkg")
@@ -259,3 +259,10 @@ async def test_an_s3_package_end_to_end_into_the_cache(
     fetching = [p for p in progress if p.phase == ModelState.FETCHING and p.bytes_total]
     assert fetching[-1].bytes_done == fetching[-1].bytes_total == 3 * 1024 * 1024 + 150
     assert fetching[-1].files_done == fetching[-1].files_total == 3
+    events = await core.registry.events("m")
+    logs = capfd.readouterr()
+    assert s3_server.fail_ranged_gets == 0  # the injected 500s were met and retried
+    assert "fetching from s3://s3-e2e/models/minilm" in logs.out + logs.err
+    for secret in (S3_ACCESS_KEY_ID, S3_SECRET_ACCESS_KEY):
+        assert secret not in logs.out + logs.err
+        assert all(secret not in e.message for e in events)
