@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
 from rich.table import Table
 
 from modelplane.common.errors import ModelplaneError
@@ -166,15 +166,23 @@ def models_load(name: str, loader: LoaderOption = "", refresh: bool = False) -> 
     from modelplane.loader.client import LoaderClient  # noqa: PLC0415
 
     async def run() -> None:
-        columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn()]
+        columns = [
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeElapsedColumn(),
+        ]
         async with LoaderClient(loader or _default_loader()) as client:
             with Progress(*columns, console=console) as progress:
                 bar = progress.add_task(name, total=None)
                 async for update in client.load(name, refresh=refresh):
                     p = update.progress
+                    files = f" {p.files_done}/{p.files_total} files" if p.files_total else ""
+                    detail = p.current_file or p.message  # between files, what the phase is doing
                     progress.update(
                         bar,
-                        description=f"{name}: {p.phase.name.lower()} {p.current_file}".strip(),
+                        description=f"{name}: {p.phase.name.lower()}{files} {detail}".strip(),
                         completed=p.bytes_done,
                         total=p.bytes_total or None,
                     )
@@ -184,6 +192,8 @@ def models_load(name: str, loader: LoaderOption = "", refresh: bool = False) -> 
         console.print(f"{name}: {state.name}")
         for phase in final.phase_durations:
             console.print(f"  {phase.phase.name.lower():<11} {phase.duration.total_seconds():8.2f} s")
+        total = sum(phase.duration.total_seconds() for phase in final.phase_durations)
+        console.print(f"  {'total':<11} {total:8.2f} s")
 
     _run(run())
 
