@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -33,9 +34,11 @@ class RunningStack:
         return self.log.read_text(errors="replace")
 
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
-    home = tmp_path_factory.mktemp("modelplane-home")
+@contextlib.contextmanager
+def running_stack(
+    home: Path, *, extra_env: dict[str, str] | None = None, bundled: bool = True
+) -> Iterator[RunningStack]:
+    """Starts `modelplane up` with its own home and ports, yields once it is up, stops it after."""
     ports = {name: free_port() for name in ("registry", "loader", "inference", "gateway", "grpc", "http", "metrics")}
     env = {
         **os.environ,
@@ -49,12 +52,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
         "MODELPLANE_TRITON_GRPC_ADDRESS": f"127.0.0.1:{ports['grpc']}",
         "MODELPLANE_TRITON_HTTP_PORT": str(ports["http"]),
         "MODELPLANE_TRITON_METRICS_PORT": str(ports["metrics"]),
+        **(extra_env or {}),
     }
     log = home / "stack.log"
+    command = [sys.executable, "-m", "modelplane.cli", "up"] + ([] if bundled else ["--no-bundled"])
     with log.open("wb") as output:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "modelplane.cli", "up"], env=env, stdout=output, stderr=subprocess.STDOUT
-        )
+        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
     running = RunningStack(
         home=home,
         log=log,
@@ -79,3 +82,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+    with running_stack(tmp_path_factory.mktemp("modelplane-home")) as running:
+        yield running

@@ -109,7 +109,7 @@ class LoaderSettings(ServerSettings):
     eviction_grace_seconds: float = 1.0
     """Time between marking a model UNLOADING (the inference service stops routing to it) and
     unloading it from Triton, so requests already on their way are served."""
-    estimate_overhead_bytes: int = 48 * 2**20
+    estimate_overhead_bytes: int = 40 * 2**20
     """Memory a model's backend process needs besides its weights (interpreter, runtime); part of
     the estimate before a model's first load."""
     idle_ttl_seconds: float = 1800.0
