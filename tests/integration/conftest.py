@@ -29,6 +29,7 @@ class RunningStack:
     loader: str
     inference: str
     triton_grpc: str
+    triton_metrics_url: str = ""
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -66,6 +67,7 @@ def running_stack(
         loader=f"127.0.0.1:{ports['loader']}",
         inference=f"127.0.0.1:{ports['inference']}",
         triton_grpc=f"127.0.0.1:{ports['grpc']}",
+        triton_metrics_url=f"http://127.0.0.1:{ports['metrics']}/metrics",
     )
     try:
         deadline = time.monotonic() + STARTUP_SECONDS
