@@ -29,7 +29,7 @@ def test_recent_rates_rank_a_rising_model_above_a_fading_one() -> None:
         at = NOON - timedelta(minutes=90 - minute)
         state = state.record(30, 0, at, at.timestamp())
     fading = state.snapshot("fading", NOON.timestamp())
-    rates = forecast({"rising": rising, "fading": fading}, NOON.replace(hour=11), 300)
+    rates = forecast({"rising": rising, "fading": fading}, NOON, 300)
     assert rates["rising"] > rates["fading"]
 
 

@@ -416,7 +416,12 @@ class LoaderHandler:
             try:
                 statistics = await self.registry.statistics()
                 models = await self.registry.list_models() if self.settings.preload else []
-                await self.memory.maintain(statistics, models, jobs_in_flight=len(self.jobs))
+                await self.memory.maintain(
+                    statistics,
+                    models,
+                    loads_running=len(self.jobs),
+                    preloading=any(job.reason == "preload" for job in self.jobs.values()),
+                )
             except ModelplaneError as error:
                 log.warning("budget maintenance postponed", error=error.message)
 

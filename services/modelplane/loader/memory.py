@@ -313,7 +313,9 @@ class MemoryManager:
         stats = self.statistics.get(name)
         return stats.last_request_time.timestamp() if stats and stats.last_request_time else None
 
-    async def maintain(self, statistics: list[ModelStatistics], models: list[Model], jobs_in_flight: int) -> None:
+    async def maintain(
+        self, statistics: list[ModelStatistics], models: list[Model], *, loads_running: int, preloading: bool
+    ) -> None:
         """One round of periodic work, with fresh request statistics and the registry's models."""
         await self.refresh_devices()
         self.statistics = {s.model_name: s for s in statistics}
@@ -324,7 +326,9 @@ class MemoryManager:
         await self._remeasure()
         self._expire_idle()
         self._stay_within_budget()
-        if self.settings.preload and not jobs_in_flight and not self.budget.claims:
+        # A preload only takes an idle load slot, one at a time, never ahead of a load that waits.
+        idle_slot = loads_running < self.settings.max_concurrent_loads and not self.waiting
+        if self.settings.preload and idle_slot and not preloading and not self.budget.claims:
             await self._preload(models)
         self.publish_metrics()
 

@@ -3,7 +3,8 @@
 Each model's request rate over the next horizon is forecast from the registry's statistics:
 
 - *recent*: a blend of its 1-minute, 5-minute and 1-hour exponentially weighted rates, which
-  follows bursts and shifts in popularity;
+  follows bursts and shifts in popularity, and at least a rate implied by how recently it was
+  used, which keeps a model that is in the middle of a session;
 - *seasonal*: the model's share of all requests seen in the coming hour of the day (the
   time-of-day profile) times today's overall rate, which anticipates the daily pattern before
   the requests arrive. Its weight grows with how many requests that hour has seen.
@@ -25,6 +26,9 @@ from modelplane.registry.statistics import ModelStatistics
 
 # Weights of the 1-minute, 5-minute and 1-hour rates in the recent rate.
 RECENT_WEIGHTS = {"rate_1m": 0.5, "rate_5m": 0.3, "rate_1h": 0.2}
+# Weight of the recency term. On the benchmark's traces, 1.0 protects long sessions best and costs
+# most on independent requests; 0.5 is within a few points of the best of both (benchmarks/).
+RECENCY_WEIGHT = 0.5
 # Requests an hour of the day must have seen (over all models) for its profile to count half.
 SEASONAL_CONFIDENCE_REQUESTS = 200.0
 
@@ -32,7 +36,7 @@ SEASONAL_CONFIDENCE_REQUESTS = 200.0
 def forecast(statistics: Mapping[str, ModelStatistics], now: datetime, horizon_seconds: float) -> dict[str, float]:
     """Expected requests per second of each model over the next `horizon_seconds`."""
     recent = {
-        name: sum(getattr(s, field) * weight for field, weight in RECENT_WEIGHTS.items())
+        name: max(sum(getattr(s, field) * weight for field, weight in RECENT_WEIGHTS.items()), _recency(s, now))
         for name, s in statistics.items()
     }
     hour = (now + timedelta(seconds=horizon_seconds / 2)).hour
@@ -45,6 +49,15 @@ def forecast(statistics: Mapping[str, ModelStatistics], now: datetime, horizon_s
         name: (1 - weight) * recent[name] + weight * overall * s.hour_of_day_counts[hour] / seen
         for name, s in statistics.items()
     }
+
+
+def _recency(stats: ModelStatistics, now: datetime) -> float:
+    """Requests come in sessions (a chat, an indexing batch): a model used t seconds ago is likely
+    used again soon, which the smoothed rates understate mid-session. Counted as a rate of
+    RECENCY_WEIGHT / t, so a model in use is not displaced, and one used once is soon forgotten."""
+    if stats.last_request_time is None:
+        return 0.0
+    return RECENCY_WEIGHT / max(1.0, (now - stats.last_request_time).total_seconds())
 
 
 @dataclass(frozen=True)
