@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import timedelta
@@ -23,7 +24,7 @@ import numpy as np
 import psutil
 import pytest
 
-from modelplane.common.errors import Cancelled, ResourceExhausted
+from modelplane.common.errors import Cancelled, DeadlineExceeded, ResourceExhausted
 from modelplane.common.types import DesiredState, ModelSpec, ModelState, Priority, Task
 from modelplane.inference.v1 import inference_service_pb2 as pb
 from modelplane.inference.v1 import inference_service_pb2_grpc as pb_grpc
@@ -43,7 +44,7 @@ HOST_BUDGET = 112 * MIB
 @pytest.fixture(scope="module")
 def encoders(tmp_path_factory: pytest.TempPathFactory, minilm_path: Path) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("encoders")
-    return {f"enc-{i}": save_tiny_bert(root / f"enc-{i}", minilm_path, seed=i) for i in range(8)}
+    return {f"enc-{i}": save_tiny_bert(root / f"enc-{i}", minilm_path, seed=i) for i in range(9)}
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +137,25 @@ async def test_a_third_model_evicts_the_least_recently_used(tight: RunningStack,
     assert [h.model_name for h in cpu.holders] == ["enc-0", "enc-2"]  # least recently used first
     assert all(h.measured for h in cpu.holders)
     assert cpu.used_bytes == sum(h.bytes for h in cpu.holders) <= cpu.capacity_bytes
+
+    listing = await models_ls(tight)
+    rows = {line.split("│")[1].strip(): line for line in listing.splitlines() if line.count("│") > 3}
+    assert "READY" in rows["enc-0"] and "MiB" in rows["enc-0"] and "ago" in rows["enc-0"]
+    assert "STAGED" in rows["enc-1"] and "never" not in rows["enc-1"].split("│")[6]
+    assert f"budget cpu: {(cpu.used_bytes) / MIB:.0f} MiB used of {cpu.capacity_bytes / MIB:.0f} MiB" in listing
     await unload_all(tight)
+
+
+async def models_ls(stack: RunningStack) -> str:
+    """`modelplane models ls` as an operator runs it."""
+    env = {**os.environ, "MODELPLANE_CLI_REGISTRY": stack.registry, "MODELPLANE_CLI_LOADER": stack.loader}
+    env["COLUMNS"] = "200"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "modelplane.cli", "models", "ls", env=env, stdout=asyncio.subprocess.PIPE
+    )
+    output, _ = await process.communicate()
+    assert process.returncode == 0
+    return output.decode()
 
 
 async def test_a_load_that_would_evict_a_higher_class_is_refused(
@@ -240,6 +259,19 @@ async def test_cancel_load_leaves_the_model_as_its_files_allow(tight: RunningSta
         assert await loader.cancel("enc-7") is False
     assert (await states(tight))["enc-7"] in (ModelState.REGISTERED, ModelState.STAGED)
     assert "enc-7" not in await triton_ready(tight)
+
+
+async def test_a_load_past_its_timeout_is_undone_and_failed(tight: RunningStack, encoders: dict[str, Path]) -> None:
+    await register(tight, "enc-8", encoders["enc-8"])  # its conversion alone takes longer than 2 s
+    async with LoaderClient(tight.loader) as loader:
+        with pytest.raises(DeadlineExceeded) as late:
+            await loader.ensure_loaded("enc-8", reason="test", timeout_seconds=2)
+    assert late.value.reason == "LOAD_TIMED_OUT"
+    assert "took longer than 2 s and was stopped; the partial load was undone" in late.value.message
+    async with RegistryClient(tight.registry) as registry:
+        model = await registry.get_model("enc-8")
+    assert model.state == ModelState.FAILED and "MODELPLANE_LOADER_LOAD_TIMEOUT_SECONDS" in model.status.reason
+    assert "enc-8" not in await triton_ready(tight)
 
 
 async def test_an_idle_model_is_unloaded_after_its_ttl(tight: RunningStack, encoders: dict[str, Path]) -> None:

@@ -54,34 +54,34 @@ class BackendProcesses:
     def __init__(self, repository: Path) -> None:
         self.repository = repository.resolve()
 
-    def _stubs(self, name: str) -> list[psutil.Process]:
-        prefix = f"{self.repository / name}/"
-        found = []
+    def _stubs(self) -> dict[str, list[psutil.Process]]:
+        """Stub processes by model name, in one scan of the process table."""
+        root = f"{self.repository}/"
+        found: dict[str, list[psutil.Process]] = {}
         for process in psutil.process_iter(["name", "cmdline"]):
             cmdline = process.info.get("cmdline") or []
-            if process.info.get("name") == STUB_PROCESS and len(cmdline) > 1 and cmdline[1].startswith(prefix):
-                found.append(process)
+            if process.info.get("name") == STUB_PROCESS and len(cmdline) > 1 and cmdline[1].startswith(root):
+                found.setdefault(cmdline[1][len(root) :].split("/", 1)[0], []).append(process)
         return found
 
-    def _resident_bytes(self, name: str) -> int | None:
-        total = 0
-        stubs = self._stubs(name)
-        if not stubs:
-            return None
-        for stub in stubs:
-            try:
-                info = stub.memory_full_info()
-                total += getattr(info, "pss", 0) or info.rss
-            except psutil.AccessDenied:
-                total += stub.memory_info().rss
-            except psutil.NoSuchProcess:
-                continue
-        return total
+    def _resident_bytes(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for name, stubs in self._stubs().items():
+            for stub in stubs:
+                try:
+                    info = stub.memory_full_info()
+                    used = getattr(info, "pss", 0) or info.rss
+                except psutil.AccessDenied:
+                    used = stub.memory_info().rss
+                except psutil.NoSuchProcess:
+                    continue
+                totals[name] = totals.get(name, 0) + used
+        return totals
 
-    async def resident_bytes(self, name: str) -> int | None:
-        """The model's measured memory now; None when no stub process of it runs here."""
-        return await asyncio.to_thread(self._resident_bytes, name)
+    async def resident_bytes(self) -> dict[str, int]:
+        """Each model's measured memory now; models with no stub process here are absent."""
+        return await asyncio.to_thread(self._resident_bytes)
 
     async def running(self, name: str) -> bool:
         """Whether any stub process of the model is still alive (its memory not yet released)."""
-        return bool(await asyncio.to_thread(self._stubs, name))
+        return name in await asyncio.to_thread(self._stubs)

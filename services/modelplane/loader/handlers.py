@@ -384,7 +384,10 @@ class LoaderHandler:
             wanted = models.get(name)
             unwanted = wanted is None or wanted.desired_state != DesiredState.LOADED
             if state.state == "READY" and unwanted and name not in self.jobs and name not in self.unloads:
-                await self._start_unload(name, "reconcile", "")
+                if wanted is None:  # not in the catalogue at all: nothing to record
+                    await self.triton.unload(name)
+                else:
+                    await self._start_unload(name, "reconcile", "")
                 result.unloaded.append(name)
             if wanted is None:
                 self.repository.remove(name)

@@ -231,7 +231,7 @@ class MemoryManager:
     async def measure(self, holder: Holder, model: Model) -> int:
         """The footprint of a model just loaded; refuses it when over its quota. 0 when the
         model's processes are not visible (an external Triton): the estimate stays."""
-        measured = await self.processes.resident_bytes(model.name) if self.processes else None
+        measured = (await self.processes.resident_bytes()).get(model.name) if self.processes else None
         if measured is None:
             return 0
         async with self.changed:
@@ -335,8 +335,9 @@ class MemoryManager:
     async def _remeasure(self) -> None:
         if self.processes is None:
             return
+        resident = await self.processes.resident_bytes()
         for holder in [h for h in self.budget.holders.values() if h.state == ModelState.READY]:
-            measured = await self.processes.resident_bytes(holder.name)
+            measured = resident.get(holder.name)
             if measured is None:
                 continue
             holder.bytes, holder.measured = measured, True
