@@ -67,28 +67,37 @@ def candidate(name: str, priority: Priority = Priority.NORMAL) -> Candidate:
     return Candidate(name, 100 * MIB, priority, ("cpu",))
 
 
-POLICY = PreloadPolicy(horizon_seconds=300, min_expected_requests=1.0, hysteresis=0.5)
+POLICY = PreloadPolicy(horizon_seconds=300, min_expected_requests=1.0, hysteresis=0.5, protect_seconds=15)
+LATER = 1000.0  # seconds after every model's last use
+
+
+def test_a_model_in_use_is_not_displaced() -> None:
+    budget = budget_with(ready("a"), ready("b"), ready("c"))
+    rates = {"a": 0.05, "b": 0.08, "c": 0.01, "new": 0.06}
+    assert POLICY.choose(rates, [candidate("new")], budget, now=10.0) is None  # c was used 10 s ago
+    choice = POLICY.choose(rates, [candidate("new")], budget, now=15.0)
+    assert choice is not None and [v.name for v in choice.victims] == ["c"]
 
 
 def test_preloads_into_free_memory_without_evicting() -> None:
-    choice = POLICY.choose({"hot": 0.1}, [candidate("hot")], budget_with(ready("a")))
+    choice = POLICY.choose({"hot": 0.1}, [candidate("hot")], budget_with(ready("a")), LATER)
     assert choice is not None and choice.candidate.name == "hot" and choice.victims == []
 
 
 def test_never_displaces_a_model_that_is_hotter_or_about_as_hot() -> None:
     budget = budget_with(ready("a"), ready("b"), ready("c"))
     rates = {"a": 0.05, "b": 0.08, "c": 0.01, "new": 0.06}
-    choice = POLICY.choose(rates, [candidate("new")], budget)
+    choice = POLICY.choose(rates, [candidate("new")], budget, LATER)
     assert choice is not None and [v.name for v in choice.victims] == ["c"]
     # Only c is colder than new by the hysteresis margin; needing two victims, nothing happens.
     big = Candidate("new", 200 * MIB, Priority.NORMAL, ("cpu",))
-    assert POLICY.choose(rates, [big], budget) is None
+    assert POLICY.choose(rates, [big], budget, LATER) is None
 
 
 def test_no_preload_for_a_model_not_expected_within_the_horizon() -> None:
-    assert POLICY.choose({"rare": 1 / 3600}, [candidate("rare")], budget_with()) is None
+    assert POLICY.choose({"rare": 1 / 3600}, [candidate("rare")], budget_with(), LATER) is None
 
 
 def test_a_preload_respects_priority_classes() -> None:
     budget = budget_with(ready("a", Priority.HIGH), ready("b", Priority.HIGH), ready("c", Priority.HIGH))
-    assert POLICY.choose({"new": 1.0}, [candidate("new")], budget) is None
+    assert POLICY.choose({"new": 1.0}, [candidate("new")], budget, LATER) is None

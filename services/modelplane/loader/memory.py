@@ -81,7 +81,10 @@ class MemoryManager:
         self.observed: dict[str, DeviceMemory] = {}
         self.statistics: dict[str, ModelStatistics] = {}
         self.preloader = PreloadPolicy(
-            settings.preload_horizon_seconds, settings.preload_min_expected_requests, settings.preload_hysteresis
+            settings.preload_horizon_seconds,
+            settings.preload_min_expected_requests,
+            settings.preload_hysteresis,
+            settings.preload_protect_seconds,
         )
         self.waiting = 0
         # Set by the handler, which runs every load and unload.
@@ -394,7 +397,7 @@ class MemoryManager:
             if m.state == ModelState.STAGED and m.name not in self.budget.holders and m.name in rates
         ]
         async with self.changed:
-            choice = self.preloader.choose(rates, candidates, self.budget)
+            choice = self.preloader.choose(rates, candidates, self.budget, self.clock())
             if choice is None:
                 return
             c = choice.candidate

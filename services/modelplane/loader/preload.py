@@ -11,7 +11,8 @@ Each model's request rate over the next horizon is forecast from the registry's 
 
 The hottest model not loaded is preloaded when it is expected to be requested at all within the
 horizon and it fits in free memory, or after displacing loaded models that are all clearly colder
-than it (never a hotter one, never by priority rules the budget forbids).
+than it (never a hotter one, never one used in the last seconds, never against the budget's
+priority rules).
 """
 
 from __future__ import annotations
@@ -83,8 +84,13 @@ class PreloadPolicy:
     horizon_seconds: float
     min_expected_requests: float
     hysteresis: float
+    # A model used or loaded this recently is never displaced by a preload: when popularity is
+    # too noisy to forecast, preloads would otherwise swap models back and forth.
+    protect_seconds: float = 15.0
 
-    def choose(self, rates: Mapping[str, float], candidates: list[Candidate], budget: MemoryBudget) -> Preload | None:
+    def choose(
+        self, rates: Mapping[str, float], candidates: list[Candidate], budget: MemoryBudget, now: float
+    ) -> Preload | None:
         """The preload worth doing now, with the models it displaces, or None."""
         for candidate in sorted(candidates, key=lambda c: rates.get(c.name, 0.0), reverse=True):
             rate = rates.get(candidate.name, 0.0)
@@ -100,16 +106,22 @@ class PreloadPolicy:
                     candidate.bytes,
                     candidate.priority,
                     candidate.devices,
-                    candidates=self._colder_than(rate, rates),
+                    candidates=self._colder_than(rate, rates, now),
                 )
             except BudgetExceeded:
                 continue  # a smaller, slightly colder model may still fit
             return Preload(candidate, rate, plan.victims)
         return None
 
-    def _colder_than(self, rate: float, rates: Mapping[str, float]) -> Callable[[list[Holder]], list[Holder]]:
+    def _colder_than(
+        self, rate: float, rates: Mapping[str, float], now: float
+    ) -> Callable[[list[Holder]], list[Holder]]:
         def pick(evictable: list[Holder]) -> list[Holder]:
-            colder = [h for h in evictable if rates.get(h.name, 0.0) * (1 + self.hysteresis) < rate]
+            colder = [
+                h
+                for h in evictable
+                if rates.get(h.name, 0.0) * (1 + self.hysteresis) < rate and now - h.last_used >= self.protect_seconds
+            ]
             return sorted(colder, key=lambda h: (rates.get(h.name, 0.0), h.last_used))
 
         return pick

@@ -130,3 +130,5 @@ class LoaderSettings(ServerSettings):
     preload_hysteresis: float = 0.5
     """A preload may displace a loaded model only when it is expected to be requested at least
     (1 + this) times as often, so two models of similar heat do not swap back and forth."""
+    preload_protect_seconds: float = 15.0
+    """A model used (or loaded) within this many seconds is never displaced by a preload."""
