@@ -23,6 +23,7 @@ import httpx
 import numpy as np
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from modelplane.common.errors import Cancelled, DeadlineExceeded, ResourceExhausted
 from modelplane.common.types import DesiredState, ModelSpec, ModelState, Priority, Task
@@ -32,6 +33,7 @@ from modelplane.loader.client import LoaderClient
 from modelplane.loader.devices import GpuMemoryReader
 from modelplane.loader.triton_control import TritonControl
 from modelplane.registry.client import RegistryClient
+from tests.conftest import free_port
 from tests.encoders import save_tiny_bert
 from tests.integration.conftest import RunningStack, running_stack
 
@@ -39,6 +41,7 @@ MIB = 2**20
 T = TypeVar("T")
 # Each copy holds 36-42 MiB once loaded; 112 MiB less the 10% margin holds two, never three.
 HOST_BUDGET = 112 * MIB
+LOADER_METRICS_PORT = free_port()
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +60,7 @@ def tight(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
         "MODELPLANE_LOADER_MEMORY_WAIT_SECONDS": "120",
         "MODELPLANE_INFERENCE_STATS_REPORT_INTERVAL_SECONDS": "0.5",
         "MODELPLANE_GATEWAY_REQUEST_TIMEOUT_SECONDS": "60",
+        "MODELPLANE_LOADER_METRICS_PORT": str(LOADER_METRICS_PORT),
     }
     with running_stack(tmp_path_factory.mktemp("tight-home"), extra_env=env, bundled=False) as running:
         yield running
@@ -226,6 +230,26 @@ async def test_requests_racing_loads_and_evictions_are_all_served_by_the_right_m
     assert cpu.used_bytes <= cpu.capacity_bytes and len(cpu.holders) <= 2
     assert {h.model_name for h in cpu.holders} == await triton_ready(tight)
     await unload_all(tight)
+
+
+async def test_the_loader_exports_what_it_decided(tight: RunningStack) -> None:
+    async with httpx.AsyncClient(timeout=5) as client:
+        text = (await client.get(f"http://127.0.0.1:{LOADER_METRICS_PORT}/metrics")).text
+    samples = {
+        (family.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    assert samples[("modelplane_loader_budget_bytes", (("device", "cpu"), ("kind", "capacity")))] == int(
+        HOST_BUDGET * 0.9
+    )
+    assert samples[("modelplane_loader_evictions_total", (("reason", "load"),))] >= 1
+    assert samples[("modelplane_loader_unloads_total", (("reason", "eviction"),))] >= 1
+    assert samples[("modelplane_loader_loads_total", (("reason", "on-demand"), ("result", "loaded")))] >= 1
+    assert samples[("modelplane_loader_phase_duration_seconds_count", (("phase", "loading"),))] >= 1
+    assert samples[("modelplane_loader_cache_lookups_total", (("kind", "artifact"), ("result", "hit")))] >= 1
+    assert samples[("modelplane_loader_eviction_age_seconds_count", ())] >= 1
+    assert ("modelplane_loader_loads_waiting", ()) in samples
 
 
 async def test_an_on_demand_load_past_the_deadline_is_503_with_retry_after_and_continues(
