@@ -25,7 +25,7 @@ from modelplane.common.types import (
     ModelState,
 )
 from modelplane.loader import metrics
-from modelplane.loader.budget import Holder, effective
+from modelplane.loader.budget import effective
 from modelplane.loader.errors import BudgetExceeded, LoadCancelled, LoadTimedOut, TritonUnavailable
 from modelplane.loader.memory import DeviceReport, MemoryManager
 from modelplane.loader.pipeline import LoadPipeline, ModelTracker
@@ -495,5 +495,3 @@ def _observe_phases(model: Model) -> None:
     metrics.CACHE_LOOKUPS.labels("package", "miss" if ModelState.FETCHING in phases else "hit").inc()
     metrics.CACHE_LOOKUPS.labels("artifact", "miss" if ModelState.CONVERTING in phases else "hit").inc()
 
-
-__all__ = ["Holder", "LoadJob", "LoaderHandler", "ReconcileResult"]
