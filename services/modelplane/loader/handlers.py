@@ -494,4 +494,3 @@ def _observe_phases(model: Model) -> None:
         metrics.PHASE_SECONDS.labels(duration.phase.name.lower()).observe(duration.duration.total_seconds())
     metrics.CACHE_LOOKUPS.labels("package", "miss" if ModelState.FETCHING in phases else "hit").inc()
     metrics.CACHE_LOOKUPS.labels("artifact", "miss" if ModelState.CONVERTING in phases else "hit").inc()
-
