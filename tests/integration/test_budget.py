@@ -31,6 +31,7 @@ from modelplane.inference.v1 import inference_service_pb2 as pb
 from modelplane.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from modelplane.loader.client import LoaderClient
 from modelplane.loader.devices import GpuMemoryReader
+from modelplane.loader.errors import TritonUnavailable
 from modelplane.loader.triton_control import TritonControl
 from modelplane.registry.client import RegistryClient
 from tests.conftest import free_port
@@ -100,6 +101,8 @@ async def triton_ready(stack: RunningStack) -> set[str]:
     control = TritonControl(stack.triton_grpc)
     try:
         return {m.name for m in await control.index() if m.state == "READY"}
+    except TritonUnavailable:
+        return set()  # Triton is restarting: nothing is ready in it
     finally:
         await control.close()
 
@@ -145,7 +148,8 @@ async def test_a_third_model_evicts_the_least_recently_used(tight: RunningStack,
     listing = await models_ls(tight)
     rows = {line.split("│")[1].strip(): line for line in listing.splitlines() if line.count("│") > 3}
     assert "READY" in rows["enc-0"] and "MiB" in rows["enc-0"] and "ago" in rows["enc-0"]
-    assert "STAGED" in rows["enc-1"] and "never" not in rows["enc-1"].split("│")[6]
+    assert "STAGED" in rows["enc-1"] and "MiB" in rows["enc-1"]  # its measured footprint, kept
+    assert rows["enc-1"].split("│")[6].strip() == "never"  # loaded, never requested
     assert f"budget cpu: {(cpu.used_bytes) / MIB:.0f} MiB used of {cpu.capacity_bytes / MIB:.0f} MiB" in listing
     await unload_all(tight)
 
@@ -236,7 +240,7 @@ async def test_the_loader_exports_what_it_decided(tight: RunningStack) -> None:
     async with httpx.AsyncClient(timeout=5) as client:
         text = (await client.get(f"http://127.0.0.1:{LOADER_METRICS_PORT}/metrics")).text
     samples = {
-        (family.name, tuple(sorted(sample.labels.items()))): sample.value
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
@@ -281,7 +285,11 @@ async def test_cancel_load_leaves_the_model_as_its_files_allow(tight: RunningSta
         with pytest.raises(Cancelled):
             await stream
         assert await loader.cancel("enc-7") is False
-    assert (await states(tight))["enc-7"] in (ModelState.REGISTERED, ModelState.STAGED)
+    await asyncio.sleep(2.0)  # nothing starts it again: not the registry watch, not reconciliation
+    async with RegistryClient(tight.registry) as registry:
+        model = await registry.get_model("enc-7")
+    assert model.state in (ModelState.REGISTERED, ModelState.STAGED)
+    assert model.desired_state == DesiredState.UNLOADED
     assert "enc-7" not in await triton_ready(tight)
 
 

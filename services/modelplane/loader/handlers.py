@@ -100,14 +100,15 @@ class LoaderHandler:
         pipeline: LoadPipeline,
         triton: TritonControl,
         repository: ModelRepository,
-        memory: MemoryManager,
+        memory: MemoryManager | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self.pipeline = pipeline
         self.triton = triton
         self.repository = repository
-        self.memory = memory
+        # Without a way to see the backends' processes or GPUs: host memory, estimated footprints.
+        self.memory = memory = memory or MemoryManager(settings, repository, processes=None, gpus=None)
         memory.start_unload = self._start_unload
         memory.start_preload = self._start_preload
         self.jobs: dict[str, LoadJob] = {}
@@ -300,6 +301,9 @@ class LoaderHandler:
         job.task.cancel()
         with contextlib.suppress(BaseException):
             await job.task
+        # A cancelled load is not wanted now: reconciliation must not start it again.
+        with contextlib.suppress(ModelplaneError):
+            await self.registry.set_desired_state(name, DesiredState.UNLOADED)
         return True
 
     # Unloading ----------------------------------------------------------------------------
@@ -464,7 +468,8 @@ class LoaderHandler:
             return
         self.memory.update_spec(model)
         if (
-            model.desired_state == DesiredState.LOADED
+            change_type == ChangeType.REGISTERED
+            and model.desired_state == DesiredState.LOADED
             and model.state == ModelState.REGISTERED
             and model.name not in self.jobs
         ):
