@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import sys
 import time
@@ -150,7 +151,8 @@ async def test_a_third_model_evicts_the_least_recently_used(tight: RunningStack,
     assert "READY" in rows["enc-0"] and "MiB" in rows["enc-0"] and "ago" in rows["enc-0"]
     assert "STAGED" in rows["enc-1"] and "MiB" in rows["enc-1"]  # its measured footprint, kept
     assert rows["enc-1"].split("│")[6].strip() == "never"  # loaded, never requested
-    assert f"budget cpu: {(cpu.used_bytes) / MIB:.0f} MiB used of {cpu.capacity_bytes / MIB:.0f} MiB" in listing
+    # Footprints are re-measured every second, so the used figure may have moved a little.
+    assert re.search(rf"budget cpu: \d+ MiB used of {cpu.capacity_bytes / MIB:.0f} MiB \(\d+ MiB free", listing)
     await unload_all(tight)
 
 
