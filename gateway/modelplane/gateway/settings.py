@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -21,3 +23,8 @@ class GatewaySettings(BaseSettings):
     on-demand model load)."""
     shutdown_grace_seconds: float = 10.0
     """On SIGTERM, how long requests in flight may finish."""
+    tls_cert_file: Path | None = None
+    """PEM certificate (with its chain) to serve HTTPS with; unset serves plain HTTP. Dify must
+    trust its issuer."""
+    tls_key_file: Path | None = None
+    """PEM private key of `tls_cert_file`."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from modelplane.common.grpc_server import GrpcServer, start_metrics_server
+from modelplane.common.grpc_server import GrpcServer
 from modelplane.common.service import Service
 from modelplane.registry.handlers import RegistryHandler
 from modelplane.registry.servicer import RegistryServicer
@@ -31,7 +31,6 @@ class RegistryService(Service):
             SERVICE_FULL_NAME,
         )
         self.port = await self.server.start()
-        start_metrics_server(self.settings.metrics_port)
 
     async def stop(self) -> None:
         # Watch streams never end on their own; end them so the server's grace period is not spent waiting.
