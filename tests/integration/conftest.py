@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -28,6 +30,10 @@ class RunningStack:
     loader: str
     inference: str
     triton_grpc: str
+    # Prometheus endpoints by process: registry, loader, inference, gateway, triton.
+    metrics: dict[str, str] = field(default_factory=dict)
+    # How an HTTP client verifies the gateway: the CA of its certificate when it serves HTTPS.
+    verify: ssl.SSLContext | bool = True
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -35,8 +41,18 @@ class RunningStack:
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
-    home = tmp_path_factory.mktemp("modelplane-home")
-    ports = {name: free_port() for name in ("registry", "loader", "inference", "gateway", "grpc", "http", "metrics")}
+    with running_stack(tmp_path_factory.mktemp("modelplane-home")) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def running_stack(
+    home: Path, *, extra_env: dict[str, str] | None = None, bundled: bool = True
+) -> Iterator[RunningStack]:
+    """`modelplane up` on free ports, its output (every service's log) in home/stack.log."""
+    names = ("registry", "loader", "inference", "gateway", "grpc", "http", "metrics")
+    ports = {name: free_port() for name in names}
+    metrics_ports = {name: free_port() for name in ("registry", "loader", "inference")}
     env = {
         **os.environ,
         "MODELPLANE_HOME": str(home),
@@ -49,20 +65,32 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
         "MODELPLANE_TRITON_GRPC_ADDRESS": f"127.0.0.1:{ports['grpc']}",
         "MODELPLANE_TRITON_HTTP_PORT": str(ports["http"]),
         "MODELPLANE_TRITON_METRICS_PORT": str(ports["metrics"]),
+        **{f"MODELPLANE_{name.upper()}_METRICS_PORT": str(port) for name, port in metrics_ports.items()},
+        **(extra_env or {}),
     }
+    scheme = "http"
+    verify: ssl.SSLContext | bool = True
+    if "MODELPLANE_GATEWAY_TLS_CERT_FILE" in env:
+        scheme = "https"
+        verify = ssl.create_default_context(cafile=Path(env["MODELPLANE_TLS_DIR"]) / "ca.crt")
     log = home / "stack.log"
+    command = [sys.executable, "-m", "modelplane.cli", "up", *([] if bundled else ["--no-bundled"])]
     with log.open("wb") as output:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "modelplane.cli", "up"], env=env, stdout=output, stderr=subprocess.STDOUT
-        )
+        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
     running = RunningStack(
         home=home,
         log=log,
-        gateway_url=f"http://127.0.0.1:{ports['gateway']}",
+        gateway_url=f"{scheme}://127.0.0.1:{ports['gateway']}",
         registry=f"127.0.0.1:{ports['registry']}",
         loader=f"127.0.0.1:{ports['loader']}",
         inference=f"127.0.0.1:{ports['inference']}",
         triton_grpc=f"127.0.0.1:{ports['grpc']}",
+        metrics={
+            **{name: f"http://127.0.0.1:{port}/metrics" for name, port in metrics_ports.items()},
+            "gateway": f"{scheme}://127.0.0.1:{ports['gateway']}/metrics",
+            "triton": f"http://127.0.0.1:{ports['metrics']}/metrics",
+        },
+        verify=verify,
     )
     try:
         deadline = time.monotonic() + STARTUP_SECONDS
@@ -70,7 +98,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
             if process.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"the stack did not come up:\n{running.log_text()[-5000:]}")
             time.sleep(0.5)
-        assert httpx.get(f"{running.gateway_url}/readyz", timeout=5).status_code == 200
+        assert httpx.get(f"{running.gateway_url}/readyz", timeout=5, verify=running.verify).status_code == 200
         yield running
     finally:
         process.send_signal(signal.SIGINT)
