@@ -3,6 +3,7 @@ each process serves, Triton's included."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from pathlib import Path
@@ -44,8 +45,12 @@ async def test_one_request_id_is_in_the_log_lines_of_every_service_it_reaches(
         assert response.status_code == 200, response.text
         assert response.headers["x-request-id"] == request_id
 
-        records = _log_records(stack)
-        traced = [record for record in records if request_id in json.dumps(record)]
+        # Access lines are written once the response is sent; give them a moment to land.
+        for _ in range(50):
+            traced = [record for record in _log_records(stack) if request_id in json.dumps(record)]
+            if {"gateway", "inference", "loader", "registry"} <= {record.get("service") for record in traced}:
+                break
+            await asyncio.sleep(0.1)
         assert {"gateway", "inference", "loader", "registry"} <= {record.get("service") for record in traced}
         # The id is each line's request_id field, not only text quoted in a message.
         assert all(record.get("request_id") == request_id for record in traced), traced
