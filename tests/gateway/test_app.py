@@ -88,9 +88,9 @@ def test_wrong_body_is_422_naming_the_field(client: TestClient, body: dict, para
 
 def test_rerank_body_errors_name_the_field(client: TestClient) -> None:
     error = _error(
-        client.post("/v1/rerank", json={"model": "m", "query": "q", "documents": ["a"], "top_n": 0}, headers=AUTH), 422
+        client.post("/v1/rerank", json={"model": "m", "query": "q", "documents": ["a"], "top_n": -1}, headers=AUTH), 422
     )
-    assert error["param"] == "top_n" and "greater than or equal to 1" in error["message"]
+    assert error["param"] == "top_n" and "greater than or equal to 0" in error["message"]
 
 
 def test_too_many_inputs_is_400_before_any_service_is_called(client: TestClient) -> None:

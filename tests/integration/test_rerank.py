@@ -113,3 +113,15 @@ def test_empty_documents_are_a_422_naming_the_field(stack: RunningStack) -> None
     assert response.status_code == 422
     error = response.json()["error"]
     assert error["param"] == "documents" and "at least 1 item" in error["message"]
+
+
+def test_the_request_difys_marketplace_plugin_validates_with(stack: RunningStack, cross_encoder: str) -> None:
+    """Dify's OpenAI-API-compatible plugin validates a rerank model with three documents, top_n=3 and,
+    with no key configured, an empty Authorization header."""
+    body = {"model": cross_encoder, "query": QUERY, "documents": DOCUMENTS[:3], "top_n": 3}
+    response = httpx.post(f"{stack.gateway_url}/v1/rerank", json=body, headers={"Authorization": ""}, timeout=60)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["results"]) == 3
+    # It sends top_n=0 as it is; zero results is what was asked for.
+    nothing = _rerank(stack, {**body, "top_n": 0})
+    assert nothing.status_code == 200 and nothing.json()["results"] == []

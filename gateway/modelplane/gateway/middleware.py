@@ -84,7 +84,7 @@ class RequestContextMiddleware:
                     status=status,
                     duration_ms=round(elapsed * 1000, 2),
                 )
-            structlog.contextvars.unbind_contextvars("request_id", "model")
+            structlog.contextvars.unbind_contextvars("request_id", "model", "caller")
 
 
 # Open to everyone: orchestrator probes, Prometheus, and the API's own description.
@@ -128,11 +128,11 @@ class AccessMiddleware:
             return
         caller_token = current_caller.set(caller)
         deadline_token = request_deadline.set(time.monotonic() + self.timeout)
+        # Unbound by RequestContextMiddleware, after its access-log line.
         structlog.contextvars.bind_contextvars(caller=caller.name)
         try:
             await self.app(scope, self._limited(receive), send)
         finally:
-            structlog.contextvars.unbind_contextvars("caller")
             request_deadline.reset(deadline_token)
             current_caller.reset(caller_token)
 

@@ -71,7 +71,9 @@ class RerankRequest(BaseModel):
         description="The documents to score: strings, or objects with a `text` field.",
         examples=[["Triton serves models.", "Bananas are yellow."]],
     )
-    top_n: int | None = Field(default=None, ge=1, description="How many of the best to return; absent or null: all.")
+    top_n: int | None = Field(
+        default=None, ge=0, description="How many of the best to return; absent or null: all (0: none)."
+    )
     return_documents: bool = Field(default=True, description="Whether each result carries its document's text.")
 
 

@@ -58,8 +58,8 @@ async def rerank(
     truncate: bool,
     run_encoder: RunEncoder,
 ) -> RerankResult:
-    if top_n is not None and top_n < 1:
-        raise InvalidRequest(f"top_n is {top_n}; it must be at least 1, or absent for every document.")
+    if top_n is not None and top_n < 0:
+        raise InvalidRequest(f"top_n is {top_n}; it must be 0 or more, or absent for every document.")
     tokenizer = serving.tokenizer
     if tokenizer is None:
         raise InvalidRequest(f"Model '{serving.name}' has no tokenizer, so it cannot score text.")
