@@ -13,8 +13,9 @@ import httpx
 
 from tests.integration.conftest import RunningStack
 
-EXAMPLES_PER_OPERATION = 80
-TIME_BUDGET_SECONDS = 240
+EXAMPLES_PER_OPERATION = 500
+# What the run may take at most; it normally takes well under a tenth of it.
+TIME_BUDGET_SECONDS = 480
 
 
 def _requests_by_status(stack: RunningStack) -> dict[str, float]:
@@ -44,12 +45,12 @@ def test_no_5xx_and_no_schema_violation(stack: RunningStack, cross_encoder: str,
             "^/v1/",
             "--max-examples",
             str(EXAMPLES_PER_OPERATION),
-            "--max-time",
-            str(TIME_BUDGET_SECONDS),
             "--seed",
             "20261124",
+            # One worker: Hypothesis describes its strategies through `ast`, which is not thread-safe
+            # on CPython 3.11 (two workers fail now and then inside Schemathesis itself).
             "--workers",
-            "2",
+            "1",
             "--request-timeout",
             "120",
             "--no-color",
