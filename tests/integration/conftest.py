@@ -107,3 +107,49 @@ def running_stack(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+CROSS_ENCODER = "tiny-cross-encoder"
+
+
+@pytest.fixture(scope="session")
+def cross_encoder_path(tmp_path_factory: pytest.TempPathFactory, minilm_path: Path) -> Path:
+    """A cross-encoder of a real architecture (BERT for sequence classification, one label) with
+    random weights, saved as a user saves one, with MiniLM's tokenizer (same vocabulary)."""
+    import shutil
+
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=512,
+        num_labels=1,
+        # Wider than BERT's 0.02, so that random documents get clearly different scores.
+        initializer_range=0.2,
+    )
+    path = tmp_path_factory.mktemp("models") / CROSS_ENCODER
+    BertForSequenceClassification(config).eval().save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(minilm_path / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="session")
+async def cross_encoder(stack: RunningStack, cross_encoder_path: Path) -> str:
+    """The test cross-encoder registered as a rerank model and loaded in the running stack."""
+    from modelplane.common.types import ModelSpec, Task
+    from modelplane.loader.client import LoaderClient
+    from modelplane.registry.client import RegistryClient
+
+    spec = ModelSpec(name=CROSS_ENCODER, task=Task.RERANK, source_uri=str(cross_encoder_path))
+    async with RegistryClient(stack.registry) as registry:
+        await registry.register(spec)
+    async with LoaderClient(stack.loader) as loader:
+        await loader.ensure_loaded(CROSS_ENCODER, reason="test", timeout_seconds=300)
+    return CROSS_ENCODER
