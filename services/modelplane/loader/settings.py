@@ -40,8 +40,10 @@ class LoaderSettings(ServerSettings):
     """Largest absolute difference allowed for a dynamically quantised int8 artifact (precision INT8)."""
     max_batch_size: int = 64
     """Default largest batch Triton forms for an encoder model."""
-    max_queue_delay_microseconds: int = 2000
-    """Default time a request may wait in Triton's queue for a batch to fill."""
+    max_queue_delay_microseconds: int = 0
+    """Default time a request may wait in Triton's queue for a batch to fill. The inference service
+    already forms the batches (docs/BATCHING.md), so by default Triton waits for nothing and only
+    merges requests that arrive while the model is busy."""
     onnx_intra_op_threads: int = 0
     """Threads onnxruntime uses inside one inference on the embedded Triton; 0 means all cores."""
     reconcile_interval_seconds: float = 30.0
