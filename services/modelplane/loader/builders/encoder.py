@@ -120,6 +120,7 @@ class EncoderBuilder(ArtifactBuilder):
                 else settings.max_queue_delay_microseconds
             ),
             instance_count=hints.instance_count or 1,
+            dynamic_batching=settings.dynamic_batching,
         )
         files = {report["onnx_file"]: artifact / report["onnx_file"]}
         if embedded:

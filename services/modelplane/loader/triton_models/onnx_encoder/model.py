@@ -1,12 +1,12 @@
 """Triton python-backend model: an ONNX encoder (embeddings or cross-encoder logits) on onnxruntime.
 
 This is the embedded target; a production Triton serves the same model.onnx with its onnxruntime
-or TensorRT backend instead. Triton hands `execute` every request its dynamic batcher collected.
-The inference service sends one request per sequence-length bucket, each padded only to its own
-longest sequence (see modelplane/inference/batching.py), so requests of equal width run together
-as one onnxruntime batch and requests of different widths run apart: padding every row to the
-longest would make the short texts pay for the long ones. Padding is masked, so a text's result
-does not depend on what it was batched with.
+or TensorRT backend instead. Triton hands `execute` every request its dynamic batcher collected,
+each padded only to its own longest row. Every row of every request is sorted into a
+sequence-length bucket (the `length_buckets` parameter), and each bucket runs as one onnxruntime
+batch cut to its own longest row: padding every row to the longest of all would make the short
+texts pay for the long ones. Padding is masked, so a text's result does not depend on what it was
+batched with.
 """
 
 import json
@@ -37,9 +37,14 @@ class TritonPythonModel:
         )
         self.input_names = [item.name for item in self.session.get_inputs()]
         self.output_name = config["output"][0]["name"]
+        self.pad_values = {"input_ids": int(parameters.get("pad_token_id", "0"))}
+        self.length_buckets = np.array(
+            sorted(int(bound) for bound in parameters.get("length_buckets", "16,32,64,128,256").split(",")),
+            dtype=np.int64,
+        )
         pb_utils.Logger.log_info(
             f"{args['model_name']}: onnxruntime providers {self.session.get_providers()}, inputs {self.input_names}, "
-            f"spinning threads {spinning}"
+            f"length buckets {self.length_buckets.tolist()}, spinning threads {spinning}"
         )
 
     def execute(self, requests):
@@ -47,24 +52,46 @@ class TritonPythonModel:
             {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.input_names}
             for request in requests
         ]
-        outputs = [None] * len(arrays)
-        by_width = {}
-        for position, batch in enumerate(arrays):
-            by_width.setdefault(batch["input_ids"].shape[1], []).append(position)
-        for positions in by_width.values():
-            feed = {
-                name: np.concatenate([arrays[p][name] for p in positions]).astype(np.int64, copy=False)
-                for name in self.input_names
-            }
-            result = self.session.run([self.output_name], feed)[0].astype(np.float32, copy=False)
-            offset = 0
-            for p in positions:
-                rows = arrays[p]["input_ids"].shape[0]
-                outputs[p] = result[offset : offset + rows]
-                offset += rows
-        return [
-            pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, output)]) for output in outputs
-        ]
+        width = max(batch["input_ids"].shape[1] for batch in arrays)
+        feed = {
+            name: np.concatenate([self._pad(batch[name], width, self.pad_values.get(name, 0)) for batch in arrays])
+            for name in self.input_names
+        }
+        outputs = self._run_bucketed(feed)
+        responses = []
+        offset = 0
+        for batch in arrays:
+            rows = batch["input_ids"].shape[0]
+            tensor = pb_utils.Tensor(self.output_name, outputs[offset : offset + rows])
+            responses.append(pb_utils.InferenceResponse(output_tensors=[tensor]))
+            offset += rows
+        return responses
+
+    def _run_bucketed(self, feed):
+        """One onnxruntime batch per length bucket, cut to that bucket's longest row; outputs in
+        the original row order."""
+        mask = feed["attention_mask"]
+        # A row's length is one past its last attended position (padding is on the right).
+        lengths = np.where(mask.any(axis=1), mask.shape[1] - np.argmax(mask[:, ::-1] != 0, axis=1), 1)
+        buckets = np.searchsorted(self.length_buckets, lengths, side="left")
+        outputs = None
+        for bucket in np.unique(buckets):
+            rows = np.flatnonzero(buckets == bucket)
+            width = int(lengths[rows].max())
+            part = self.session.run([self.output_name], {name: array[rows, :width] for name, array in feed.items()})[0]
+            if outputs is None:
+                outputs = np.empty((mask.shape[0], *part.shape[1:]), dtype=np.float32)
+            outputs[rows] = part
+        return outputs
+
+    @staticmethod
+    def _pad(array, width, value):
+        array = array.astype(np.int64, copy=False)
+        if array.shape[1] == width:
+            return array
+        padded = np.full((array.shape[0], width), value, dtype=np.int64)
+        padded[:, : array.shape[1]] = array
+        return padded
 
     def finalize(self):
         self.session = None
