@@ -2,7 +2,7 @@
 
 Starts, in one run and on the same machine:
   * modelplane with cross-request batching (the defaults),
-  * modelplane with batching switched off (in the inference service and in Triton): the baseline,
+  * modelplane with Triton's dynamic batching switched off: the baseline,
   * infinity-emb serving the same model from the same local files (its own virtual environment,
     created on first use under the cache directory and reused; offline),
 then sends HTTP POST /embeddings with one text per request from 1, 4, 16 and 64 concurrent
@@ -47,8 +47,8 @@ INFINITY_VERSION = "0.0.78"
 # infinity-emb pins numpy<2 / protobuf, and torch is the one modelplane also uses (CPU build).
 INFINITY_REQUIREMENTS = [f"infinity-emb[server,torch]=={INFINITY_VERSION}", "torch==2.13.0"]
 CONCURRENCY = (1, 4, 16, 64)
-# No batching anywhere: the inference service sends each request alone and Triton runs it alone.
-UNBATCHED = {"MODELPLANE_INFERENCE_BATCHING": "false", "MODELPLANE_LOADER_DYNAMIC_BATCHING": "false"}
+# Triton runs every request on its own (no dynamic batcher in the model's config).
+UNBATCHED = {"MODELPLANE_LOADER_DYNAMIC_BATCHING": "false"}
 BATCH = 32
 STDLIB_MODULES = (
     "os", "json", "asyncio", "collections", "functools", "itertools", "pathlib", "subprocess", "threading",
@@ -123,10 +123,7 @@ def wait_for(server: Server, ready: str, timeout: float) -> None:
 
 def start_modelplane(name: str, workdir: Path, extra_env: dict[str, str]) -> Server:
     home = workdir / name
-    ports = {
-        key: free_port()
-        for key in ("registry", "loader", "inference", "gateway", "grpc", "http", "metrics", "inference-metrics")
-    }
+    ports = {key: free_port() for key in ("registry", "loader", "inference", "gateway", "grpc", "http", "metrics")}
     env = {
         **os.environ,
         "MODELPLANE_HOME": str(home),
@@ -136,7 +133,6 @@ def start_modelplane(name: str, workdir: Path, extra_env: dict[str, str]) -> Ser
         "MODELPLANE_REGISTRY_PORT": str(ports["registry"]),
         "MODELPLANE_LOADER_PORT": str(ports["loader"]),
         "MODELPLANE_INFERENCE_PORT": str(ports["inference"]),
-        "MODELPLANE_INFERENCE_METRICS_PORT": str(ports["inference-metrics"]),
         "MODELPLANE_GATEWAY_PORT": str(ports["gateway"]),
         "MODELPLANE_GATEWAY_HOST": "127.0.0.1",
         "MODELPLANE_TRITON_GRPC_ADDRESS": f"127.0.0.1:{ports['grpc']}",
@@ -154,7 +150,7 @@ def start_modelplane(name: str, workdir: Path, extra_env: dict[str, str]) -> Ser
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    server = Server(name, ports["gateway"], process, log, metrics_port=ports["inference-metrics"])
+    server = Server(name, ports["gateway"], process, log, metrics_port=ports["metrics"])
     wait_for(server, "modelplane is up.", 900)
     return server
 
@@ -207,7 +203,7 @@ class Measurement:
     p50_ms: float
     p99_ms: float
     requests: int
-    batch_rows: float = 0.0
+    requests_per_batch: float = 0.0
     queue_ms: float = 0.0
 
 
@@ -255,18 +251,15 @@ def _bodies(texts: list[str], per_request: int, seed: int) -> list[bytes]:
 
 
 def _scrape(metrics_port: int) -> dict[str, float]:
+    """Triton's counters for the model: requests, executions (batches) and time spent queued."""
     if not metrics_port:
         return {}
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
         text = response.read().decode()
     totals: dict[str, float] = {}
-    for name in (
-        "modelplane_inference_batch_rows_sum",
-        "modelplane_inference_batch_rows_count",
-        "modelplane_inference_batch_queue_seconds_sum",
-        "modelplane_inference_batch_queue_seconds_count",
-    ):
-        totals[name] = sum(float(v) for v in re.findall(rf"^{name}{{[^}}]*}} (\S+)$", text, re.M))
+    for name in ("request_success", "exec_count", "queue_duration_us"):
+        found = re.search(rf'^nv_inference_{name}{{model="{MODEL}",version="1"}} (\S+)$', text, re.M)
+        totals[name] = float(found.group(1)) if found else 0.0
     return totals
 
 
@@ -291,15 +284,14 @@ async def measure(server: Server, texts: list[str], clients: int, per_request: i
     def delta(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)
 
-    batches = delta("modelplane_inference_batch_rows_count")
-    queued = delta("modelplane_inference_batch_queue_seconds_count")
+    requests, batches = delta("request_success"), delta("exec_count")
     return Measurement(
         texts_per_second=sum(counts) / seconds,
         p50_ms=1000 * latencies[len(latencies) // 2],
         p99_ms=1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
         requests=len(latencies),
-        batch_rows=delta("modelplane_inference_batch_rows_sum") / batches if batches else 0.0,
-        queue_ms=1000 * delta("modelplane_inference_batch_queue_seconds_sum") / queued if queued else 0.0,
+        requests_per_batch=requests / batches if batches else 0.0,
+        queue_ms=delta("queue_duration_us") / 1000 / requests if requests else 0.0,
     )
 
 
@@ -342,12 +334,12 @@ def print_table(results: Results, systems: list[str], rounds: int) -> None:
                 f" {results.median(system, workload, 'p99_ms'):>7.1f} {results.spread(system, workload):>9} "
             )
         print(line)
-    if "batched" in systems:
-        print("\nbatched stack: mean sequences per Triton dispatch, mean queue time per request")
+    print("\nTriton's view: requests per execution (batch), mean time a request waited in Triton's queue")
+    for system in (s for s in systems if s != "infinity-emb"):
         for workload, _, _ in workloads():
-            rows = results.median("batched", workload, "batch_rows")
-            queue = results.median("batched", workload, "queue_ms")
-            print(f"  {workload:<22} {rows:6.1f} rows  {queue:7.2f} ms")
+            per_batch = results.median(system, workload, "requests_per_batch")
+            queue = results.median(system, workload, "queue_ms")
+            print(f"  {system:<12} {workload:<16} {per_batch:6.1f} requests/batch  {queue:7.2f} ms queued")
 
 
 def print_ratios(results: Results, systems: list[str]) -> None:

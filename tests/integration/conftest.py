@@ -27,7 +27,7 @@ class RunningStack:
     registry: str
     loader: str
     inference: str
-    inference_metrics_url: str
+    triton_metrics_url: str
     triton_grpc: str
 
     def log_text(self) -> str:
@@ -37,8 +37,7 @@ class RunningStack:
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
     home = tmp_path_factory.mktemp("modelplane-home")
-    names = ("registry", "loader", "inference", "gateway", "grpc", "http", "metrics", "inference_metrics")
-    ports = {name: free_port() for name in names}
+    ports = {name: free_port() for name in ("registry", "loader", "inference", "gateway", "grpc", "http", "metrics")}
     env = {
         **os.environ,
         "MODELPLANE_HOME": str(home),
@@ -46,7 +45,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
         "MODELPLANE_REGISTRY_PORT": str(ports["registry"]),
         "MODELPLANE_LOADER_PORT": str(ports["loader"]),
         "MODELPLANE_INFERENCE_PORT": str(ports["inference"]),
-        "MODELPLANE_INFERENCE_METRICS_PORT": str(ports["inference_metrics"]),
         "MODELPLANE_GATEWAY_PORT": str(ports["gateway"]),
         "MODELPLANE_GATEWAY_HOST": "127.0.0.1",
         "MODELPLANE_TRITON_GRPC_ADDRESS": f"127.0.0.1:{ports['grpc']}",
@@ -65,7 +63,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
         registry=f"127.0.0.1:{ports['registry']}",
         loader=f"127.0.0.1:{ports['loader']}",
         inference=f"127.0.0.1:{ports['inference']}",
-        inference_metrics_url=f"http://127.0.0.1:{ports['inference_metrics']}/metrics",
+        triton_metrics_url=f"http://127.0.0.1:{ports['metrics']}/metrics",
         triton_grpc=f"127.0.0.1:{ports['grpc']}",
     )
     try:

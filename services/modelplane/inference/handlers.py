@@ -16,12 +16,11 @@ import structlog
 
 from modelplane.common.request_context import current_request_id
 from modelplane.common.types import Task, Usage
-from modelplane.inference.batching import EncoderBatcher, EncoderTarget
 from modelplane.inference.catalog import ModelCatalog, ServingModel
 from modelplane.inference.errors import InputTooLong, InvalidRequest, WrongTask
 from modelplane.inference.settings import InferenceSettings
 from modelplane.inference.stats import RequestStatistics
-from modelplane.inference.tokenization import EncodedBatch, TokenSequence
+from modelplane.inference.tokenization import EncodedBatch
 from modelplane.inference.triton import TritonInferer
 
 log = structlog.get_logger()
@@ -64,21 +63,6 @@ class InferenceHandler:
         self.catalog = catalog
         self.triton = triton
         self.stats = stats
-        self.batcher = (
-            EncoderBatcher(
-                triton,
-                max_batch_size=settings.batch_max_size,
-                max_queue_delay_seconds=settings.batch_max_queue_delay_ms / 1000,
-                max_in_flight=settings.batch_max_in_flight,
-                length_buckets=settings.batch_length_buckets,
-            )
-            if settings.batching
-            else None
-        )
-
-    async def close(self) -> None:
-        if self.batcher is not None:
-            await self.batcher.close()
 
     def _wait_seconds(self, deadline_seconds: float | None) -> float:
         if deadline_seconds is None:
@@ -123,7 +107,7 @@ class InferenceHandler:
             raise InvalidRequest(f"Model '{model}' has no tokenizer, so it cannot embed text.")
         texts = [item.text or "" for item in inputs if item.token_ids is None]
         encoded = iter(tokenizer.encode_texts(texts)) if texts else iter(())
-        sequences: list[TokenSequence] = []
+        sequences: list[tuple[list[int], list[int]]] = []
         for item in inputs:
             if item.token_ids is not None:
                 ids = tokenizer.frame_token_ids(item.token_ids)
@@ -151,35 +135,26 @@ class InferenceHandler:
         return EmbedResult(model=model, embeddings=embeddings, usage=Usage(prompt_tokens=prompt_tokens))
 
     async def _run_encoder(
-        self, serving: ServingModel, sequences: list[TokenSequence]
+        self, serving: ServingModel, sequences: list[tuple[list[int], list[int]]]
     ) -> tuple[np.ndarray, EncodedBatch]:
-        """Runs the sequences through the model's Triton encoder; outputs in input order, with each
-        sequence's token count and whether it was cut. Rerank's cross-encoder goes through here too."""
-        tokenizer = serving.tokenizer
-        assert tokenizer is not None
+        """Runs the sequences through Triton in chunks the model accepts, concurrently, in order."""
+        assert serving.tokenizer is not None
         profile = serving.profile
-        cut, truncated = tokenizer.truncate(sequences)
-        facts = EncodedBatch(arrays={}, token_counts=[len(ids) for ids, _ in cut], truncated=truncated)
-        request_id = current_request_id.get()
-        if self.batcher is not None:
-            target = EncoderTarget(
-                model=profile.triton_model_name,
-                input_names=tuple(profile.input_names),
-                output_name=profile.output_name,
-                max_batch_size=profile.max_batch_size,
-                pad_id=tokenizer.pad_id,
-            )
-            return await self.batcher.run(target, cut, request_id=request_id), facts
         size = max(1, profile.max_batch_size or 32)
+        chunks = [
+            serving.tokenizer.batch(sequences[i : i + size], profile.input_names)
+            for i in range(0, len(sequences), size)
+        ]
+        request_id = current_request_id.get()
         outputs = await asyncio.gather(
             *(
-                self.triton.infer(
-                    profile.triton_model_name,
-                    tokenizer.pad(cut[i : i + size], profile.input_names),
-                    profile.output_name,
-                    request_id=request_id,
-                )
-                for i in range(0, len(cut), size)
+                self.triton.infer(profile.triton_model_name, chunk.arrays, profile.output_name, request_id=request_id)
+                for chunk in chunks
             )
+        )
+        facts = EncodedBatch(
+            arrays={},
+            token_counts=[count for chunk in chunks for count in chunk.token_counts],
+            truncated=[cut for chunk in chunks for cut in chunk.truncated],
         )
         return np.concatenate(outputs).astype(np.float32, copy=False), facts

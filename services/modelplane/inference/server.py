@@ -34,7 +34,7 @@ class InferenceService(Service):
         triton = TritonInferer(self.triton_settings.grpc_address)
         self.catalog = ModelCatalog(registry, loader)
         self.stats = RequestStatistics(registry, self.settings.stats_report_interval_seconds)
-        handler = self.handler = InferenceHandler(self.settings, self.catalog, triton, self.stats)
+        handler = InferenceHandler(self.settings, self.catalog, triton, self.stats)
         self.server.add_servicer(
             inference_service_pb2_grpc.add_InferenceServiceServicer_to_server,
             InferenceServicer(handler),
@@ -44,7 +44,7 @@ class InferenceService(Service):
         self.stats.start()
         self.port = await self.server.start()
         start_metrics_server(self.settings.metrics_port)
-        self._closers = [handler.close, registry.close, loader.close, triton.close]
+        self._closers = [registry.close, loader.close, triton.close]
 
     async def stop(self) -> None:
         await self.server.stop()

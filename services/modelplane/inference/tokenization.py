@@ -8,9 +8,6 @@ from dataclasses import dataclass
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
-TokenSequence = tuple[list[int], list[int]]
-"""One input as the model's tokenizer framed it: token ids and token type ids, of equal length."""
-
 
 @dataclass(frozen=True)
 class EncodedBatch:
@@ -19,20 +16,6 @@ class EncodedBatch:
     arrays: dict[str, np.ndarray]
     token_counts: list[int]
     truncated: list[bool]
-
-
-def pad_sequences(sequences: Sequence[TokenSequence], input_names: Sequence[str], pad_id: int) -> dict[str, np.ndarray]:
-    """Tensors for Triton: the (already cut) sequences padded on the right to the longest of them."""
-    length = max(len(ids) for ids, _ in sequences)
-    input_ids = np.full((len(sequences), length), pad_id, dtype=np.int64)
-    attention = np.zeros((len(sequences), length), dtype=np.int64)
-    token_types = np.zeros((len(sequences), length), dtype=np.int64)
-    for row, (ids, type_ids) in enumerate(sequences):
-        input_ids[row, : len(ids)] = ids
-        attention[row, : len(ids)] = 1
-        token_types[row, : len(type_ids)] = type_ids
-    available = {"input_ids": input_ids, "attention_mask": attention, "token_type_ids": token_types}
-    return {name: available[name] for name in input_names}
 
 
 class EncoderTokenizer:
@@ -67,10 +50,10 @@ class EncoderTokenizer:
     def frame_token_ids(self, ids: Sequence[int]) -> list[int]:
         return [*self._prefix, *ids, *self._suffix]
 
-    def truncate(self, sequences: Sequence[TokenSequence]) -> tuple[list[TokenSequence], list[bool]]:
-        """Cuts each (ids, type_ids) sequence to the model's limit, keeping its closing special tokens;
-        says which were cut."""
-        cut: list[TokenSequence] = []
+    def batch(self, sequences: Sequence[tuple[list[int], list[int]]], input_names: Sequence[str]) -> EncodedBatch:
+        """Pads (ids, type_ids) sequences into tensors, cutting each to the model's limit while
+        keeping its closing special tokens."""
+        cut: list[tuple[list[int], list[int]]] = []
         truncated: list[bool] = []
         for ids, type_ids in sequences:
             if len(ids) > self.max_tokens:
@@ -81,14 +64,17 @@ class EncoderTokenizer:
             else:
                 truncated.append(False)
             cut.append((ids, type_ids))
-        return cut, truncated
-
-    def pad(self, sequences: Sequence[TokenSequence], input_names: Sequence[str]) -> dict[str, np.ndarray]:
-        return pad_sequences(sequences, input_names, self.pad_id)
-
-    def batch(self, sequences: Sequence[TokenSequence], input_names: Sequence[str]) -> EncodedBatch:
-        """Cuts and pads (ids, type_ids) sequences into one batch of tensors."""
-        cut, truncated = self.truncate(sequences)
+        length = max(len(ids) for ids, _ in cut)
+        input_ids = np.full((len(cut), length), self.pad_id, dtype=np.int64)
+        attention = np.zeros((len(cut), length), dtype=np.int64)
+        token_types = np.zeros((len(cut), length), dtype=np.int64)
+        for row, (ids, type_ids) in enumerate(cut):
+            input_ids[row, : len(ids)] = ids
+            attention[row, : len(ids)] = 1
+            token_types[row, : len(type_ids)] = type_ids
+        available = {"input_ids": input_ids, "attention_mask": attention, "token_type_ids": token_types}
         return EncodedBatch(
-            arrays=self.pad(cut, input_names), token_counts=[len(ids) for ids, _ in cut], truncated=truncated
+            arrays={name: available[name] for name in input_names},
+            token_counts=[len(ids) for ids, _ in cut],
+            truncated=truncated,
         )

@@ -39,7 +39,7 @@ class TritonPythonModel:
         self.output_name = config["output"][0]["name"]
         self.pad_values = {"input_ids": int(parameters.get("pad_token_id", "0"))}
         self.length_buckets = np.array(
-            sorted(int(bound) for bound in parameters.get("length_buckets", "16,32,64,128,256").split(",")),
+            sorted(int(bound) for bound in parameters.get("length_buckets", "").split(",") if bound.strip()),
             dtype=np.int64,
         )
         pb_utils.Logger.log_info(
