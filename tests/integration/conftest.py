@@ -29,6 +29,7 @@ class RunningStack:
     registry: str
     loader: str
     inference: str
+    triton_metrics_url: str
     triton_grpc: str
     # Prometheus endpoints by process: registry, loader, inference, gateway, triton.
     metrics: dict[str, str] = field(default_factory=dict)
@@ -84,6 +85,7 @@ def running_stack(
         registry=f"127.0.0.1:{ports['registry']}",
         loader=f"127.0.0.1:{ports['loader']}",
         inference=f"127.0.0.1:{ports['inference']}",
+        triton_metrics_url=f"http://127.0.0.1:{ports['metrics']}/metrics",
         triton_grpc=f"127.0.0.1:{ports['grpc']}",
         metrics={
             **{name: f"http://127.0.0.1:{port}/metrics" for name, port in metrics_ports.items()},
