@@ -61,12 +61,12 @@ async def _concurrently(stack: RunningStack, order: list[int]) -> list[np.ndarra
         return await asyncio.gather(*(one(index) for index in order))
 
 
-def test_concurrent_requests_are_batched_and_each_text_gets_its_own_embedding(stack: RunningStack) -> None:
+async def test_concurrent_requests_are_batched_and_each_text_gets_its_own_embedding(stack: RunningStack) -> None:
     alone = _alone(stack)
     before = _triton_metrics(stack)
     order = [index for index in range(len(TEXTS)) for _ in range(6)]
     random.Random(7).shuffle(order)
-    together = asyncio.run(_concurrently(stack, order))
+    together = await _concurrently(stack, order)
     after = _triton_metrics(stack)
 
     for index, vector in zip(order, together, strict=True):
