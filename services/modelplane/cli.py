@@ -17,11 +17,14 @@ from rich.table import Table
 
 from modelplane.common.errors import ModelplaneError
 from modelplane.common.logging import configure_logging
+from modelplane.common.tls import set_identity
 from modelplane.common.types import FileDigest, ModelSpec, ModelState, Priority, Task
 
 app = typer.Typer(help="modelplane: serve your own models to a private Dify deployment.", no_args_is_help=True)
 models_app = typer.Typer(help="Register, load, unload and inspect models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+certs_app = typer.Typer(help="Certificates for mTLS between the services.", no_args_is_help=True)
+app.add_typer(certs_app, name="certs")
 console = Console(stderr=True)
 
 SERVICES = ("registry", "loader", "inference", "gateway")
@@ -58,6 +61,7 @@ def serve(service: Annotated[str, typer.Argument(help=f"One of: {', '.join(SERVI
         console.print(f"[red]error:[/red] unknown service {service!r}; choose one of {', '.join(SERVICES)}")
         raise typer.Exit(2)
     configure_logging(service)
+    set_identity(service)
     if service == "registry":
         from modelplane.registry.server import RegistryService as ServiceClass  # noqa: PLC0415
     elif service == "loader":
@@ -90,6 +94,34 @@ def digest(path: Annotated[Path, typer.Argument(help="A package directory or a s
         relative = file.name if root.is_file() else file.relative_to(root).as_posix()
         digests.append(FileDigest(path=relative, size_bytes=file.stat().st_size, sha256=hasher.hexdigest()))
     print(package_digest(build_manifest(digests)))
+
+
+@certs_app.command("init")
+def certs_init(
+    directory: Annotated[
+        Path, typer.Option("--dir", help="Where to write ca.crt and <service>.crt/.key (MODELPLANE_TLS_DIR).")
+    ] = Path("tls"),
+    namespace: Annotated[
+        str, typer.Option(help="Kubernetes namespace; adds <service>.<namespace>.svc names to each certificate.")
+    ] = "",
+    dns: Annotated[list[str] | None, typer.Option(help="Another DNS name for every certificate (repeatable).")] = None,
+    force: Annotated[bool, typer.Option(help="Replace the CA and every certificate.")] = False,
+) -> None:
+    """Create a development CA and a certificate for each service (and one for this CLI).
+
+    Existing files are kept (run it again after adding a service); --force starts over.
+    """
+    from modelplane.certs import init_certificates  # noqa: PLC0415 - cryptography only when needed
+
+    issued = init_certificates(directory, namespace=namespace, extra_dns=dns or [], force=force)
+    for name in issued.created:
+        console.print(f"created {directory / name}.crt and {name}.key")
+    for name in issued.kept:
+        console.print(f"kept    {directory / name}.crt (exists; --force replaces it)")
+    console.print(
+        f"Turn mTLS on for every service and this CLI with MODELPLANE_TLS_DIR={directory.resolve()}; "
+        "keep ca.key out of the deployment."
+    )
 
 
 def _default_registry() -> str:

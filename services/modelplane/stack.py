@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import httpx
@@ -23,9 +24,10 @@ import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelplane.bundled import bundled_models
+from modelplane.common.channels import open_channel
 from modelplane.common.errors import ModelplaneError
 from modelplane.common.process import die_with_parent
-from modelplane.common.settings import TritonSettings, modelplane_home
+from modelplane.common.settings import ServerSettings, TritonSettings, modelplane_home
 from modelplane.gateway.settings import GatewaySettings
 from modelplane.inference.settings import InferenceSettings
 from modelplane.loader.client import LoaderClient
@@ -35,9 +37,13 @@ from modelplane.registry.settings import RegistrySettings
 from modelplane.triton.embedded import EmbeddedTriton
 
 log = structlog.get_logger()
+ServerSettingsT = TypeVar("ServerSettingsT", bound=ServerSettings)
 
 _RESTART_BACKOFF_MAX = 30.0
 _STABLE_AFTER_SECONDS = 60.0
+# Where `up` serves each service's Prometheus metrics unless MODELPLANE_<SERVICE>_METRICS_PORT says
+# otherwise (the gateway serves its own at /metrics, Triton at its metrics port).
+DEFAULT_METRICS_PORTS = {"registry": 9451, "loader": 9452, "inference": 9453}
 
 
 class StackError(RuntimeError):
@@ -116,14 +122,35 @@ class StackLayout:
 
     @classmethod
     def from_environment(cls) -> StackLayout:
+        def with_metrics(settings: ServerSettingsT, service: str) -> ServerSettingsT:
+            if settings.metrics_port:
+                return settings
+            return settings.model_copy(update={"metrics_port": DEFAULT_METRICS_PORTS[service]})
+
         return cls(
             home=modelplane_home(),
-            registry=RegistrySettings(),
-            loader=LoaderSettings(),
-            inference=InferenceSettings(),
+            registry=with_metrics(RegistrySettings(), "registry"),
+            loader=with_metrics(LoaderSettings(), "loader"),
+            inference=with_metrics(InferenceSettings(), "inference"),
             gateway=GatewaySettings(),
             triton=TritonSettings(),
         )
+
+    @property
+    def gateway_scheme(self) -> str:
+        return "https" if self.gateway.tls_cert_file else "http"
+
+    def metrics_endpoints(self) -> dict[str, str]:
+        """Where Prometheus scrapes each process of the stack."""
+        endpoints = {
+            "registry": f"http://127.0.0.1:{self.registry.metrics_port}/metrics",
+            "loader": f"http://127.0.0.1:{self.loader.metrics_port}/metrics",
+            "inference": f"http://127.0.0.1:{self.inference.metrics_port}/metrics",
+            "gateway": f"{self.gateway_scheme}://127.0.0.1:{self.gateway.port}/metrics",
+        }
+        if self.triton.embedded:
+            endpoints["triton"] = f"http://127.0.0.1:{self.triton.metrics_port}/metrics"
+        return endpoints
 
     def environment(self) -> dict[str, str]:
         """The variables every child gets, so all of them agree on every address."""
@@ -136,6 +163,9 @@ class StackLayout:
                 "MODELPLANE_REGISTRY_HOST": os.environ.get("MODELPLANE_REGISTRY_HOST", internal),
                 "MODELPLANE_REGISTRY_PORT": str(self.registry.port),
                 "MODELPLANE_REGISTRY_DATABASE_URL": self.registry.database_url,
+                "MODELPLANE_REGISTRY_METRICS_PORT": str(self.registry.metrics_port),
+                "MODELPLANE_LOADER_METRICS_PORT": str(self.loader.metrics_port),
+                "MODELPLANE_INFERENCE_METRICS_PORT": str(self.inference.metrics_port),
                 "MODELPLANE_LOADER_HOST": os.environ.get("MODELPLANE_LOADER_HOST", internal),
                 "MODELPLANE_LOADER_PORT": str(self.loader.port),
                 "MODELPLANE_LOADER_REGISTRY_ADDRESS": registry,
@@ -184,9 +214,10 @@ class Stack:
     async def _start_gateway(self) -> None:
         child = self.children["gateway"]
         await child.start()
-        url = f"http://127.0.0.1:{self.layout.gateway.port}/healthz"
+        url = f"{self.layout.gateway_scheme}://127.0.0.1:{self.layout.gateway.port}/healthz"
         deadline = time.monotonic() + 60
-        async with httpx.AsyncClient(timeout=2.0) as client:
+        # A liveness check over loopback: whether the gateway answers, not who it is.
+        async with httpx.AsyncClient(timeout=2.0, verify=False) as client:  # noqa: S501
             while time.monotonic() < deadline:
                 if not child.alive:
                     raise StackError("the gateway exited while starting; see its log above")
@@ -232,7 +263,7 @@ class Stack:
 
 async def _wait_grpc_serving(child: ChildProcess, address: str, limit_seconds: float = 60.0) -> None:
     deadline = time.monotonic() + limit_seconds
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with open_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if not child.alive:
@@ -246,8 +277,9 @@ async def _wait_grpc_serving(child: ChildProcess, address: str, limit_seconds: f
 
 
 def banner(layout: StackLayout, models: list[str]) -> str:
-    base = f"http://localhost:{layout.gateway.port}/v1"
+    base = f"{layout.gateway_scheme}://localhost:{layout.gateway.port}/v1"
     example = models[0] if models else "MODEL"
+    metrics = [f"    {name:<10} {url}" for name, url in layout.metrics_endpoints().items()]
     return "\n".join(
         [
             "",
@@ -257,6 +289,8 @@ def banner(layout: StackLayout, models: list[str]) -> str:
             "  Try:",
             f"    curl -s {base}/embeddings -H 'Content-Type: application/json' \\",
             f'      -d \'{{"model": "{example}", "input": ["hello", "world"]}}\'',
+            "  Prometheus metrics:",
+            *metrics,
             f"  State and logs live in {layout.home}. Press Ctrl-C to stop.",
             "",
         ]

@@ -49,7 +49,8 @@ async def _refused(core: LoaderCore, name: str) -> ModelplaneError:
 
 
 @pytest.fixture
-def core(tmp_path: Path, make_core: Callable[..., LoaderCore]) -> LoaderCore:
+async def core(tmp_path: Path, make_core: Callable[..., LoaderCore]) -> LoaderCore:
+    # Async, so its gRPC channels are made inside the test session's running loop.
     return make_core(loader_settings(tmp_path))
 
 

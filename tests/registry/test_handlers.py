@@ -1,10 +1,9 @@
-"""The registry's rules, against a real SQLite database and without a network."""
+"""The registry's rules, against real SQLite and PostgreSQL databases, without a gRPC server."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
@@ -23,13 +22,13 @@ from modelplane.common.types import (
 from modelplane.registry.errors import InvalidModelSpec, ModelBusy, ModelNotFound, StaleTransition
 from modelplane.registry.handlers import RegistryHandler, Transition
 from modelplane.registry.store import RegistryStore
-from modelplane.registry.watch import ChangeType, WatchHub
+from modelplane.registry.watch import ChangeType
 
 
 @pytest.fixture
-async def handler(tmp_path: Path) -> AsyncIterator[RegistryHandler]:
-    store = await RegistryStore.open(f"sqlite+aiosqlite:///{tmp_path / 'registry.db'}")
-    yield RegistryHandler(store, WatchHub())
+async def handler(database_url: str) -> AsyncIterator[RegistryHandler]:
+    store = await RegistryStore.open(database_url)
+    yield RegistryHandler(store)
     await store.close()
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import grpc
 import pytest
@@ -19,10 +18,8 @@ from tests.grpc_reflection_client import describe_methods, list_services
 
 
 @pytest.fixture
-async def registry(tmp_path: Path) -> AsyncIterator[RegistryService]:
-    service = RegistryService(
-        RegistrySettings(host="127.0.0.1", port=0, database_url=f"sqlite+aiosqlite:///{tmp_path / 'r.db'}")
-    )
+async def registry(database_url: str) -> AsyncIterator[RegistryService]:
+    service = RegistryService(RegistrySettings(host="127.0.0.1", port=0, database_url=database_url))
     await service.start()
     yield service
     await service.stop()

@@ -1,19 +1,33 @@
-"""The gateway's gRPC clients. Every call carries the request id and the request's deadline, and
-every failure becomes a ModelplaneError that errors.py turns into an HTTP response."""
+"""The gateway's gRPC clients, and the one path every call to a service takes.
+
+Each call carries the request id and what is left of the request's deadline, is refused when the
+caller's API key may not use the model the message names, and turns every failure into a
+`ModelplaneError` that errors.py maps to an HTTP response. Routes call `unary` (or `stream`, for
+server-streaming RPCs), or `unary_split` for a batch larger than one call should carry.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import re
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, TypeVar
 
 import grpc
 from fastapi import Request
+from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelplane.common.channels import open_channel
+from modelplane.common.errors import DeadlineExceeded, ModelplaneError
 from modelplane.common.grpc_errors import to_modelplane_error
 from modelplane.common.request_context import outgoing_metadata
+from modelplane.gateway.auth import authorize_model
+from modelplane.gateway.limits import remaining_seconds
 from modelplane.inference.v1 import inference_service_pb2_grpc
 from modelplane.registry.v1 import registry_service_pb2_grpc
+
+T = TypeVar("T")
 
 
 class Backends:
@@ -32,11 +46,71 @@ class Backends:
         await self._inference_channel.close()
         await self._registry_channel.close()
 
-    async def unary(self, peer: str, method: Any, request: Any, *, deadline_seconds: float | None = None) -> Any:
+    def _deadline(self) -> float:
+        """Seconds the next call may take: what is left of the request's deadline."""
+        left = remaining_seconds()
+        if left is None:
+            return self.timeout
+        if left <= 0:
+            raise self._deadline_exceeded()
+        return left
+
+    def _deadline_exceeded(self) -> DeadlineExceeded:
+        return DeadlineExceeded(
+            f"The request did not finish within its deadline of {self.timeout:.0f} s. Retry it; if it keeps "
+            "happening, send smaller batches, or raise MODELPLANE_GATEWAY_REQUEST_TIMEOUT_SECONDS (a first request "
+            "to a model that is not loaded waits for the load).",
+            reason="DEADLINE_EXCEEDED",
+        )
+
+    def _translate(self, error: grpc.aio.AioRpcError, peer: str) -> ModelplaneError:
+        if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return self._deadline_exceeded()
+        return to_modelplane_error(error, peer=peer)
+
+    async def unary(self, peer: str, method: Any, request: Message) -> Any:
+        """One unary call to `peer` ("inference" or "registry")."""
+        _authorize(request)
         try:
-            return await method(request, timeout=deadline_seconds or self.timeout, metadata=outgoing_metadata())
+            return await method(request, timeout=self._deadline(), metadata=outgoing_metadata())
         except grpc.aio.AioRpcError as error:
-            raise to_modelplane_error(error, peer=peer) from None
+            raise self._translate(error, peer) from None
+
+    async def stream(self, peer: str, method: Any, request: Message) -> AsyncIterator[Any]:
+        """The responses of one server-streaming call, as they arrive."""
+        _authorize(request)
+        call = method(request, timeout=self._deadline(), metadata=outgoing_metadata())
+        try:
+            async for response in call:
+                yield response
+        except grpc.aio.AioRpcError as error:
+            raise self._translate(error, peer) from None
+        finally:
+            call.cancel()
+
+    async def unary_split(
+        self,
+        peer: str,
+        method: Any,
+        items: Sequence[T],
+        build: Callable[[Sequence[T]], Message],
+        *,
+        size: int,
+        concurrency: int,
+    ) -> list[tuple[int, Any]]:
+        """Calls `method` once per slice of `items` of at most `size`, at most `concurrency` at a
+        time, and returns (offset of the slice, response) in order. An error that names an input by
+        its position (`index` in its metadata) is renumbered to the input's position in `items`."""
+        gate = asyncio.Semaphore(concurrency)
+
+        async def call(offset: int) -> tuple[int, Any]:
+            async with gate:
+                try:
+                    return offset, await self.unary(peer, method, build(items[offset : offset + size]))
+                except ModelplaneError as error:
+                    raise _renumbered(error, offset) from None
+
+        return list(await asyncio.gather(*(call(offset) for offset in range(0, len(items), size))))
 
     async def health(self) -> dict[str, bool]:
         """Whether each backend answers its health check as SERVING."""
@@ -48,6 +122,22 @@ class Backends:
             except grpc.aio.AioRpcError:
                 status[name] = False
         return status
+
+
+def _authorize(request: Message) -> None:
+    """Every inference request names its model in `model`; the caller's key must allow it."""
+    if "model" in request.DESCRIPTOR.fields_by_name:
+        authorize_model(request.model)  # type: ignore[attr-defined]
+
+
+def _renumbered(error: ModelplaneError, offset: int) -> ModelplaneError:
+    index = error.metadata.get("index")
+    if offset == 0 or index is None or not index.isdigit():
+        return error
+    actual = str(int(index) + offset)
+    error.message = re.sub(rf"\b(Input|Document) {index}\b", rf"\g<1> {actual}", error.message, count=1)
+    error.metadata["index"] = actual
+    return error
 
 
 def backends(request: Request) -> Backends:

@@ -1,4 +1,11 @@
-"""Request ids and one access-log line per request, as a pure ASGI middleware (streaming-safe)."""
+"""What happens to every request before a route sees it, as pure ASGI middleware (streaming-safe,
+and run in the request's own task, so the context variables they set reach the route):
+
+- `RequestContextMiddleware` (outermost): the request id, one access-log line, HTTP metrics.
+- `AccessMiddleware`: for every path but the probes, metrics and API docs, the body size limit
+  (413), the API key (401), the caller's request rate (429) and the request's deadline. A route
+  gets all of it by being mounted on the app; it need not declare anything.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,9 @@ from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from modelplane.common.request_context import REQUEST_ID_HEADER, accept_request_id, current_request_id
+from modelplane.gateway import errors
+from modelplane.gateway.auth import Caller, KeyRing, current_caller
+from modelplane.gateway.limits import RateLimiter, request_deadline
 
 log = structlog.get_logger()
 
@@ -74,4 +84,85 @@ class RequestContextMiddleware:
                     status=status,
                     duration_ms=round(elapsed * 1000, 2),
                 )
-            structlog.contextvars.unbind_contextvars("request_id", "model")
+            structlog.contextvars.unbind_contextvars("request_id", "model", "caller")
+
+
+# Open to everyone: orchestrator probes, Prometheus, and the API's own description.
+PUBLIC_PATHS = frozenset(
+    {"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+)
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    value = next((v for k, v in headers if k.lower() == b"content-length"), None)
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+class AccessMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        keys: KeyRing,
+        rate_limiter: RateLimiter,
+        max_body_bytes: int,
+        request_timeout_seconds: float,
+    ) -> None:
+        self.app = app
+        self.keys = keys
+        self.rate_limiter = rate_limiter
+        self.max_body_bytes = max_body_bytes
+        self.timeout = request_timeout_seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
+            await self.app(scope, receive, send)
+            return
+        try:
+            caller = self._admit(scope)
+        except errors.GatewayError as error:
+            await errors.gateway_error_response(error)(scope, receive, send)
+            return
+        caller_token = current_caller.set(caller)
+        deadline_token = request_deadline.set(time.monotonic() + self.timeout)
+        # Unbound by RequestContextMiddleware, after its access-log line.
+        structlog.contextvars.bind_contextvars(caller=caller.name)
+        try:
+            await self.app(scope, self._limited(receive), send)
+        finally:
+            request_deadline.reset(deadline_token)
+            current_caller.reset(caller_token)
+
+    def _admit(self, scope: Scope) -> Caller:
+        """The request's caller, once its size, key and rate are acceptable."""
+        length = _content_length(scope["headers"])
+        if length is not None and length > self.max_body_bytes:
+            raise errors.body_too_large(self.max_body_bytes)
+        authorization = next((v for k, v in scope["headers"] if k.lower() == b"authorization"), b"")
+        caller = self.keys.authenticate(authorization.decode("latin-1"))
+        wait = self.rate_limiter.acquire(caller.name, caller.requests_per_minute)
+        if wait is not None:
+            raise errors.RateLimited(
+                f"API key '{caller.name}' is over its limit of {caller.requests_per_minute} requests per minute; "
+                f"retry in {wait:.1f} s.",
+                retry_after_seconds=wait,
+            )
+        return caller
+
+    def _limited(self, receive: Receive) -> Receive:
+        """`receive` that stops a body without Content-Length (chunked) once it passes the limit."""
+        received = 0
+
+        async def receive_within_limit() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise errors.BodyTooLarge(self.max_body_bytes)
+            return message
+
+        return receive_within_limit

@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+# A token id of the model's own tokenizer; the inference service checks it against the vocabulary.
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+ModelName = Annotated[
+    str,
+    Field(min_length=1, max_length=256, description="A model name from GET /v1/models.", examples=["all-minilm-l6-v2"]),
+]
+
+Texts = Annotated[list[str], Field(min_length=1)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+TokenIdLists = Annotated[list[TokenIds], Field(min_length=1)]
 
 
 class EmbeddingsRequest(BaseModel):
     # Clients send fields this API does not use (user, dimensions); they are accepted and ignored.
     model_config = ConfigDict(extra="allow")
 
-    model: str = Field(min_length=1, description="Name of the embedding model.")
-    input: str | list[str] | list[int] | list[list[int]] = Field(
-        description="A text, a list of texts, token ids, or a list of token-id lists."
+    model: ModelName
+    input: str | Texts | TokenIds | TokenIdLists = Field(
+        description="A text, a list of texts, token ids, or a list of token-id lists. Texts longer than the "
+        "model accepts are cut to its limit (MODELPLANE_INFERENCE_TRUNCATION=error refuses them instead). "
+        "Any number of inputs up to the gateway's batch limit; large batches are split across calls.",
+        examples=[["The quick brown fox.", "A second text."]],
     )
     encoding_format: Literal["float", "base64"] = Field(
         default="float", description="`float` lists, or `base64` of little-endian float32."
@@ -38,6 +52,54 @@ class EmbeddingsResponse(BaseModel):
     usage: EmbeddingsUsage
 
 
+class RerankDocumentIn(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    text: str
+
+
+class RerankRequest(BaseModel):
+    """Jina's and Cohere's rerank request, as Dify's OpenAI-API-compatible provider sends it."""
+
+    # Clients send fields this API does not use (max_chunks_per_doc, rank_fields); they are ignored.
+    model_config = ConfigDict(extra="allow")
+
+    model: ModelName
+    query: str = Field(description="The query the documents are scored against.", examples=["What is Triton?"])
+    documents: list[str | RerankDocumentIn] = Field(
+        min_length=1,
+        description="The documents to score: strings, or objects with a `text` field.",
+        examples=[["Triton serves models.", "Bananas are yellow."]],
+    )
+    top_n: int | None = Field(
+        default=None, ge=0, description="How many of the best to return; absent or null: all (0: none)."
+    )
+    return_documents: bool = Field(default=True, description="Whether each result carries its document's text.")
+
+
+class RerankResultDocument(BaseModel):
+    text: str
+
+
+class RerankResult(BaseModel):
+    index: int = Field(description="Position of the document in the request.")
+    relevance_score: float = Field(ge=0.0, le=1.0, description="Relevance in [0, 1]; higher is more relevant.")
+    document: RerankResultDocument | None = Field(default=None, description="Present when return_documents is true.")
+
+
+class RerankUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class RerankResponse(BaseModel):
+    id: str = Field(description="The request id.")
+    object: Literal["list"] = "list"
+    model: str
+    results: list[RerankResult] = Field(description="Most relevant first.")
+    usage: RerankUsage
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -53,11 +115,22 @@ class ModelList(BaseModel):
 
 
 class ErrorDetail(BaseModel):
-    message: str
+    message: str = Field(description="What went wrong and what to do about it.")
     type: str
-    code: str
-    param: str | None = None
+    code: str = Field(description="A stable, machine-readable code.")
+    param: str | None = Field(default=None, description="The request field at fault, when one is.")
+    state: str | None = Field(default=None, description="For 409: the lifecycle state the model is in.")
 
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, object]]:
+    """The `responses` of a route: these statuses, each with the error body."""
+    return {status: {"model": ErrorBody} for status in sorted(statuses)}
+
+
+# The statuses every API route can answer with, whatever it does: the access middleware's refusals
+# (401, 413, 429), a malformed body (422), the deadline (504), an unexpected failure (500).
+COMMON_ERRORS = (401, 413, 422, 429, 500, 504)

@@ -26,6 +26,10 @@ class GatewayService(Service):
 
     def __init__(self, settings: GatewaySettings | None = None) -> None:
         self.settings = settings or GatewaySettings()
+        if (self.settings.tls_cert_file is None) != (self.settings.tls_key_file is None):
+            raise ValueError(
+                "HTTPS needs both MODELPLANE_GATEWAY_TLS_CERT_FILE and MODELPLANE_GATEWAY_TLS_KEY_FILE; one is unset."
+            )
         config = uvicorn.Config(
             create_app(self.settings),
             host=self.settings.host,
@@ -34,6 +38,8 @@ class GatewayService(Service):
             access_log=False,
             timeout_graceful_shutdown=int(self.settings.shutdown_grace_seconds),
             lifespan="on",
+            ssl_certfile=self.settings.tls_cert_file,
+            ssl_keyfile=self.settings.tls_key_file,
         )
         self.server = _EmbeddedServer(config)
         self.port = 0

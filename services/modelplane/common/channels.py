@@ -1,10 +1,12 @@
-"""gRPC client channels between services, configured the same way everywhere."""
+"""gRPC client channels between services, configured the same way everywhere: mTLS when this
+process has certificates (common/tls.py), keepalives, and message size limits."""
 
 from __future__ import annotations
 
 import grpc
 
 from modelplane.common.grpc_server import message_size_options
+from modelplane.common.tls import TlsFiles, process_tls
 
 # Keepalives find a dead peer (a killed pod, a dropped connection) in seconds rather than at the
 # TCP timeout, so streams such as WatchModels reconnect promptly.
@@ -16,5 +18,12 @@ _KEEPALIVE = [
 ]
 
 
-def open_channel(address: str, *, max_message_bytes: int = 64 * 1024 * 1024) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=[*message_size_options(max_message_bytes), *_KEEPALIVE])
+def open_channel(
+    address: str, *, max_message_bytes: int = 64 * 1024 * 1024, tls: TlsFiles | None = None
+) -> grpc.aio.Channel:
+    """A channel to another modelplane service; `tls` defaults to this process's certificates."""
+    options = [*message_size_options(max_message_bytes), *_KEEPALIVE]
+    tls = tls or process_tls()
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=options)
+    return grpc.aio.secure_channel(address, tls.channel_credentials(), options=options)

@@ -1,11 +1,14 @@
-"""A grpc.aio server with health, reflection, the service interceptor and graceful shutdown."""
+"""A grpc.aio server with health, reflection, the service interceptor, metrics, mTLS when
+configured, and graceful shutdown."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 from collections.abc import Callable
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 import structlog
@@ -15,6 +18,7 @@ from prometheus_client import start_http_server
 
 from modelplane.common.interceptors import ServiceInterceptor
 from modelplane.common.settings import ServerSettings
+from modelplane.common.tls import process_tls
 
 log = structlog.get_logger()
 
@@ -36,6 +40,13 @@ class GrpcServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names: list[str] = [health.SERVICE_NAME, reflection.SERVICE_NAME]
         self.port = 0
+        self.tls = process_tls()
+        # Probes that cannot present a client certificate get the health service alone, in plaintext.
+        self._health_server: grpc.aio.Server | None = None
+        if settings.health_port:
+            self._health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+        self._metrics: MetricsEndpoint | None = None
 
     def add_servicer(
         self, add_to_server: Callable[[Any, grpc.aio.Server], None], servicer: Any, full_name: str
@@ -45,19 +56,40 @@ class GrpcServer:
 
     async def start(self) -> int:
         reflection.enable_server_reflection(self._service_names, self.server)
-        self.port = self.server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        address = f"{self.settings.host}:{self.settings.port}"
+        if self.tls is not None:
+            self.port = self.server.add_secure_port(address, self.tls.server_credentials())
+        else:
+            self.port = self.server.add_insecure_port(address)
         if not self.port:
-            raise OSError(f"cannot listen on {self.settings.host}:{self.settings.port}; is the port in use?")
+            raise OSError(f"cannot listen on {address}; is the port in use?")
+        if self._health_server is not None:
+            health_address = f"{self.settings.host}:{self.settings.health_port}"
+            if not self._health_server.add_insecure_port(health_address):
+                raise OSError(f"cannot listen on {health_address} (health_port); is the port in use?")
+            await self._health_server.start()
         await self.server.start()
+        self._metrics = MetricsEndpoint.start(self.settings.host, self.settings.metrics_port)
         for name in ["", *self._service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("grpc server started", port=self.port, services=self._service_names[2:])
+        log.info(
+            "grpc server started",
+            port=self.port,
+            mtls=self.tls is not None,
+            health_port=self.settings.health_port or None,
+            metrics_port=self.settings.metrics_port or None,
+            services=self._service_names[2:],
+        )
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
         """Health goes NOT_SERVING first, so load balancers stop sending, then requests drain."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
+        if self._metrics is not None:
+            self._metrics.stop()
         log.info("grpc server stopped")
 
 
@@ -69,8 +101,25 @@ async def wait_for_termination_signal() -> None:
     await stop.wait()
 
 
-def start_metrics_server(port: int | None) -> None:
-    """Serves this process's Prometheus metrics on their own port, when one is configured."""
-    if port:
-        start_http_server(port)
-        log.info("metrics endpoint started", port=port)
+class MetricsEndpoint:
+    """This process's Prometheus metrics over plain HTTP on a port of their own (GET /metrics)."""
+
+    def __init__(self, server: WSGIServer, thread: threading.Thread) -> None:
+        self._server = server
+        self._thread = thread
+
+    @classmethod
+    def start(cls, host: str, port: int) -> MetricsEndpoint | None:
+        """Starts serving when a port is configured; returns None for port 0."""
+        if not port:
+            return None
+        try:
+            server, thread = start_http_server(port, addr=host)
+        except OSError as error:
+            raise OSError(f"cannot serve metrics on {host}:{port} ({error}); is the port in use?") from error
+        return cls(server, thread)
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)

@@ -1,4 +1,10 @@
-"""structlog configuration: JSON for collectors, key-value for people, one context per request."""
+"""structlog configuration: JSON for collectors, key-value for people, one context per request.
+
+Every line names its service (so the interleaved output of `modelplane up`, or one collector fed
+by every pod, stays attributable) and, while a request is handled, its request id (bound by the
+gRPC interceptor and the gateway middleware). Lines of libraries that use the standard logging
+module get the same fields and the same renderer.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,14 @@ import structlog
 from modelplane.common.settings import LoggingSettings
 
 
+def _naming(service: str) -> structlog.typing.Processor:
+    def add_service(_logger: object, _method: str, event: structlog.typing.EventDict) -> structlog.typing.EventDict:
+        event.setdefault("service", service)
+        return event
+
+    return add_service
+
+
 def configure_logging(service: str, settings: LoggingSettings | None = None) -> None:
     settings = settings or LoggingSettings()
     level = getattr(logging, settings.level.upper())
@@ -18,6 +32,8 @@ def configure_logging(service: str, settings: LoggingSettings | None = None) -> 
         structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=False)
     )
     shared: list[structlog.typing.Processor] = [
+        # A processor rather than a context variable: threads and tasks started anywhere carry it.
+        _naming(service),
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -28,7 +44,6 @@ def configure_logging(service: str, settings: LoggingSettings | None = None) -> 
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
-    structlog.contextvars.bind_contextvars(service=service)
     # Libraries that use the standard logging module (uvicorn, alembic) go through the same renderer.
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(

@@ -32,6 +32,22 @@ class LoggingSettings(BaseSettings):
     """`json` for log collectors, `console` for people; `auto` picks console on a terminal."""
 
 
+class TlsSettings(BaseSettings):
+    """Mutual TLS on every gRPC channel and port; off unless certificates are configured."""
+
+    model_config = SettingsConfigDict(env_prefix="MODELPLANE_TLS_", use_attribute_docstrings=True, extra="ignore")
+
+    dir: Path | None = None
+    """A directory made by `modelplane certs init`: each process uses `ca.crt` and the
+    `<service>.crt`/`<service>.key` of its own service (`cli` for the command line)."""
+    ca_file: Path | None = None
+    """PEM file of the CA that signs every modelplane certificate (overrides `dir`)."""
+    cert_file: Path | None = None
+    """PEM certificate this process presents, as server and as client (overrides `dir`)."""
+    key_file: Path | None = None
+    """PEM private key of `cert_file` (overrides `dir`)."""
+
+
 class ServerSettings(BaseSettings):
     """What every gRPC service needs to listen; subclasses set the env prefix and port."""
 
@@ -46,7 +62,10 @@ class ServerSettings(BaseSettings):
     max_message_bytes: int = 64 * 1024 * 1024
     """Largest gRPC message accepted or sent."""
     metrics_port: int = 0
-    """Port of this service's Prometheus /metrics endpoint; 0 serves none."""
+    """Port of this service's Prometheus /metrics endpoint (plain HTTP); 0 serves none."""
+    health_port: int = 0
+    """A plaintext port that serves only the gRPC health service, for probes that cannot present a
+    client certificate (the kubelet's) when mTLS is on; 0 serves none."""
 
 
 class TritonSettings(BaseSettings):

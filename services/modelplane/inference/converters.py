@@ -5,6 +5,7 @@ from __future__ import annotations
 from modelplane.common.types import Usage
 from modelplane.common.v1 import usage_pb2
 from modelplane.inference.handlers import EmbedInput, EmbedResult
+from modelplane.inference.rerank import RerankResult
 from modelplane.inference.v1 import inference_service_pb2 as pb
 
 
@@ -29,6 +30,17 @@ def embed_result_to_proto(result: EmbedResult) -> pb.EmbedResponse:
         embeddings=[
             pb.Embedding(index=e.index, values=e.values.tolist(), num_tokens=e.num_tokens, truncated=e.truncated)
             for e in result.embeddings
+        ],
+        usage=usage_to_proto(result.usage),
+    )
+
+
+def rerank_result_to_proto(result: RerankResult) -> pb.RerankResponse:
+    return pb.RerankResponse(
+        model=result.model,
+        results=[
+            pb.RerankResult(index=r.index, relevance_score=r.relevance_score, document=r.document or "")
+            for r in result.results
         ],
         usage=usage_to_proto(result.usage),
     )

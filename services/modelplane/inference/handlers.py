@@ -16,11 +16,12 @@ import structlog
 
 from modelplane.common.request_context import current_request_id
 from modelplane.common.types import Task, Usage
+from modelplane.inference import rerank as reranking
 from modelplane.inference.catalog import ModelCatalog, ServingModel
 from modelplane.inference.errors import InputTooLong, InvalidRequest, WrongTask
 from modelplane.inference.settings import InferenceSettings
 from modelplane.inference.stats import RequestStatistics
-from modelplane.inference.tokenization import EncodedBatch
+from modelplane.inference.tokenization import EncodedBatch, EncoderTokenizer
 from modelplane.inference.triton import TritonInferer
 
 log = structlog.get_logger()
@@ -74,12 +75,14 @@ class InferenceHandler:
             return self.settings.truncation == "truncate"
         return truncation == Truncation.END
 
-    async def _serving(self, model: str, task: Task, deadline_seconds: float | None) -> ServingModel:
+    async def _serving(self, model: str, task: Task | tuple[Task, ...], deadline_seconds: float | None) -> ServingModel:
         structlog.contextvars.bind_contextvars(model=model)
         serving = await self.catalog.acquire(model, wait_seconds=self._wait_seconds(deadline_seconds))
-        if serving.model.spec.task != task:
+        accepted = task if isinstance(task, tuple) else (task,)
+        if serving.model.spec.task not in accepted:
+            wanted = " or ".join(t.name.lower() for t in accepted)
             raise WrongTask(
-                f"Model '{model}' serves {serving.model.spec.task.name.lower()}, not {task.name.lower()}; "
+                f"Model '{model}' serves {serving.model.spec.task.name.lower()}, not {wanted}; "
                 "pick a model of the right type (GET /v1/models lists each model's task).",
                 metadata={"model": model, "task": serving.model.spec.task.name},
             )
@@ -108,8 +111,9 @@ class InferenceHandler:
         texts = [item.text or "" for item in inputs if item.token_ids is None]
         encoded = iter(tokenizer.encode_texts(texts)) if texts else iter(())
         sequences: list[tuple[list[int], list[int]]] = []
-        for item in inputs:
+        for index, item in enumerate(inputs):
             if item.token_ids is not None:
+                _check_vocabulary(item.token_ids, tokenizer, model, index)
                 ids = tokenizer.frame_token_ids(item.token_ids)
                 sequences.append((ids, [0] * len(ids)))
             else:
@@ -133,6 +137,36 @@ class InferenceHandler:
         ]
         prompt_tokens = sum(batch_facts.token_counts)
         return EmbedResult(model=model, embeddings=embeddings, usage=Usage(prompt_tokens=prompt_tokens))
+
+    async def rerank(
+        self,
+        model: str,
+        query: str,
+        documents: Sequence[str],
+        *,
+        top_n: int | None = None,
+        return_documents: bool = False,
+        truncation: Truncation = Truncation.UNSPECIFIED,
+        deadline_seconds: float | None = None,
+    ) -> reranking.RerankResult:
+        """Scores documents against the query with a cross-encoder or an embedding model (rerank.py)."""
+        if not documents:
+            raise InvalidRequest("The request has no documents; send at least one.")
+        if len(documents) > self.settings.max_inputs_per_request:
+            raise InvalidRequest(
+                f"The request has {len(documents)} documents; at most {self.settings.max_inputs_per_request} are "
+                "accepted per request. Split it into smaller batches."
+            )
+        serving = await self._serving(model, (Task.RERANK, Task.EMBEDDING), deadline_seconds)
+        return await reranking.rerank(
+            serving,
+            query,
+            documents,
+            top_n=top_n,
+            return_documents=return_documents,
+            truncate=self._truncates(truncation),
+            run_encoder=self._run_encoder,
+        )
 
     async def _run_encoder(
         self, serving: ServingModel, sequences: list[tuple[list[int], list[int]]]
@@ -158,3 +192,15 @@ class InferenceHandler:
             truncated=[cut for chunk in chunks for cut in chunk.truncated],
         )
         return np.concatenate(outputs).astype(np.float32, copy=False), facts
+
+
+def _check_vocabulary(ids: Sequence[int], tokenizer: EncoderTokenizer, model: str, index: int) -> None:
+    """Token ids outside the vocabulary would fail inside the model; refuse them by name instead."""
+    size = tokenizer.vocabulary_size
+    bad = next((token for token in ids if not 0 <= token < size), None)
+    if bad is not None:
+        raise InvalidRequest(
+            f"Input {index} has token id {bad}, outside model '{model}''s vocabulary of {size} tokens; "
+            "token ids must come from this model's own tokenizer.",
+            metadata={"model": model, "index": str(index)},
+        )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from modelplane.common.grpc_server import GrpcServer, start_metrics_server
+from modelplane.common.grpc_server import GrpcServer
 from modelplane.common.service import Service
 from modelplane.common.settings import TritonSettings
 from modelplane.inference.catalog import ModelCatalog
@@ -43,7 +43,6 @@ class InferenceService(Service):
         self.catalog.start()
         self.stats.start()
         self.port = await self.server.start()
-        start_metrics_server(self.settings.metrics_port)
         self._closers = [registry.close, loader.close, triton.close]
 
     async def stop(self) -> None:

@@ -26,3 +26,15 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             deadline_seconds=_deadline(context),
         )
         return converters.embed_result_to_proto(result)
+
+    async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
+        result = await self.handler.rerank(
+            request.model,
+            request.query,
+            list(request.documents),
+            top_n=request.top_n if request.HasField("top_n") else None,
+            return_documents=request.return_documents,
+            truncation=Truncation(request.truncation),
+            deadline_seconds=_deadline(context),
+        )
+        return converters.rerank_result_to_proto(result)

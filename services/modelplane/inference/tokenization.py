@@ -27,6 +27,7 @@ class EncoderTokenizer:
         pad_id = self.tokenizer.token_to_id(pad_token) if pad_token else None
         self.pad_id = int(pad_id) if pad_id is not None else 0
         self._prefix, self._suffix = self._special_frame()
+        self.vocabulary_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     def _special_frame(self) -> tuple[list[int], list[int]]:
         """The special tokens the model wraps one input in ([CLS] … [SEP] for BERT), learned from

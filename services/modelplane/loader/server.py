@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from modelplane.common.grpc_server import GrpcServer, start_metrics_server
+from modelplane.common.grpc_server import GrpcServer
 from modelplane.common.service import Service
 from modelplane.common.settings import TritonSettings
 from modelplane.loader.cache import PackageCache
@@ -48,7 +48,6 @@ class LoaderService(Service):
             loader_service_pb2_grpc.add_LoaderServiceServicer_to_server, LoaderServicer(self.handler), SERVICE_FULL_NAME
         )
         self.port = await self.server.start()
-        start_metrics_server(self.settings.metrics_port)
         self.handler.start_background()
 
     async def stop(self) -> None:

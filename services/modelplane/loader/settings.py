@@ -39,9 +39,18 @@ class LoaderSettings(ServerSettings):
     int8_parity_tolerance: float = 5e-2
     """Largest absolute difference allowed for a dynamically quantised int8 artifact (precision INT8)."""
     max_batch_size: int = 64
-    """Default largest batch Triton forms for an encoder model."""
-    max_queue_delay_microseconds: int = 2000
-    """Default time a request may wait in Triton's queue for a batch to fill."""
+    """Default largest batch Triton forms for an encoder model (sequences, not requests)."""
+    dynamic_batching: bool = True
+    """Let Triton batch the requests for one encoder model that wait while it is busy
+    (docs/BATCHING.md); false runs every request on its own."""
+    max_queue_delay_microseconds: int = 0
+    """Default time a request that finds the model idle waits for others to batch with. Requests that
+    arrive while the model is busy are batched anyway, so 0 adds no latency to a lone request."""
+    length_buckets: list[int] = Field(default_factory=lambda: [12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512])
+    """Sequence-length bucket bounds, in tokens, for encoders on the embedded Triton: each batch runs
+    one onnxruntime call per bucket, padded to that bucket's longest sequence, so short texts do not
+    pay for long ones; an empty list pads every batch to its longest. A JSON list in the environment,
+    e.g. `[16, 32, 64, 128, 256]`."""
     onnx_intra_op_threads: int = 0
     """Threads onnxruntime uses inside one inference on the embedded Triton; 0 means all cores."""
     reconcile_interval_seconds: float = 30.0

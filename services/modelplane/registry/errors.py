@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from modelplane.common.errors import Aborted, FailedPrecondition, InvalidArgument, ModelNotFound
+from modelplane.common.errors import Aborted, FailedPrecondition, InvalidArgument, ModelNotFound, Unavailable
 
-__all__ = ["InvalidModelSpec", "ModelBusy", "ModelNotFound", "StaleTransition"]
+__all__ = ["InvalidModelSpec", "ModelBusy", "ModelNotFound", "StaleTransition", "WatchUnavailable"]
 
 
 class InvalidModelSpec(InvalidArgument):
@@ -19,3 +19,9 @@ class StaleTransition(Aborted):
 
 class ModelBusy(FailedPrecondition):
     reason = "MODEL_BUSY"
+
+
+class WatchUnavailable(Unavailable):
+    """A replica on PostgreSQL cannot follow other replicas' changes (its LISTEN connection is down)."""
+
+    reason = "WATCH_UNAVAILABLE"

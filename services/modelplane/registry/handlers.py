@@ -36,7 +36,7 @@ from modelplane.common.types import (
 from modelplane.registry.errors import InvalidModelSpec, ModelBusy, ModelNotFound, StaleTransition
 from modelplane.registry.statistics import ModelStatistics
 from modelplane.registry.store import RegistryStore
-from modelplane.registry.watch import ChangeType, ModelChange, WatchHub
+from modelplane.registry.watch import ChangeType, ModelChange
 
 log = structlog.get_logger()
 
@@ -127,9 +127,10 @@ def _decode_page_token(token: str) -> str:
 
 
 class RegistryHandler:
-    def __init__(self, store: RegistryStore, hub: WatchHub) -> None:
+    """Watchers are told of every change by the store when it commits (see `store.subscribe`)."""
+
+    def __init__(self, store: RegistryStore) -> None:
         self.store = store
-        self.hub = hub
 
     async def get(self, name: str) -> Model:
         model = await self.store.get_model(name)
@@ -160,8 +161,9 @@ class RegistryHandler:
             # The same package again: keep its version and state, take the new mutable fields.
             updated = existing.model_copy(update={"spec": spec, "desired_state": desired or DesiredState.UNLOADED})
             if updated != existing:
-                updated, _ = await self.store.put_model(updated, new_version=False, event=None)
-                self.hub.publish(ModelChange(ChangeType.UPDATED, updated))
+                updated, _ = await self.store.put_model(
+                    updated, new_version=False, event=None, change=ChangeType.UPDATED
+                )
             return updated, False
         version = existing.version + 1 if existing else 1
         model = Model(
@@ -179,9 +181,8 @@ class RegistryHandler:
             message=f"registered version {version} from {redact_uri(spec.source_uri)}",
             request_id=request_id,
         )
-        model, event = await self.store.put_model(model, new_version=True, event=event)
+        model, event = await self.store.put_model(model, new_version=True, event=event, change=ChangeType.REGISTERED)
         log.info("model registered", model=spec.name, version=version)
-        self.hub.publish(ModelChange(ChangeType.REGISTERED, model, event))
         return model, True
 
     async def update(self, spec: ModelSpec, fields: Sequence[str]) -> Model:
@@ -199,7 +200,6 @@ class RegistryHandler:
             return current.model_copy(update={"spec": current.spec.model_copy(update=changes)})
 
         model, _ = await self.store.transition(spec.name, apply)
-        self.hub.publish(ModelChange(ChangeType.UPDATED, model))
         return model
 
     async def set_desired_state(self, name: str, desired: DesiredState) -> Model:
@@ -209,7 +209,6 @@ class RegistryHandler:
             return current.model_copy(update={"desired_state": desired})
 
         model, _ = await self.store.transition(name, apply)
-        self.hub.publish(ModelChange(ChangeType.UPDATED, model))
         return model
 
     async def delete(self, name: str) -> None:
@@ -222,7 +221,6 @@ class RegistryHandler:
             )
         await self.store.delete_model(name)
         log.info("model deleted", model=name)
-        self.hub.publish(ModelChange(ChangeType.DELETED, model))
 
     async def transition(self, request: Transition) -> tuple[Model, ModelEvent | None]:
         if request.to_state == ModelState.UNSPECIFIED:
@@ -257,7 +255,6 @@ class RegistryHandler:
                 to_state=event.to_state.name,
                 message=event.message,
             )
-        self.hub.publish(ModelChange(ChangeType.UPDATED, model, event))
         return model, event
 
     async def events(self, *, name: str = "", after_id: int = 0, page_size: int = 0) -> list[ModelEvent]:
@@ -286,7 +283,7 @@ class RegistryHandler:
     async def watch(self, *, names: Sequence[str] = (), include_initial: bool = False) -> AsyncIterator[ModelChange]:
         wanted = set(names)
         # Subscribe before reading the snapshot, so no change falls between the two.
-        with self.hub.subscribe() as subscription:
+        with await self.store.subscribe() as subscription:
             if include_initial:
                 models, token = await self.list(page_size=_MAX_PAGE)
                 while True:

@@ -74,3 +74,14 @@ model_request_stats = sa.Table(
     sa.Column("hour_of_day_json", sa.Text, nullable=False),
     sa.Column("last_request_time", sa.DateTime(timezone=True), nullable=True),
 )
+
+# Changes announced to the watchers of every replica (PostgreSQL): a notification carries a row's
+# id, each replica reads the change from here. Rows are pruned minutes after they are written.
+model_changes = sa.Table(
+    "model_changes",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    # The change as ModelChange.to_json writes it: change type, the model and its event.
+    sa.Column("payload", sa.Text, nullable=False),
+    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False, index=True),
+)

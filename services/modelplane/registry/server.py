@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from modelplane.common.grpc_server import GrpcServer, start_metrics_server
+from modelplane.common.grpc_server import GrpcServer
 from modelplane.common.service import Service
 from modelplane.registry.handlers import RegistryHandler
 from modelplane.registry.servicer import RegistryServicer
 from modelplane.registry.settings import RegistrySettings
 from modelplane.registry.store import RegistryStore
 from modelplane.registry.v1 import registry_service_pb2, registry_service_pb2_grpc
-from modelplane.registry.watch import WatchHub
 
 SERVICE_FULL_NAME = registry_service_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name
 
@@ -20,24 +19,23 @@ class RegistryService(Service):
     def __init__(self, settings: RegistrySettings | None = None) -> None:
         self.settings = settings or RegistrySettings()
         self.server = GrpcServer(self.name, self.settings)
-        self.hub = WatchHub()
         self.store: RegistryStore | None = None
         self.port = 0
 
     async def start(self) -> None:
         self.store = await RegistryStore.open(self.settings.database_url)
-        handler = RegistryHandler(self.store, self.hub)
+        handler = RegistryHandler(self.store)
         self.server.add_servicer(
             registry_service_pb2_grpc.add_RegistryServiceServicer_to_server,
             RegistryServicer(handler),
             SERVICE_FULL_NAME,
         )
         self.port = await self.server.start()
-        start_metrics_server(self.settings.metrics_port)
 
     async def stop(self) -> None:
         # Watch streams never end on their own; end them so the server's grace period is not spent waiting.
-        self.hub.close()
+        if self.store is not None:
+            self.store.changes.close()
         await self.server.stop()
         if self.store is not None:
             await self.store.close()

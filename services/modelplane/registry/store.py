@@ -1,7 +1,8 @@
 """Persistence of the catalogue: SQLAlchemy Core over SQLite (WAL) or PostgreSQL.
 
 Every method is one transaction. The store knows rows and JSON; the rules about what may change
-and when live in `handlers.py`.
+and when live in `handlers.py`. Every write to a model announces the change to watchers once it
+has committed (`changes`): in this process for SQLite, to every replica for PostgreSQL (watch.py).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -31,8 +33,21 @@ from modelplane.common.types import (
 )
 from modelplane.registry import schema
 from modelplane.registry.statistics import RATE_TIME_CONSTANTS, ModelStatistics, StatisticsState
+from modelplane.registry.watch import (
+    CHANGES_CHANNEL,
+    ChangeType,
+    ModelChange,
+    PostgresChangeListener,
+    Subscription,
+    WatchHub,
+)
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# Replicas that start together take this advisory lock to migrate one at a time.
+_MIGRATION_LOCK_KEY = 0x6D6F64656C706C61  # "modelpla"
+# Announced changes are read back by every replica within milliseconds; older rows are pruned.
+_CHANGE_RETENTION = timedelta(minutes=10)
+_PRUNE_INTERVAL_SECONDS = 60.0
 
 # Computes a model's new value from its current one (None when it does not exist); may raise.
 Mutation = Callable[[Model | None], Model]
@@ -57,6 +72,27 @@ def _model_from_row(row: sa.Row) -> Model:
     )
 
 
+def upgrade_schema(connection: sa.Connection, revision: str = "head") -> None:
+    """Runs the alembic migrations up to `revision` on an open connection."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["connection"] = connection
+    command.upgrade(config, revision)
+
+
+def _asyncpg_dsn(url: sa.URL) -> str:
+    """The SQLAlchemy URL as a DSN that asyncpg itself accepts (for the LISTEN connection)."""
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@dataclass
+class _Write:
+    """One write transaction and the changes it will announce when it commits."""
+
+    connection: AsyncConnection
+    changes: list[ModelChange] = field(default_factory=list)
+
+
 def _event_from_row(row: sa.Row) -> ModelEvent:
     return ModelEvent(
         id=row.id,
@@ -73,9 +109,15 @@ def _event_from_row(row: sa.Row) -> ModelEvent:
 class RegistryStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        self.postgres = engine.dialect.name == "postgresql"
+        # Committed changes, for WatchModels streams of this process to subscribe to.
+        self.changes = WatchHub()
         # SQLite allows one writer; serialising writes here avoids lock-upgrade deadlocks between
-        # concurrent transactions of this process. PostgreSQL needs no such lock.
+        # concurrent transactions of this process, and publishes changes in commit order.
+        # PostgreSQL needs no such lock: rows read for a change are locked (FOR UPDATE) instead.
         self._write_lock = asyncio.Lock() if engine.dialect.name == "sqlite" else None
+        self._listener: PostgresChangeListener | None = None
+        self._last_prune = 0.0
 
     @classmethod
     async def open(cls, url: str) -> RegistryStore:
@@ -87,29 +129,70 @@ class RegistryStore:
         if engine.dialect.name == "sqlite":
             sa.event.listen(engine.sync_engine, "connect", _configure_sqlite)
         store = cls(engine)
-        await store.migrate()
+        try:
+            await store.migrate()
+            if store.postgres:
+                store._listener = PostgresChangeListener(_asyncpg_dsn(engine.url), store.changes, store.read_change)
+                await store._listener.start()
+        except BaseException:
+            await engine.dispose()
+            raise
         return store
 
-    async def migrate(self) -> None:
-        """Brings the schema to the newest migration; runs on every start."""
-
-        def upgrade(connection: sa.Connection) -> None:
-            config = Config()
-            config.set_main_option("script_location", str(MIGRATIONS_DIR))
-            config.attributes["connection"] = connection
-            command.upgrade(config, "head")
-
+    async def migrate(self, revision: str = "head") -> None:
+        """Brings the schema to `revision` (the newest by default); runs on every start."""
         async with self.engine.begin() as connection:
-            await connection.run_sync(upgrade)
+            if self.postgres:
+                await connection.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK_KEY)))
+            await connection.run_sync(upgrade_schema, revision)
 
     async def close(self) -> None:
+        self.changes.close()
+        if self._listener is not None:
+            await self._listener.close()
         await self.engine.dispose()
 
     @contextlib.asynccontextmanager
-    async def _write(self) -> AsyncIterator[AsyncConnection]:
+    async def _write(self) -> AsyncIterator[_Write]:
         lock = self._write_lock or contextlib.nullcontext()
-        async with lock, self.engine.begin() as connection:
-            yield connection
+        async with lock:
+            async with self.engine.begin() as connection:
+                write = _Write(connection)
+                yield write
+                if self.postgres:
+                    for change in write.changes:
+                        await self._announce(connection, change)
+            if not self.postgres:
+                for change in write.changes:
+                    self.changes.publish(change)
+
+    async def _announce(self, connection: AsyncConnection, change: ModelChange) -> None:
+        """Records a change and NOTIFYs its id inside the writing transaction: PostgreSQL delivers
+        the notification to every replica when, and only if, the transaction commits."""
+        now = datetime.now(UTC)
+        result = await connection.execute(
+            sa.insert(schema.model_changes).values(payload=change.to_json(), create_time=now)
+        )
+        change_id = result.inserted_primary_key[0]
+        await connection.execute(sa.select(sa.func.pg_notify(CHANGES_CHANNEL, str(change_id))))
+        if time.monotonic() - self._last_prune > _PRUNE_INTERVAL_SECONDS:
+            self._last_prune = time.monotonic()
+            await connection.execute(
+                sa.delete(schema.model_changes).where(schema.model_changes.c.create_time < now - _CHANGE_RETENTION)
+            )
+
+    async def subscribe(self) -> Subscription:
+        """Changes committed after this call, on this replica or (PostgreSQL) any other."""
+        if self._listener is not None:
+            return await self._listener.subscribe()
+        return self.changes.subscribe()
+
+    async def read_change(self, change_id: int) -> ModelChange | None:
+        """An announced change, by the id its notification carried; None once pruned."""
+        query = sa.select(schema.model_changes.c.payload).where(schema.model_changes.c.id == change_id)
+        async with self.engine.connect() as connection:
+            payload = (await connection.execute(query)).scalar_one_or_none()
+        return ModelChange.from_json(payload) if payload is not None else None
 
     # Models ---------------------------------------------------------------------------------
 
@@ -133,9 +216,10 @@ class RegistryStore:
         return [_model_from_row(row) for row in rows]
 
     async def put_model(
-        self, model: Model, *, new_version: bool, event: ModelEvent | None
+        self, model: Model, *, new_version: bool, event: ModelEvent | None, change: ChangeType
     ) -> tuple[Model, ModelEvent | None]:
-        """Inserts or replaces a model row, records its version when new, and its event."""
+        """Inserts or replaces a model row, records its version when new, and its event, and
+        announces it to watchers as `change`."""
         now = datetime.now(UTC)
         values = {
             "version": model.version,
@@ -146,9 +230,12 @@ class RegistryStore:
             "status_json": model.status.model_dump_json(),
             "update_time": now,
         }
-        async with self._write() as connection:
+        async with self._write() as write:
+            connection = write.connection
             exists = (
-                await connection.execute(sa.select(schema.models.c.name).where(schema.models.c.name == model.name))
+                await connection.execute(
+                    sa.select(schema.models.c.name).where(schema.models.c.name == model.name).with_for_update()
+                )
             ).first()
             if exists:
                 await connection.execute(
@@ -165,6 +252,7 @@ class RegistryStore:
                 )
             if event is not None:
                 event = await self._insert_event(connection, event, now)
+            write.changes.append(ModelChange(change, model, event))
         return model, event
 
     async def transition(
@@ -177,9 +265,12 @@ class RegistryStore:
     ) -> tuple[Model, ModelEvent | None]:
         """Reads a model, applies `mutate` (which may raise to refuse), and writes the result, the
         event `describe` makes of the change, and the assets, in one transaction, so two writers
-        cannot interleave."""
-        async with self._write() as connection:
-            row = (await connection.execute(sa.select(schema.models).where(schema.models.c.name == name))).first()
+        cannot interleave. Watchers are told of the result as an update."""
+        async with self._write() as write:
+            connection = write.connection
+            row = (
+                await connection.execute(sa.select(schema.models).where(schema.models.c.name == name).with_for_update())
+            ).first()
             current = _model_from_row(row) if row else None
             updated = mutate(current)
             now = datetime.now(UTC)
@@ -199,10 +290,17 @@ class RegistryStore:
             event = describe(current, updated) if describe and current else None
             if event is not None:
                 event = await self._insert_event(connection, event, now)
+            write.changes.append(ModelChange(ChangeType.UPDATED, updated, event))
         return updated, event
 
     async def delete_model(self, name: str) -> None:
-        async with self._write() as connection:
+        async with self._write() as write:
+            connection = write.connection
+            row = (
+                await connection.execute(sa.select(schema.models).where(schema.models.c.name == name).with_for_update())
+            ).first()
+            if row is None:
+                return
             for table in (
                 schema.models,
                 schema.model_versions,
@@ -213,6 +311,7 @@ class RegistryStore:
                 column = table.c.name if table is schema.models else table.c.model_name
                 await connection.execute(sa.delete(table).where(column == name))
             await self._drop_orphan_assets(connection)
+            write.changes.append(ModelChange(ChangeType.DELETED, _model_from_row(row)))
 
     # Events -------------------------------------------------------------------------------
 
@@ -274,8 +373,11 @@ class RegistryStore:
 
     async def record_requests(self, name: str, count: int, cold_starts: int, last_request: datetime) -> None:
         table = schema.model_request_stats
-        async with self._write() as connection:
-            row = (await connection.execute(sa.select(table).where(table.c.model_name == name))).first()
+        async with self._write() as write:
+            connection = write.connection
+            row = (
+                await connection.execute(sa.select(table).where(table.c.model_name == name).with_for_update())
+            ).first()
             state = _statistics_from_row(row) if row else StatisticsState()
             state = state.record(count, cold_starts, last_request, time.time())
             values = {

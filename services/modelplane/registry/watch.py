@@ -1,15 +1,27 @@
-"""Fan-out of catalogue changes to WatchModels streams within one registry process."""
+"""Fan-out of catalogue changes to WatchModels streams.
+
+Within one registry process a `WatchHub` hands each committed change to every watcher. With
+several replicas on one PostgreSQL database, a change written through any replica must reach the
+watchers of all of them: the writer records it in the `model_changes` table and sends its id with
+NOTIFY in the same transaction (so a change is announced exactly when it commits, in commit
+order), and each replica's `PostgresChangeListener` reads it and hands it to its own hub.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
-from collections.abc import AsyncIterator
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+import asyncpg
 import structlog
 
 from modelplane.common.types import Model, ModelEvent
+from modelplane.registry.errors import WatchUnavailable
 
 log = structlog.get_logger()
 
@@ -27,6 +39,25 @@ class ModelChange:
     change_type: ChangeType
     model: Model
     event: ModelEvent | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "change_type": int(self.change_type),
+                "model": self.model.model_dump(mode="json"),
+                "event": self.event.model_dump(mode="json") if self.event else None,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelChange:
+        data = json.loads(text)
+        event = data["event"]
+        return cls(
+            change_type=ChangeType(data["change_type"]),
+            model=Model.model_validate(data["model"]),
+            event=ModelEvent.model_validate(event) if event else None,
+        )
 
 
 class Subscription:
@@ -87,3 +118,128 @@ class WatchHub:
         for subscription in list(self._subscriptions):
             subscription.end()
         self._subscriptions.clear()
+
+
+# The NOTIFY channel that carries the ids of committed `model_changes` rows between replicas.
+CHANGES_CHANNEL = "modelplane_model_changes"
+# A notification that marks where a new watcher joins the stream, rather than a change.
+_BARRIER = "join:"
+
+
+class PostgresChangeListener:
+    """LISTENs on a connection of its own and publishes every committed change into `hub`.
+
+    Notifications arrive in commit order and are read back and published one at a time, so
+    watchers see changes in the order they were committed on any replica. A new watcher joins at
+    a barrier (`subscribe`), so it sees exactly the changes committed after it joined, as with
+    the hub of one process; a snapshot read after joining then misses nothing. If the connection
+    drops, notifications sent meanwhile are lost: every watcher is ended (it reconnects with
+    include_initial and resyncs, as a watcher too slow to keep up does) and the listener
+    reconnects with backoff.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        hub: WatchHub,
+        read_change: Callable[[int], Awaitable[ModelChange | None]],
+        *,
+        max_backoff_seconds: float = 10.0,
+    ) -> None:
+        self._dsn = dsn
+        self._hub = hub
+        self._read_change = read_change
+        self._max_backoff = max_backoff_seconds
+        self._notifications: asyncio.Queue[str] = asyncio.Queue()
+        self._barriers: dict[str, asyncio.Future[Subscription]] = {}
+        self._notify_lock = asyncio.Lock()
+        self._connection: asyncpg.Connection | None = None
+        self._lost = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Returns once LISTEN is in effect, so every change committed afterwards is delivered."""
+        await self._listen()
+        self._tasks = [
+            asyncio.create_task(self._deliver(), name="registry-change-delivery"),
+            asyncio.create_task(self._keep_listening(), name="registry-change-listener"),
+        ]
+
+    async def _listen(self) -> None:
+        connection = await asyncpg.connect(self._dsn)
+        connection.add_termination_listener(lambda _connection: self._lost.set())
+        await connection.add_listener(CHANGES_CHANNEL, self._on_notification)
+        self._connection = connection
+        self._lost.clear()
+
+    def _on_notification(self, _connection: asyncpg.Connection, _pid: int, _channel: str, payload: str) -> None:
+        self._notifications.put_nowait(payload)
+
+    async def subscribe(self, timeout_seconds: float = 10.0) -> Subscription:
+        """A subscription that starts after every change committed before this call."""
+        token = uuid.uuid4().hex
+        joined: asyncio.Future[Subscription] = asyncio.get_running_loop().create_future()
+        self._barriers[token] = joined
+        try:
+            async with asyncio.timeout(timeout_seconds):
+                async with self._notify_lock:
+                    if self._connection is None or self._connection.is_closed():
+                        raise ConnectionError("not listening")
+                    await self._connection.execute("SELECT pg_notify($1, $2)", CHANGES_CHANNEL, _BARRIER + token)
+                return await joined
+        except (TimeoutError, ConnectionError, asyncpg.PostgresError, OSError) as error:
+            raise WatchUnavailable(
+                "The registry cannot follow changes right now (its PostgreSQL LISTEN connection is down); "
+                "retry the watch shortly."
+            ) from error
+        finally:
+            self._barriers.pop(token, None)
+
+    async def _deliver(self) -> None:
+        while True:
+            payload = await self._notifications.get()
+            if payload.startswith(_BARRIER):
+                joined = self._barriers.get(payload.removeprefix(_BARRIER))
+                if joined is not None and not joined.done():
+                    joined.set_result(self._hub.subscribe())
+                continue
+            change_id = int(payload)
+            try:
+                change = await self._read_change(change_id)
+            except Exception:  # the database is unreachable; watchers must resync
+                log.exception("cannot read a committed change; ending watchers so they resync", change_id=change_id)
+                self._hub.close()
+                continue
+            if change is None:
+                log.warning("a committed change was pruned before it was read; ending watchers", change_id=change_id)
+                self._hub.close()
+                continue
+            self._hub.publish(change)
+
+    async def _keep_listening(self) -> None:
+        while True:
+            await self._lost.wait()
+            log.warning("registry lost its LISTEN connection to PostgreSQL; ending watchers so they resync")
+            self._hub.close()
+            backoff = 0.5
+            while True:
+                try:
+                    await self._listen()
+                    log.info("registry listening for changes again")
+                    break
+                except Exception as error:  # noqa: BLE001 - any failure is retried
+                    log.warning("cannot LISTEN on PostgreSQL yet", error=str(error), retry_in_seconds=backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, self._max_backoff)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        connection = self._connection
+        self._connection = None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.close(timeout=5)

@@ -113,6 +113,9 @@ class EmbeddedTriton:
             f"--http-port={s.http_port}",
             "--metrics-address=127.0.0.1",
             f"--metrics-port={s.metrics_port}",
+            # Per-request queue and compute time as quantiles per model (nv_inference_queue_summary_us):
+            # how long requests wait for a batch (docs/BATCHING.md).
+            "--metrics-config=summary_latencies=true",
             "--allow-gpu-metrics=false",
             "--exit-on-error=false",
             "--exit-timeout-secs=10",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 
 import numpy as np
 import structlog
@@ -10,6 +11,7 @@ from fastapi import APIRouter, Request
 
 from modelplane.gateway import schemas
 from modelplane.gateway.backends import backends
+from modelplane.gateway.limits import limits
 from modelplane.inference.v1 import inference_service_pb2 as inference_pb
 
 router = APIRouter()
@@ -31,30 +33,35 @@ def _embed_inputs(value: str | list[str] | list[int] | list[list[int]]) -> list[
 @router.post(
     "/embeddings",
     response_model=schemas.EmbeddingsResponse,
-    responses={
-        400: {"model": schemas.ErrorBody},
-        404: {"model": schemas.ErrorBody},
-        409: {"model": schemas.ErrorBody},
-        503: {"model": schemas.ErrorBody},
-        504: {"model": schemas.ErrorBody},
-    },
+    responses=schemas.error_responses(*schemas.COMMON_ERRORS, 400, 403, 404, 409, 503),
 )
 async def create_embeddings(body: schemas.EmbeddingsRequest, request: Request) -> schemas.EmbeddingsResponse:
     """Embeds texts with an embedding model; results are in input order."""
     structlog.contextvars.bind_contextvars(model=body.model)
+    inputs = _embed_inputs(body.input)
+    limit = limits(request)
+    limit.check_batch(len(inputs), "input")
     client = backends(request)
-    response = await client.unary(
+
+    def embed_request(chunk: Sequence[inference_pb.EmbedInput]) -> inference_pb.EmbedRequest:
+        return inference_pb.EmbedRequest(model=body.model, inputs=chunk)
+
+    answers = await client.unary_split(
         "inference",
         client.inference.Embed,
-        inference_pb.EmbedRequest(model=body.model, inputs=_embed_inputs(body.input)),
+        inputs,
+        embed_request,
+        size=limit.inference_batch_inputs,
+        concurrency=limit.inference_concurrency,
     )
     data = []
-    for item in response.embeddings:
-        vector: list[float] | str = list(item.values)
-        if body.encoding_format == "base64":
-            vector = base64.b64encode(np.asarray(item.values, dtype="<f4").tobytes()).decode()
-        data.append(schemas.EmbeddingData(index=item.index, embedding=vector))
-    usage = schemas.EmbeddingsUsage(
-        prompt_tokens=response.usage.prompt_tokens, total_tokens=response.usage.total_tokens
-    )
-    return schemas.EmbeddingsResponse(data=data, model=response.model, usage=usage)
+    prompt_tokens = 0
+    for offset, response in answers:
+        prompt_tokens += response.usage.prompt_tokens
+        for item in response.embeddings:
+            vector: list[float] | str = list(item.values)
+            if body.encoding_format == "base64":
+                vector = base64.b64encode(np.asarray(item.values, dtype="<f4").tobytes()).decode()
+            data.append(schemas.EmbeddingData(index=offset + item.index, embedding=vector))
+    usage = schemas.EmbeddingsUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens)
+    return schemas.EmbeddingsResponse(data=data, model=answers[0][1].model, usage=usage)

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 
 from modelplane.common.v1 import model_pb2
 from modelplane.gateway import schemas
+from modelplane.gateway.auth import current_caller
 from modelplane.gateway.backends import backends
 from modelplane.registry.v1 import registry_service_pb2 as registry_pb
 
@@ -23,10 +24,11 @@ _TASKS = {
 }
 
 
-@router.get("/models", response_model=schemas.ModelList)
+@router.get("/models", response_model=schemas.ModelList, responses=schemas.error_responses(401, 429, 500, 503, 504))
 async def list_models(request: Request) -> schemas.ModelList:
-    """Models that are ready, or that a request loads on demand."""
+    """Models that are ready, or that a request loads on demand, which the caller's API key may use."""
     client = backends(request)
+    caller = current_caller.get()
     cards: list[schemas.ModelCard] = []
     token = ""
     while True:
@@ -43,6 +45,7 @@ async def list_models(request: Request) -> schemas.ModelList:
                 state=model_pb2.ModelState.Name(m.status.state).removeprefix("MODEL_STATE_"),
             )
             for m in page.models
+            if caller is None or caller.may_use(m.spec.name)
         )
         token = page.next_page_token
         if not token:

@@ -120,6 +120,7 @@ class EncoderBuilder(ArtifactBuilder):
                 else settings.max_queue_delay_microseconds
             ),
             instance_count=hints.instance_count or 1,
+            dynamic_batching=settings.dynamic_batching,
         )
         files = {report["onnx_file"]: artifact / report["onnx_file"]}
         if embedded:
@@ -128,6 +129,7 @@ class EncoderBuilder(ArtifactBuilder):
                 "onnx_file": report["onnx_file"],
                 "intra_op_threads": str(settings.onnx_intra_op_threads),
                 "pad_token_id": str(_token_id(artifact, special.get("pad_token"))),
+                "length_buckets": ",".join(str(bound) for bound in sorted(settings.length_buckets)),
             }
             files["model.py"] = python_model_source("onnx_encoder")
         elif target == RuntimeTarget.TENSORRT:

@@ -1,10 +1,12 @@
 """Triton python-backend model: an ONNX encoder (embeddings or cross-encoder logits) on onnxruntime.
 
 This is the embedded target; a production Triton serves the same model.onnx with its onnxruntime
-or TensorRT backend instead. Triton hands `execute` every request its dynamic batcher collected;
-their inputs are ragged (each request is padded only to its own longest text), so they are padded
-to a common length here and run as one batch. Padding is masked, so a text's result does not
-depend on what it was batched with.
+or TensorRT backend instead. Triton hands `execute` every request its dynamic batcher collected,
+each padded only to its own longest row. Every row of every request is sorted into a
+sequence-length bucket (the `length_buckets` parameter), and each bucket runs as one onnxruntime
+batch cut to its own longest row: padding every row to the longest of all would make the short
+texts pay for the long ones. Padding is masked, so a text's result does not depend on what it was
+batched with.
 """
 
 import json
@@ -24,15 +26,25 @@ class TritonPythonModel:
         options.intra_op_num_threads = int(parameters.get("intra_op_threads", "0"))
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Spinning threads burn the cores the other processes (Triton, the services) need between
+        # batches; on a shared CPU that costs more than the wake-up latency it saves.
+        spinning = parameters.get("allow_spinning", "0")
+        options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+        options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
         providers = json.loads(parameters.get("providers", '["CPUExecutionProvider"]'))
         self.session = ort.InferenceSession(
             os.path.join(model_dir, parameters.get("onnx_file", "model.onnx")), options, providers=providers
         )
         self.input_names = [item.name for item in self.session.get_inputs()]
         self.output_name = config["output"][0]["name"]
-        self.pad_ids = {"input_ids": int(parameters.get("pad_token_id", "0"))}
+        self.pad_values = {"input_ids": int(parameters.get("pad_token_id", "0"))}
+        self.length_buckets = np.array(
+            sorted(int(bound) for bound in parameters.get("length_buckets", "").split(",") if bound.strip()),
+            dtype=np.int64,
+        )
         pb_utils.Logger.log_info(
-            f"{args['model_name']}: onnxruntime providers {self.session.get_providers()}, inputs {self.input_names}"
+            f"{args['model_name']}: onnxruntime providers {self.session.get_providers()}, inputs {self.input_names}, "
+            f"length buckets {self.length_buckets.tolist()}, spinning threads {spinning}"
         )
 
     def execute(self, requests):
@@ -40,26 +52,44 @@ class TritonPythonModel:
             {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.input_names}
             for request in requests
         ]
-        length = max(batch["input_ids"].shape[1] for batch in arrays)
+        width = max(batch["input_ids"].shape[1] for batch in arrays)
         feed = {
-            name: np.concatenate([self._pad(batch[name], length, self.pad_ids.get(name, 0)) for batch in arrays])
+            name: np.concatenate([self._pad(batch[name], width, self.pad_values.get(name, 0)) for batch in arrays])
             for name in self.input_names
         }
-        outputs = self.session.run([self.output_name], feed)[0]
+        outputs = self._run_bucketed(feed)
         responses = []
         offset = 0
         for batch in arrays:
             rows = batch["input_ids"].shape[0]
-            tensor = pb_utils.Tensor(self.output_name, outputs[offset : offset + rows].astype(np.float32))
+            tensor = pb_utils.Tensor(self.output_name, outputs[offset : offset + rows])
             responses.append(pb_utils.InferenceResponse(output_tensors=[tensor]))
             offset += rows
         return responses
 
+    def _run_bucketed(self, feed):
+        """One onnxruntime batch per length bucket, cut to that bucket's longest row; outputs in
+        the original row order."""
+        mask = feed["attention_mask"]
+        # A row's length is one past its last attended position (padding is on the right).
+        lengths = np.where(mask.any(axis=1), mask.shape[1] - np.argmax(mask[:, ::-1] != 0, axis=1), 1)
+        buckets = np.searchsorted(self.length_buckets, lengths, side="left")
+        outputs = None
+        for bucket in np.unique(buckets):
+            rows = np.flatnonzero(buckets == bucket)
+            width = int(lengths[rows].max())
+            part = self.session.run([self.output_name], {name: array[rows, :width] for name, array in feed.items()})[0]
+            if outputs is None:
+                outputs = np.empty((mask.shape[0], *part.shape[1:]), dtype=np.float32)
+            outputs[rows] = part
+        return outputs
+
     @staticmethod
-    def _pad(array, length, value):
-        if array.shape[1] == length:
-            return array.astype(np.int64, copy=False)
-        padded = np.full((array.shape[0], length), value, dtype=np.int64)
+    def _pad(array, width, value):
+        array = array.astype(np.int64, copy=False)
+        if array.shape[1] == width:
+            return array
+        padded = np.full((array.shape[0], width), value, dtype=np.int64)
         padded[:, : array.shape[1]] = array
         return padded
 

@@ -1,0 +1,97 @@
+"""Drives Dify's own OpenAI-API-compatible model classes (the `dify-plugin` package) as Dify does:
+validate the credentials an admin saved, then invoke the model. Runs in the separate environment
+test_dify.py makes (never imported by the project's tests: dify-plugin gevent-patches the process).
+
+Reads one JSON scenario on stdin, prints one JSON result on stdout:
+
+    {"model_type": "text-embedding" | "rerank" | "llm", "model": ..., "credentials": {...}, ...}
+    → {"stage": "done", "result": {...}}
+    → {"stage": "validate" | "invoke", "error": "<what Dify shows>", "error_type": "<exception class>"}
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+
+from dify_plugin import OAICompatEmbeddingModel, OAICompatLargeLanguageModel, OAICompatRerankModel
+from dify_plugin.entities.model.message import UserPromptMessage
+from dify_plugin.interfaces.model.ai_model import AIModel
+
+
+def _count_words(self: AIModel, text: str) -> int:
+    """Stands in for Dify's GPT-2 token count. A Dify deployment ships that tokenizer; tiktoken here
+    would download it from the internet, which this machine cannot reach. Dify uses the count only
+    to cut texts it thinks too long for the configured context size, and for usage when a response
+    carries none (modelplane always sends usage)."""
+    return len(text.split())
+
+
+AIModel._get_num_tokens_by_gpt2 = _count_words  # type: ignore[method-assign]
+
+
+def _embedding(scenario: dict) -> tuple[AIModel, Callable[[], dict]]:
+    model = OAICompatEmbeddingModel(model_schemas=[])
+
+    def invoke() -> dict:
+        result = model.invoke(scenario["model"], scenario["credentials"], scenario["texts"])
+        return {"embeddings": result.embeddings, "model": result.model, "tokens": result.usage.tokens}
+
+    return model, invoke
+
+
+def _rerank(scenario: dict) -> tuple[AIModel, Callable[[], dict]]:
+    model = OAICompatRerankModel(model_schemas=[])
+
+    def invoke() -> dict:
+        result = model.invoke(
+            scenario["model"],
+            scenario["credentials"],
+            scenario["query"],
+            scenario["docs"],
+            score_threshold=scenario.get("score_threshold"),
+            top_n=scenario.get("top_n"),
+        )
+        return {"docs": [{"index": d.index, "text": d.text, "score": d.score} for d in result.docs]}
+
+    return model, invoke
+
+
+def _llm(scenario: dict) -> tuple[AIModel, Callable[[], dict]]:
+    model = OAICompatLargeLanguageModel(model_schemas=[])
+
+    def invoke() -> dict:
+        chunks = model.invoke(
+            scenario["model"],
+            scenario["credentials"],
+            [UserPromptMessage(content=scenario["prompt"])],
+            model_parameters={"max_tokens": scenario.get("max_tokens", 16), "temperature": 0},
+            stream=scenario.get("stream", True),
+        )
+        text, usage = "", None
+        for chunk in chunks:
+            text += chunk.delta.message.content or ""
+            usage = chunk.delta.usage or usage
+        return {"text": text, "prompt_tokens": usage.prompt_tokens if usage else None}
+
+    return model, invoke
+
+
+def main() -> int:
+    scenario = json.load(sys.stdin)
+    model, invoke = {"text-embedding": _embedding, "rerank": _rerank, "llm": _llm}[scenario["model_type"]](scenario)
+    stage = "validate"
+    try:
+        model.validate_credentials(scenario["model"], scenario["credentials"])
+        stage = "invoke"
+        result = invoke()
+    except Exception as error:  # noqa: BLE001 - the test reads what Dify would show the admin
+        print(json.dumps({"stage": stage, "error": str(error), "error_type": type(error).__name__}))
+        return 0
+    print(json.dumps({"stage": "done", "result": result}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

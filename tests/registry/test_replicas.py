@@ -1,0 +1,120 @@
+"""Several registry replicas on one PostgreSQL database, as on Kubernetes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from modelplane.common.errors import Unavailable
+from modelplane.common.types import ModelSpec, ModelState, Task
+from modelplane.registry.client import RegistryClient
+from modelplane.registry.server import RegistryService
+from modelplane.registry.settings import RegistrySettings
+from modelplane.registry.watch import ChangeType, ModelChange
+from tests.postgres import PostgresServer
+
+
+@pytest.fixture
+async def database(postgres: PostgresServer) -> AsyncIterator[str]:
+    name = await postgres.create_database()
+    yield postgres.url(name)
+    await postgres.drop_database(name)
+
+
+@pytest.fixture
+async def replicas(database: str) -> AsyncIterator[tuple[RegistryService, RegistryService]]:
+    # Both start at once, as a Deployment's pods do: the migration lock lets one migrate at a time.
+    first, second = (
+        RegistryService(RegistrySettings(host="127.0.0.1", port=0, database_url=database)) for _ in range(2)
+    )
+    await asyncio.gather(first.start(), second.start())
+    yield first, second
+    await asyncio.gather(first.stop(), second.stop())
+
+
+async def test_a_change_written_through_one_replica_reaches_a_watcher_of_the_other(
+    replicas: tuple[RegistryService, RegistryService],
+) -> None:
+    first, second = replicas
+    async with (
+        RegistryClient(f"127.0.0.1:{first.port}") as watcher_side,
+        RegistryClient(f"127.0.0.1:{second.port}") as writer_side,
+    ):
+        # A model registered before the watch starts is in its snapshot, never in its stream.
+        await writer_side.register(ModelSpec(name="earlier", task=Task.EMBEDDING, source_uri="/m/earlier"))
+        seen: list[ModelChange] = []
+        snapshot: list[str] = []
+        watching = asyncio.Event()
+
+        async def follow() -> None:
+            async for change in watcher_side.watch(include_initial=True):
+                if change.change_type == ChangeType.INITIAL:
+                    snapshot.append(change.model.name)
+                    watching.set()
+                    continue
+                seen.append(change)
+                if len(seen) == 3:
+                    return
+
+        follower = asyncio.create_task(follow())
+        await asyncio.wait_for(watching.wait(), timeout=10)
+        model, _ = await writer_side.register(ModelSpec(name="minilm", task=Task.EMBEDDING, source_uri="/m/minilm"))
+        await writer_side.transition(model, ModelState.FETCHING, "fetching on the other replica")
+        await writer_side.delete("earlier")
+        await asyncio.wait_for(follower, timeout=10)
+
+    assert snapshot == ["earlier"]
+    assert [(c.change_type, c.model.name) for c in seen] == [
+        (ChangeType.REGISTERED, "minilm"),
+        (ChangeType.UPDATED, "minilm"),
+        (ChangeType.DELETED, "earlier"),
+    ]
+    assert seen[1].model.state == ModelState.FETCHING
+    assert seen[1].event is not None and seen[1].event.message == "fetching on the other replica"
+
+
+async def test_watchers_resync_when_the_listen_connection_drops(
+    replicas: tuple[RegistryService, RegistryService], postgres: PostgresServer, database: str
+) -> None:
+    first, second = replicas
+    async with (
+        RegistryClient(f"127.0.0.1:{first.port}") as watcher_side,
+        RegistryClient(f"127.0.0.1:{second.port}") as writer_side,
+    ):
+        await writer_side.register(ModelSpec(name="before", task=Task.EMBEDDING, source_uri="/m/before"))
+        stream = watcher_side.watch(include_initial=True)
+        assert (await anext(stream)).model.name == "before"
+        # A PostgreSQL failover or a network blip cuts every connection of both replicas.
+        admin = await asyncpg.connect(host="127.0.0.1", port=postgres.port, user="modelplane", database="postgres")
+        try:
+            cut = await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = $1",
+                database.rsplit("/", 1)[1],
+            )
+        finally:
+            await admin.close()
+        assert cut >= 2  # at least the two LISTEN connections
+        # Changes sent meanwhile are lost to that replica, so its watchers are ended to resync
+        # rather than left silently behind.
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(anext(stream), timeout=10)
+        # Until it listens again a new watch is refused as retryable; then it works as before.
+        refusals: list[str] = []
+        first_change: ModelChange | None = None
+        for _ in range(100):
+            stream = watcher_side.watch(include_initial=True)
+            try:
+                first_change = await anext(stream)
+                break
+            except Unavailable as refused:
+                refusals.append(refused.message)
+                await asyncio.sleep(0.2)
+        assert first_change is not None, f"the replica never listened again: {refusals[-1:]}"
+        assert first_change.model.name == "before"
+        assert all("retry the watch shortly" in message for message in refusals), refusals
+        await writer_side.register(ModelSpec(name="after", task=Task.EMBEDDING, source_uri="/m/after"))
+        change = await asyncio.wait_for(anext(stream), timeout=10)
+        assert (change.change_type, change.model.name) == (ChangeType.REGISTERED, "after")
