@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import grpc
+import structlog
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -12,6 +13,7 @@ from grpc_status import rpc_status
 from modelplane.common.errors import ERROR_DOMAIN, ModelplaneError, Unavailable, error_for_code
 
 _DETAILS_KEY = "grpc-status-details-bin"
+log = structlog.get_logger()
 
 
 def to_status(error: ModelplaneError) -> grpc.Status:
@@ -62,9 +64,12 @@ def to_modelplane_error(error: grpc.aio.AioRpcError | grpc.RpcError, *, peer: st
     message and retry delay, so a caller further up sees what the service that failed said."""
     remote = parse_rpc_error(error)
     if remote.code == grpc.StatusCode.UNAVAILABLE and not remote.reason:
-        # The peer itself is unreachable (not an answer it gave): say which one.
+        # The peer itself is unreachable (not an answer it gave): say which one. gRPC's own words
+        # name internal addresses ("ipv4:10.0.3.7:50053: connection refused"); they go to the log,
+        # not to a caller who may be outside the network.
+        log.warning("peer unreachable", peer=peer or "upstream", detail=remote.message)
         return Unavailable(
-            f"The {peer or 'upstream'} service is unavailable ({remote.message}); retry shortly.",
+            f"The {peer or 'upstream'} service is unavailable; retry shortly.",
             retry_after_seconds=remote.retry_after_seconds or 1.0,
             reason=f"{peer.upper()}_UNAVAILABLE" if peer else "UPSTREAM_UNAVAILABLE",
         )

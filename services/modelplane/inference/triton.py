@@ -5,12 +5,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
+import structlog
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from modelplane.common.errors import Internal
 from modelplane.inference.errors import ModelLoading, TritonUnavailable
+
+log = structlog.get_logger()
 
 
 class TritonInferer:
@@ -53,8 +56,10 @@ def _translate(model: str, error: InferenceServerException) -> Exception:
     status = (error.status() or "").upper()
     lowered = message.lower()
     if "UNAVAILABLE" in status or "connect" in lowered or "socket closed" in lowered:
+        # gRPC's words name Triton's internal address: the log keeps them, the caller does not need them.
+        log.warning("triton unreachable", model=model, detail=message)
         return TritonUnavailable(
-            f"Triton is not reachable ({message}); it may be restarting. Retry shortly.", retry_after_seconds=2.0
+            "Triton is not reachable; it may be restarting. Retry shortly.", retry_after_seconds=2.0
         )
     if "DEADLINE" in status:
         return TritonUnavailable(f"Triton did not answer in time for model '{model}'.", retry_after_seconds=1.0)
