@@ -31,9 +31,12 @@ def message_size_options(max_bytes: int) -> list[tuple[str, int]]:
 # WatchModels stream. gRPC servers by default accept a ping without data only every 5 minutes and
 # answer more with GOAWAY "too_many_pings", which drops every call on that connection; accept
 # what our own clients send.
+# gRPC 1.81's server reads the limit from min_ping_interval_without_data_ms (checked here: with
+# only the documented min_recv_... name it still sent GOAWAY); both are set.
 KEEPALIVE_ENFORCEMENT = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
 ]
 
 
