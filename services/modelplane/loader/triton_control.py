@@ -69,7 +69,8 @@ class TritonControl:
     def _unreachable(self, detail: str, retry_after_seconds: float | None = None) -> TritonUnavailable:
         # gRPC's words name Triton's address; callers of the loader (and through an on-demand
         # load, HTTP clients) get the meaning, the log keeps the detail.
-        log.warning("triton unreachable", address=self.address, detail=detail)
+        # Debug level: reconciliation and tests poll the index while Triton restarts.
+        log.debug("triton unreachable", address=self.address, detail=detail)
         message = "Triton is not reachable; it may be restarting."
         return TritonUnavailable(message, retry_after_seconds=retry_after_seconds)
 
