@@ -10,10 +10,12 @@ service and of tritonserver printed at the start and at the end.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
 import httpx
+import psutil
 
 from modelplane.common.types import ModelState
 from modelplane.loader.client import LoaderClient
@@ -49,8 +51,20 @@ async def test_load_unload_cycles_keep_serving_and_memory_is_reported(rel: Runni
         await loader.unload(MODEL)
     assert (await states(rel))[MODEL] == ModelState.STAGED
     await consistent(rel)
+    assert _stubs_of(rel, MODEL) == []  # every unload's python-backend process has exited
 
     record(f"load/unload cycles of {MODEL}: {CYCLES} in {elapsed:.0f} s ({elapsed / max(CYCLES, 1):.2f} s each)")
     for role in before:
         growth = after.get(role, 0.0) - before[role]
         record(f"  RSS {role:<12} {before[role]:8.1f} MiB -> {after.get(role, 0.0):8.1f} MiB ({growth:+.1f} MiB)")
+
+
+def _stubs_of(stack: RunningStack, model: str) -> list[int]:
+    """Triton's python-backend processes still serving `model`."""
+    stubs = []
+    for process in psutil.Process(stack.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            command = " ".join(process.cmdline())
+            if "triton_python_backend_stub" in command and f"/models/{model}/" in command:
+                stubs.append(process.pid)
+    return stubs
