@@ -70,8 +70,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.nodeid.startswith("tests/reliability/"):
             item.add_marker(pytest.mark.reliability)
-    last = [item for item in items if item.nodeid.startswith("tests/reliability/test_logs.py")]
-    items[:] = [item for item in items if item not in last] + last
+    # Right after the suite's other tests, not at the end of the session: the stack is
+    # package-scoped and a later package would see it stopped and a new one started.
+    scan = [item for item in items if item.nodeid.startswith("tests/reliability/test_logs.py")]
+    rest = [item for item in items if item not in scan]
+    suite = [i for i, item in enumerate(rest) if item.nodeid.startswith("tests/reliability/")]
+    end = suite[-1] + 1 if suite else len(rest)
+    items[:] = rest[:end] + scan + rest[end:]
 
 
 @pytest.fixture(scope="package")
