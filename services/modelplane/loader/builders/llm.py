@@ -19,6 +19,8 @@ from modelplane.loader.convert import causal_lm, gguf
 from modelplane.loader.settings import LoaderSettings
 from modelplane.loader.triton_repo import TritonModelConfig, python_model_source
 
+_LLAMA_CONTEXT_STEP = 256
+
 
 def _llm_config(name: str, parameters: dict[str, str]) -> TritonModelConfig:
     # The tensors and the decoupled policy come from the model's auto_complete_config. One instance:
@@ -57,6 +59,8 @@ class GgufBuilder(ArtifactBuilder):
         context = model.spec.runtime_hints.context_length or settings.llm_context_length
         if trained:
             context = min(context, trained)
+        # llama.cpp rounds a context up to a multiple of 256 tokens; the profile says what it really holds.
+        context = -(-context // _LLAMA_CONTEXT_STEP) * _LLAMA_CONTEXT_STEP
         config = _llm_config(
             model.name,
             {
