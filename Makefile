@@ -77,5 +77,8 @@ check-generated: install
 pytest: install $(HELM)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+bench: install
+	$(BIN)/python benchmarks/bench_preload.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .tools .modelplane .pytest_cache .ruff_cache

@@ -241,7 +241,7 @@ async def _client(
 
 
 def _bodies(texts: list[str], per_request: int, seed: int) -> list[bytes]:
-    rng = random.Random(seed)  # noqa: S311 - a fixed seed: every system gets the same texts
+    rng = random.Random(seed)
     return [
         json.dumps(
             {"model": MODEL, "input": [rng.choice(texts) for _ in range(per_request)], "encoding_format": "float"}

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import os
 from collections.abc import Coroutine
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -134,28 +135,70 @@ def _default_loader() -> str:
 
 
 @models_app.command("ls")
-def models_ls(registry: RegistryOption = "") -> None:
-    """List models with their state, priority, footprint and last use."""
+def models_ls(registry: RegistryOption = "", loader: LoaderOption = "") -> None:
+    """List models with their state, priority, footprint and last use, then the memory budget."""
+    from modelplane.loader.client import LoaderClient  # noqa: PLC0415
     from modelplane.registry.client import RegistryClient  # noqa: PLC0415
 
     async def run() -> None:
         async with RegistryClient(registry or _default_registry()) as client:
             models = await client.list_models()
-        table = Table("NAME", "TASK", "STATE", "VERSION", "PRIORITY", "FOOTPRINT", "REASON")
+            statistics = {s.model_name: s for s in await client.statistics()}
+        budget = None
+        try:
+            async with LoaderClient(loader or _default_loader(), timeout_seconds=5.0) as client:
+                budget = await client.budget()
+        except ModelplaneError as error:
+            console.print(f"[yellow]budget unavailable:[/yellow] {error.message}")
+        held = {h.model_name: h for d in budget.devices for h in d.holders} if budget else {}
+        now = datetime.now(UTC)
+        table = Table("NAME", "TASK", "STATE", "PRIORITY", "FOOTPRINT", "LAST USED", "REQUESTS", "REASON")
         for m in models:
-            footprint = f"{m.status.footprint_bytes / 2**20:.0f} MiB" if m.status.footprint_bytes else "-"
+            holder = held.get(m.name)
+            if holder is not None:
+                footprint = _size(holder.bytes) + ("" if holder.measured else " (est.)")
+            else:
+                footprint = _size(m.status.footprint_bytes) if m.status.footprint_bytes else "-"
+            stats = statistics.get(m.name)
+            last = stats.last_request_time if stats else None
             table.add_row(
                 m.name,
                 m.spec.task.name.lower(),
                 m.state.name,
-                str(m.version),
                 m.spec.effective_priority.name.lower(),
                 footprint,
+                _ago(now - last) if last else "never",
+                str(stats.total_requests) if stats else "0",
                 m.status.reason[:60],
             )
-        Console().print(table)
+        out = Console()
+        out.print(table)
+        if budget is not None:
+            for d in budget.devices:
+                free = d.capacity_bytes - d.used_bytes
+                line = (
+                    f"budget {d.device}: {_size(d.used_bytes)} used of {_size(d.capacity_bytes)} "
+                    f"({_size(free)} free; device {_size(d.total_bytes)})"
+                )
+                if d.claimed_bytes:
+                    line += f"; {_size(d.claimed_bytes)} claimed by waiting loads"
+                out.print(line)
+            if budget.loads_waiting:
+                out.print(f"loads waiting: {budget.loads_waiting}")
 
     _run(run())
+
+
+def _size(value: int) -> str:
+    return f"{value / 2**30:.1f} GiB" if value >= 2**30 else f"{value / 2**20:.0f} MiB"
+
+
+def _ago(delta: timedelta) -> str:
+    seconds = max(0, int(delta.total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
 
 
 @models_app.command("register")

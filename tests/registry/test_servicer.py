@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import grpc
 import pytest
 
 from modelplane.common.errors import InvalidArgument, NotFound
-from modelplane.common.types import ModelSpec, ModelState, Task
+from modelplane.common.types import ModelSpec, ModelState, RequestCount, Task
 from modelplane.registry.client import RegistryClient
 from modelplane.registry.server import RegistryService
 from modelplane.registry.settings import RegistrySettings
@@ -78,3 +79,18 @@ async def test_reflection_lists_and_describes_the_service(registry: RegistryServ
         "modelplane.registry.v1.RegisterModelResponse",
     )
     assert methods["WatchModels"][2] is True
+
+
+async def test_request_statistics_round_trip_with_every_rate(client: RegistryClient) -> None:
+    now = datetime.now(UTC)
+    await client.register(ModelSpec(name="minilm", task=Task.EMBEDDING, source_uri="/m"))
+    await client.record_requests([RequestCount(model_name="minilm", count=60, last_request_time=now, cold_starts=2)])
+    [stats] = await client.statistics(["minilm"])
+    assert (stats.model_name, stats.total_requests, stats.cold_starts) == ("minilm", 60, 2)
+    # One batch of 60 adds 60/tau to each rate: the 1-minute rate reacts five times more than the 5-minute one.
+    assert stats.rate_1m == pytest.approx(1.0, rel=0.05)
+    assert stats.rate_5m == pytest.approx(0.2, rel=0.05)
+    assert stats.rate_1h == pytest.approx(60 / 3600, rel=0.05)
+    assert stats.hour_of_day_counts[now.hour] == 60
+    assert stats.last_request_time is not None and abs((stats.last_request_time - now).total_seconds()) < 0.001
+    assert await client.statistics(["ghost"]) == []

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass
 
 import structlog
 
-from modelplane.common.errors import DeadlineExceeded, ModelplaneError
+from modelplane.common.errors import Cancelled, DeadlineExceeded, ModelplaneError
 from modelplane.common.types import Model, ModelState, ServingProfile
 from modelplane.inference.errors import ModelLoading, ModelNotServable
 from modelplane.inference.tokenization import EncoderTokenizer
@@ -22,6 +23,30 @@ from modelplane.registry.client import RegistryClient
 from modelplane.registry.watch import ChangeType
 
 log = structlog.get_logger()
+
+# Time kept back from a request's deadline to run the model and answer once it is loaded, so a
+# load that is late ends in 503 with Retry-After rather than in the caller's deadline expiring.
+ANSWER_MARGIN_SECONDS = 1.0
+# What a first load is assumed to take when the model has never been loaded.
+_FIRST_LOAD_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class _OnDemandLoad:
+    task: asyncio.Task[Model]
+    started: float
+    expected_seconds: float
+
+
+def _expected_load_seconds(model: Model) -> float:
+    """How long loading the model should take, from its previous load: only the Triton load when
+    its files are staged, every phase otherwise."""
+    durations = model.status.phase_durations
+    if not durations:
+        return _FIRST_LOAD_SECONDS
+    staged = model.state in (ModelState.STAGED, ModelState.UNLOADING, ModelState.READY, ModelState.LOADING)
+    phases = [d for d in durations if d.phase == ModelState.LOADING] if staged else durations
+    return sum(d.duration.total_seconds() for d in phases) or _FIRST_LOAD_SECONDS
 
 
 @dataclass(frozen=True)
@@ -42,7 +67,7 @@ class ModelCatalog:
         self.loader = loader
         self.models: dict[str, Model] = {}
         self._tokenizers: dict[str, EncoderTokenizer] = {}
-        self._loads: dict[str, asyncio.Task[Model]] = {}
+        self._loads: dict[str, _OnDemandLoad] = {}
         self._watch: asyncio.Task[None] | None = None
         self._synced = asyncio.Event()
 
@@ -54,8 +79,8 @@ class ModelCatalog:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch
-        for task in self._loads.values():
-            task.cancel()
+        for load in self._loads.values():
+            load.task.cancel()
 
     async def _follow_registry(self) -> None:
         backoff = 0.5
@@ -66,7 +91,7 @@ class ModelCatalog:
                     if change.change_type == ChangeType.DELETED:
                         self.models.pop(change.model.name, None)
                     else:
-                        self.models[change.model.name] = change.model
+                        self._remember(change.model)
                     self._synced.set()
             except ModelplaneError as error:
                 log.warning("registry watch interrupted; reconnecting", error=error.message, in_seconds=backoff)
@@ -82,7 +107,8 @@ class ModelCatalog:
         return model
 
     async def acquire(self, name: str, *, wait_seconds: float) -> ServingModel:
-        """The model ready to serve, loading it on demand within `wait_seconds`."""
+        """The model ready to serve, loading it on demand within `wait_seconds` (the request's
+        remaining deadline, or the service's bound on waiting for a load)."""
         model = await self._current(name)
         cold = False
         if model.state != ModelState.READY:
@@ -92,33 +118,53 @@ class ModelCatalog:
                     f"`modelplane models load {name}`.",
                     metadata={"model": name, "state": model.state.name},
                 )
-            model = await self._wait_for_load(name, wait_seconds)
+            model = await self._wait_for_load(model, wait_seconds)
             cold = True
         profile = model.status.profile
         if profile is None:
             raise ModelLoading(f"Model '{name}' has no serving profile yet; retry shortly.", retry_after_seconds=1.0)
         return ServingModel(model, profile, await self._tokenizer(name, profile), cold_start=cold)
 
-    async def _wait_for_load(self, name: str, wait_seconds: float) -> Model:
-        task = self._loads.get(name)
-        if task is None or task.done():
-            task = asyncio.create_task(
-                self.loader.ensure_loaded(name, reason="on-demand", timeout_seconds=max(wait_seconds, 60.0))
-            )
-            self._loads[name] = task
-            task.add_done_callback(lambda _: self._loads.pop(name, None) if self._loads.get(name) is task else None)
+    async def _wait_for_load(self, model: Model, wait_seconds: float) -> Model:
+        """Asks the loader for the model (one load shared by every request that waits for it) and
+        waits for it, giving up early enough to answer 503 with Retry-After before the deadline."""
+        name = model.name
+        load = self._loads.get(name)
+        if load is None or load.task.done():
+            # The load is the loader's, not this request's: it goes on when the request gives up,
+            # so the retry finds the model ready.
+            task = asyncio.create_task(self.loader.ensure_loaded(name, reason="on-demand", timeout_seconds=None))
+            load = _OnDemandLoad(task, time.monotonic(), _expected_load_seconds(model))
+            self._loads[name] = load
+            task.add_done_callback(lambda _: self._loads.pop(name, None) if self._loads.get(name) is load else None)
+            task.add_done_callback(lambda t: None if t.cancelled() else t.exception())
+        budget = wait_seconds - ANSWER_MARGIN_SECONDS
         try:
-            model = await asyncio.wait_for(asyncio.shield(task), timeout=wait_seconds)
+            if budget <= 0:
+                raise TimeoutError
+            loaded = await asyncio.wait_for(asyncio.shield(load.task), timeout=budget)
         except TimeoutError:
+            retry_after = max(1.0, load.expected_seconds - (time.monotonic() - load.started))
             raise ModelLoading(
-                f"Model '{name}' is loading and was not ready within {wait_seconds:.0f} s; retry shortly.",
-                retry_after_seconds=5.0,
+                f"Model '{name}' is loading and was not ready within this request's deadline "
+                f"({max(0.0, wait_seconds):.0f} s); retry in about {retry_after:.0f} s.",
+                retry_after_seconds=retry_after,
                 metadata={"model": name},
             ) from None
-        except DeadlineExceeded as error:
+        except (DeadlineExceeded, Cancelled) as error:
             raise ModelLoading(error.message, retry_after_seconds=5.0, metadata={"model": name}) from None
-        self.models[name] = model
-        return model
+        self._remember(loaded)
+        return loaded
+
+    def _remember(self, model: Model) -> None:
+        """Keeps the newer of what a load returned and what the watch delivered."""
+        known = self.models.get(model.name)
+        newer = known is None or known.version < model.version
+        if not newer and known is not None:
+            known_time, new_time = known.status.update_time, model.status.update_time
+            newer = known_time is None or (new_time is not None and new_time >= known_time)
+        if newer:
+            self.models[model.name] = model
 
     async def _tokenizer(self, name: str, profile: ServingProfile) -> EncoderTokenizer | None:
         digest = profile.tokenizer_sha256

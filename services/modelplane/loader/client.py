@@ -69,3 +69,19 @@ class LoaderClient:
         except grpc.aio.AioRpcError as error:
             raise to_modelplane_error(error, peer="loader") from None
         return from_proto(response.model, Model)
+
+    async def cancel(self, name: str) -> bool:
+        try:
+            response = await self.stub.CancelLoad(
+                pb.CancelLoadRequest(name=name), metadata=outgoing_metadata(), timeout=self.timeout
+            )
+        except grpc.aio.AioRpcError as error:
+            raise to_modelplane_error(error, peer="loader") from None
+        return response.cancelled
+
+    async def budget(self) -> pb.GetBudgetResponse:
+        """The budget as the loader reports it (the CLI prints the message as it is)."""
+        try:
+            return await self.stub.GetBudget(pb.GetBudgetRequest(), metadata=outgoing_metadata(), timeout=self.timeout)
+        except grpc.aio.AioRpcError as error:
+            raise to_modelplane_error(error, peer="loader") from None

@@ -23,6 +23,7 @@ __all__ = [
     "ModelNotFound",
     "NotAModel",
     "PackageRefused",
+    "QuotaExceeded",
     "SignatureRefused",
     "SourceUnavailable",
     "TritonLoadFailed",
@@ -93,3 +94,9 @@ class CacheFull(ResourceExhausted):
 
 class BudgetExceeded(ResourceExhausted):
     reason = "BUDGET_EXCEEDED"
+
+
+class QuotaExceeded(ResourceExhausted):
+    """A loaded model measured more memory than its quota allows; it was unloaded."""
+
+    reason = "MEMORY_QUOTA_EXCEEDED"

@@ -41,6 +41,8 @@ from modelplane.registry.client import RegistryClient
 log = structlog.get_logger()
 
 ProgressListener = Callable[[LoadProgress], None]
+# Measures a model just loaded into Triton and returns its footprint in bytes.
+Measure = Callable[[Model], Awaitable[int]]
 _PROGRESS_INTERVAL_SECONDS = 0.5
 
 
@@ -141,6 +143,13 @@ class LoadPipeline:
         self._packages_in_use: collections.Counter[str] = collections.Counter()
 
     async def run(self, tracker: ModelTracker, *, refresh: bool = False) -> Model:
+        await self.stage(tracker, refresh=refresh)
+        await self.load(tracker)
+        return tracker.model
+
+    async def stage(self, tracker: ModelTracker, *, refresh: bool = False) -> None:
+        """Everything before Triton: the verified package, its conversion and the repository entry.
+        Takes no Triton memory, so the loader admits the model into its budget only after this."""
         package, manifest = await self.prepare(tracker, refresh=refresh)
         self._packages_in_use[manifest.sha256] += 1
         try:
@@ -149,8 +158,6 @@ class LoadPipeline:
             self._packages_in_use[manifest.sha256] -= 1
             if not self._packages_in_use[manifest.sha256]:
                 del self._packages_in_use[manifest.sha256]
-        await self._load(tracker)
-        return tracker.model
 
     async def prepare(self, tracker: ModelTracker, *, refresh: bool = False) -> tuple[Path, PackageManifest]:
         """The model's verified package in the cache: found there, or fetched and verified."""
@@ -255,16 +262,22 @@ class LoadPipeline:
             )
         return entry
 
-    async def _load(self, tracker: ModelTracker) -> None:
+    async def load(self, tracker: ModelTracker, *, measure: Measure | None = None) -> None:
+        """Loads the staged model into Triton. `measure` (which may refuse the model by raising)
+        returns its footprint, recorded with READY."""
         await tracker.enter(ModelState.LOADING, "loading into Triton")
         started = time.perf_counter()
         try:
             await self.triton.load(tracker.model.name, timeout_seconds=self.settings.triton_load_timeout_seconds)
+            footprint = await measure(tracker.model) if measure else 0
         except BaseException:
             # Undo a partial load, so Triton holds nothing the registry does not know about.
             await _quietly(self.triton.unload(tracker.model.name))
             raise
-        await tracker.enter(ModelState.READY, f"loaded into Triton in {time.perf_counter() - started:.1f} s")
+        message = f"loaded into Triton in {time.perf_counter() - started:.1f} s"
+        if footprint:
+            message += f"; holds {footprint / 2**20:.0f} MiB"
+        await tracker.enter(ModelState.READY, message, footprint_bytes=footprint)
 
 
 async def _quietly(call: Any) -> None:

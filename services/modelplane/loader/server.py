@@ -6,7 +6,10 @@ from modelplane.common.grpc_server import GrpcServer
 from modelplane.common.service import Service
 from modelplane.common.settings import TritonSettings
 from modelplane.loader.cache import PackageCache
+from modelplane.loader.devices import GpuMemoryReader
+from modelplane.loader.footprint import BackendProcesses
 from modelplane.loader.handlers import LoaderHandler
+from modelplane.loader.memory import MemoryManager
 from modelplane.loader.pipeline import LoadPipeline
 from modelplane.loader.servicer import LoaderServicer
 from modelplane.loader.settings import LoaderSettings
@@ -34,7 +37,13 @@ class LoaderService(Service):
         repository = ModelRepository(self.triton_settings.model_repository)
         cache = PackageCache(self.settings.cache_dir, self.settings.cache_budget_bytes)
         pipeline = LoadPipeline(self.settings, registry, cache, repository, triton)
-        self.handler = LoaderHandler(self.settings, registry, pipeline, triton, repository)
+        # The embedded Triton's backend processes run on this host, where their memory can be read.
+        processes = BackendProcesses(repository.root) if self.triton_settings.embedded else None
+        metrics_url = (
+            self.settings.triton_metrics_url or f"http://127.0.0.1:{self.triton_settings.metrics_port}/metrics"
+        )
+        memory = MemoryManager(self.settings, repository, processes=processes, gpus=GpuMemoryReader(metrics_url))
+        self.handler = LoaderHandler(self.settings, registry, pipeline, triton, repository, memory)
         self.server.add_servicer(
             loader_service_pb2_grpc.add_LoaderServiceServicer_to_server, LoaderServicer(self.handler), SERVICE_FULL_NAME
         )

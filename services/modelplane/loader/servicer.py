@@ -5,13 +5,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
-import psutil
 
 from modelplane.common.converters import to_proto
 from modelplane.common.request_context import current_request_id
-from modelplane.common.types import RESIDENT_STATES
 from modelplane.common.v1 import model_pb2
 from modelplane.loader.handlers import LoaderHandler
+from modelplane.loader.memory import DeviceReport
 from modelplane.loader.v1 import loader_service_pb2 as pb
 from modelplane.loader.v1 import loader_service_pb2_grpc as pb_grpc
 
@@ -51,25 +50,32 @@ class LoaderServicer(pb_grpc.LoaderServiceServicer):
         return pb.CancelLoadResponse(cancelled=await self.handler.cancel(request.name))
 
     async def GetBudget(self, request: pb.GetBudgetRequest, context: grpc.aio.ServicerContext) -> pb.GetBudgetResponse:
-        models = await self.handler.registry.list_models(states=sorted(RESIDENT_STATES))
-        holders = [
-            pb.BudgetHolder(
-                model_name=m.name,
-                bytes=m.status.footprint_bytes or m.spec.memory_estimate_bytes,
-                measured=bool(m.status.footprint_bytes),
-                priority=int(m.spec.effective_priority),
-                state=int(m.state),
-            )
-            for m in models
-        ]
-        device = pb.DeviceBudget(
-            device="cpu",
-            capacity_bytes=psutil.virtual_memory().total,
-            used_bytes=sum(h.bytes for h in holders),
-            holders=holders,
-        )
-        return pb.GetBudgetResponse(devices=[device], loads_waiting=len(self.handler.jobs))
+        devices, waiting = await self.handler.budget()
+        return pb.GetBudgetResponse(devices=[_device_to_proto(d) for d in devices], loads_waiting=waiting)
 
     async def Reconcile(self, request: pb.ReconcileRequest, context: grpc.aio.ServicerContext) -> pb.ReconcileResponse:
         result = await self.handler.reconcile()
         return pb.ReconcileResponse(loaded=result.loaded, unloaded=result.unloaded, failed=result.failed)
+
+
+def _device_to_proto(device: DeviceReport) -> pb.DeviceBudget:
+    return pb.DeviceBudget(
+        device=device.device,
+        capacity_bytes=device.capacity_bytes,
+        used_bytes=device.used_bytes,
+        total_bytes=device.total_bytes,
+        claimed_bytes=device.claimed_bytes,
+        observed_used_bytes=device.observed_used_bytes,
+        holders=[
+            pb.BudgetHolder(
+                model_name=h.name,
+                bytes=h.bytes,
+                measured=h.measured,
+                priority=int(h.priority),
+                state=int(h.state),
+                idle_seconds=h.idle_seconds,
+                quota_bytes=h.quota_bytes,
+            )
+            for h in device.holders
+        ],
+    )

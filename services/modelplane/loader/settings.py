@@ -100,3 +100,52 @@ class LoaderSettings(ServerSettings):
     path of a file holding one. JSON list in the environment."""
     require_signed_manifests: bool = False
     """Refuse every package whose SHA256SUMS is not signed by one of the trusted keys."""
+    load_timeout_retries: int = 0
+    """Times a load that ran past its timeout is tried again (its partial load undone first) before
+    the model is marked FAILED."""
+
+    # Memory budget ---------------------------------------------------------------------------
+    host_memory_bytes: int = 0
+    """Host memory models may fill on a CPU-only machine, before the safety margin; 0 means the
+    machine's total memory."""
+    gpu_memory_bytes: int = 0
+    """Memory models may fill on each GPU, before the safety margin; 0 means what Triton reports
+    (its nv_gpu_memory_total_bytes metric)."""
+    memory_safety_margin: float = 0.1
+    """Fraction of each device's memory kept free for what is not a model (Triton itself, request
+    buffers, estimation error)."""
+    triton_metrics_url: str = ""
+    """Triton's Prometheus metrics, read for GPU memory; empty means the embedded Triton's metrics
+    port on this host. GPUs are budgeted only when this reports nv_gpu_memory_* series."""
+    memory_wait_seconds: float = 60.0
+    """Longest a load waits for the memory it claimed to be actually free (unloads in flight,
+    loads that must finish before they can be evicted) before it is refused."""
+    release_wait_seconds: float = 30.0
+    """Longest an unload waits for the model's backend processes to exit before its memory is
+    counted free anyway."""
+    eviction_grace_seconds: float = 1.0
+    """Time between marking a model UNLOADING (the inference service stops routing to it) and
+    unloading it from Triton, so requests already on their way are served."""
+    estimate_overhead_bytes: int = 40 * 2**20
+    """Memory a model's backend process needs besides its weights (interpreter, runtime); part of
+    the estimate before a model's first load."""
+    idle_ttl_seconds: float = 1800.0
+    """A loaded model not used for this long is unloaded even without memory pressure, unless its
+    spec sets its own idle TTL or it is pinned; 0 means never."""
+    statistics_interval_seconds: float = 5.0
+    """How often the loader reads request statistics (recency, idle expiry, preloading) and
+    re-measures loaded models."""
+
+    # Predictive preloading ---------------------------------------------------------------------
+    preload: bool = True
+    """Load the models most likely to be requested next into free budget, from request history."""
+    preload_horizon_seconds: float = 300.0
+    """How far ahead preloading predicts requests."""
+    preload_min_expected_requests: float = 1.0
+    """A model is preloaded only when at least this many requests for it are expected within the
+    horizon."""
+    preload_hysteresis: float = 0.5
+    """A preload may displace a loaded model only when it is expected to be requested at least
+    (1 + this) times as often, so two models of similar heat do not swap back and forth."""
+    preload_protect_seconds: float = 15.0
+    """A model used (or loaded) within this many seconds is never displaced by a preload."""

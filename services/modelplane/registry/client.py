@@ -24,6 +24,7 @@ from modelplane.common.types import (
     Task,
 )
 from modelplane.common.v1 import model_pb2
+from modelplane.registry.statistics import ModelStatistics
 from modelplane.registry.v1 import registry_service_pb2 as pb
 from modelplane.registry.v1 import registry_service_pb2_grpc as pb_grpc
 from modelplane.registry.watch import ChangeType, ModelChange
@@ -135,6 +136,10 @@ class RegistryClient:
             entry = request.counts.add(model_name=item.model_name, count=item.count, cold_starts=item.cold_starts)
             entry.last_request_time.FromDatetime(item.last_request_time)
         await self._call("RecordModelRequests", request)
+
+    async def statistics(self, names: Sequence[str] = ()) -> list[ModelStatistics]:
+        response = await self._call("GetModelStatistics", pb.GetModelStatisticsRequest(names=list(names)))
+        return [from_proto(s, ModelStatistics) for s in response.statistics]
 
     async def watch(self, *, names: Sequence[str] = (), include_initial: bool = True) -> AsyncIterator[ModelChange]:
         """Streams changes until the registry goes away; the caller reconnects (with include_initial)."""

@@ -16,7 +16,7 @@ from modelplane.common.types import (
 )
 from modelplane.common.v1 import model_pb2
 from modelplane.registry.handlers import Transition
-from modelplane.registry.store import RequestStatistics
+from modelplane.registry.statistics import ModelStatistics
 from modelplane.registry.v1 import registry_service_pb2 as pb
 from modelplane.registry.watch import ModelChange
 
@@ -55,18 +55,8 @@ def request_counts_from_proto(request: pb.RecordModelRequestsRequest) -> list[Re
     ]
 
 
-def statistics_to_proto(stats: RequestStatistics) -> pb.ModelStatistics:
-    message = pb.ModelStatistics(
-        model_name=stats.model_name,
-        total_requests=stats.total_requests,
-        rate_5m=stats.rate_5m,
-        rate_1h=stats.rate_1h,
-        hour_of_day_counts=stats.hour_of_day_counts,
-        cold_starts=stats.cold_starts,
-    )
-    if stats.last_request_time:
-        message.last_request_time.FromDatetime(stats.last_request_time)
-    return message
+def statistics_to_proto(stats: ModelStatistics) -> pb.ModelStatistics:
+    return to_proto(stats, pb.ModelStatistics)
 
 
 def change_to_proto(change: ModelChange) -> pb.WatchModelsResponse:

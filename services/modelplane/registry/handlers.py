@@ -34,7 +34,8 @@ from modelplane.common.types import (
     is_valid_model_name,
 )
 from modelplane.registry.errors import InvalidModelSpec, ModelBusy, ModelNotFound, StaleTransition
-from modelplane.registry.store import RegistryStore, RequestStatistics
+from modelplane.registry.statistics import ModelStatistics
+from modelplane.registry.store import RegistryStore
 from modelplane.registry.watch import ChangeType, ModelChange
 
 log = structlog.get_logger()
@@ -276,7 +277,7 @@ class RegistryHandler:
             if item.count > 0 or item.cold_starts > 0:
                 await self.store.record_requests(item.model_name, item.count, item.cold_starts, item.last_request_time)
 
-    async def statistics(self, names: Sequence[str] = ()) -> list[RequestStatistics]:
+    async def statistics(self, names: Sequence[str] = ()) -> list[ModelStatistics]:
         return await self.store.statistics(names)
 
     async def watch(self, *, names: Sequence[str] = (), include_initial: bool = False) -> AsyncIterator[ModelChange]:

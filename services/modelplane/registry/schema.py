@@ -65,6 +65,7 @@ model_request_stats = sa.Table(
     sa.Column("model_name", sa.String(64), primary_key=True),
     sa.Column("total_requests", sa.BigInteger, nullable=False),
     sa.Column("cold_starts", sa.BigInteger, nullable=False),
+    sa.Column("rate_1m", sa.Float, nullable=False, server_default="0"),
     sa.Column("rate_5m", sa.Float, nullable=False),
     sa.Column("rate_1h", sa.Float, nullable=False),
     # When the rates were last decayed, as seconds since the epoch.

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from modelplane.common.types import (
     Task,
 )
 from modelplane.registry import schema
+from modelplane.registry.statistics import RATE_TIME_CONSTANTS, ModelStatistics, StatisticsState
 from modelplane.registry.watch import (
     CHANGES_CHANNEL,
     ChangeType,
@@ -43,7 +43,6 @@ from modelplane.registry.watch import (
 )
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
-_RATE_TIME_CONSTANTS = {"rate_5m": 300.0, "rate_1h": 3600.0}
 # Replicas that start together take this advisory lock to migrate one at a time.
 _MIGRATION_LOCK_KEY = 0x6D6F64656C706C61  # "modelpla"
 # Announced changes are read back by every replica within milliseconds; older rows are pruned.
@@ -54,17 +53,6 @@ _PRUNE_INTERVAL_SECONDS = 60.0
 Mutation = Callable[[Model | None], Model]
 # Makes the event that records a change, from the model before and after it.
 Describe = Callable[[Model, Model], ModelEvent | None]
-
-
-@dataclass(frozen=True)
-class RequestStatistics:
-    model_name: str
-    total_requests: int
-    cold_starts: int
-    rate_5m: float
-    rate_1h: float
-    hour_of_day_counts: list[int]
-    last_request_time: datetime | None
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -384,46 +372,28 @@ class RegistryStore:
     # Request statistics -------------------------------------------------------------------
 
     async def record_requests(self, name: str, count: int, cold_starts: int, last_request: datetime) -> None:
-        now = time.time()
         table = schema.model_request_stats
         async with self._write() as write:
             connection = write.connection
             row = (
                 await connection.execute(sa.select(table).where(table.c.model_name == name).with_for_update())
             ).first()
+            state = _statistics_from_row(row) if row else StatisticsState()
+            state = state.record(count, cold_starts, last_request, time.time())
+            values = {
+                "total_requests": state.total_requests,
+                "cold_starts": state.cold_starts,
+                "rates_time": state.rates_time,
+                "hour_of_day_json": json.dumps(list(state.hour_of_day_counts)),
+                "last_request_time": state.last_request_time,
+                **state.rates,
+            }
             if row is None:
-                stats = {
-                    "total_requests": 0,
-                    "cold_starts": 0,
-                    "rate_5m": 0.0,
-                    "rate_1h": 0.0,
-                    "rates_time": now,
-                    "hour_of_day_json": json.dumps([0] * 24),
-                    "last_request_time": None,
-                }
+                await connection.execute(sa.insert(table).values(model_name=name, **values))
             else:
-                stats = dict(row._mapping)
-                stats.pop("model_name")
-            elapsed = max(0.0, now - stats["rates_time"])
-            for column, tau in _RATE_TIME_CONSTANTS.items():
-                # Exponentially weighted rate: decay by the time passed, then add this batch.
-                stats[column] = stats[column] * math.exp(-elapsed / tau) + count / tau
-            hours = json.loads(stats["hour_of_day_json"])
-            hours[last_request.astimezone(UTC).hour] += count
-            previous_last = _utc(stats["last_request_time"])
-            stats.update(
-                total_requests=stats["total_requests"] + count,
-                cold_starts=stats["cold_starts"] + cold_starts,
-                rates_time=now,
-                hour_of_day_json=json.dumps(hours),
-                last_request_time=max(last_request, previous_last) if previous_last else last_request,
-            )
-            if row is None:
-                await connection.execute(sa.insert(table).values(model_name=name, **stats))
-            else:
-                await connection.execute(sa.update(table).where(table.c.model_name == name).values(**stats))
+                await connection.execute(sa.update(table).where(table.c.model_name == name).values(**values))
 
-    async def statistics(self, names: Sequence[str] = ()) -> list[RequestStatistics]:
+    async def statistics(self, names: Sequence[str] = ()) -> list[ModelStatistics]:
         table = schema.model_request_stats
         query = sa.select(table).order_by(table.c.model_name)
         if names:
@@ -431,18 +401,18 @@ class RegistryStore:
         async with self.engine.connect() as connection:
             rows = (await connection.execute(query)).all()
         now = time.time()
-        return [
-            RequestStatistics(
-                model_name=row.model_name,
-                total_requests=row.total_requests,
-                cold_starts=row.cold_starts,
-                rate_5m=row.rate_5m * math.exp(-max(0.0, now - row.rates_time) / _RATE_TIME_CONSTANTS["rate_5m"]),
-                rate_1h=row.rate_1h * math.exp(-max(0.0, now - row.rates_time) / _RATE_TIME_CONSTANTS["rate_1h"]),
-                hour_of_day_counts=json.loads(row.hour_of_day_json),
-                last_request_time=_utc(row.last_request_time),
-            )
-            for row in rows
-        ]
+        return [_statistics_from_row(row).snapshot(row.model_name, now) for row in rows]
+
+
+def _statistics_from_row(row: sa.Row) -> StatisticsState:
+    return StatisticsState(
+        total_requests=row.total_requests,
+        cold_starts=row.cold_starts,
+        rates={name: getattr(row, name) for name in RATE_TIME_CONSTANTS},
+        rates_time=row.rates_time,
+        hour_of_day_counts=tuple(json.loads(row.hour_of_day_json)),
+        last_request_time=_utc(row.last_request_time),
+    )
 
 
 def _configure_sqlite(dbapi_connection: object, _record: object) -> None:

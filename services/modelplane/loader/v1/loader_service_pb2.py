@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from modelplane.common.v1 import model_pb2 as modelplane_dot_common_dot_v1_dot_model__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)modelplane/loader/v1/loader_service.proto\x12\x14modelplane.loader.v1\x1a\x1egoogle/protobuf/duration.proto\x1a modelplane/common/v1/model.proto\"m\n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07refresh\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xc1\x01\n\x11LoadModelResponse\x12\x34\n\x08progress\x18\x01 \x01(\x0b\x32\".modelplane.common.v1.LoadProgress\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\x12*\n\x05model\x18\x03 \x01(\x0b\x32\x1b.modelplane.common.v1.Model\x12<\n\x0fphase_durations\x18\x04 \x03(\x0b\x32#.modelplane.common.v1.PhaseDuration\"2\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"A\n\x13UnloadModelResponse\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.modelplane.common.v1.Model\"!\n\x11\x43\x61ncelLoadRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\'\n\x12\x43\x61ncelLoadResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"\x12\n\x10GetBudgetRequest\"\xbc\x01\n\x0c\x42udgetHolder\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\x12\x10\n\x08measured\x18\x03 \x01(\x08\x12\x30\n\x08priority\x18\x04 \x01(\x0e\x32\x1e.modelplane.common.v1.Priority\x12/\n\x05state\x18\x05 \x01(\x0e\x32 .modelplane.common.v1.ModelState\x12\x14\n\x0cidle_seconds\x18\x06 \x01(\x01\"\x7f\n\x0c\x44\x65viceBudget\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x03\x12\x12\n\nused_bytes\x18\x03 \x01(\x03\x12\x33\n\x07holders\x18\x04 \x03(\x0b\x32\".modelplane.loader.v1.BudgetHolder\"_\n\x11GetBudgetResponse\x12\x33\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\".modelplane.loader.v1.DeviceBudget\x12\x15\n\rloads_waiting\x18\x02 \x01(\x05\"\x12\n\x10ReconcileRequest\"E\n\x11ReconcileResponse\x12\x0e\n\x06loaded\x18\x01 \x03(\t\x12\x10\n\x08unloaded\x18\x02 \x03(\t\x12\x0e\n\x06\x66\x61iled\x18\x03 \x03(\t2\xf0\x03\n\rLoaderService\x12^\n\tLoadModel\x12&.modelplane.loader.v1.LoadModelRequest\x1a\'.modelplane.loader.v1.LoadModelResponse0\x01\x12\x62\n\x0bUnloadModel\x12(.modelplane.loader.v1.UnloadModelRequest\x1a).modelplane.loader.v1.UnloadModelResponse\x12_\n\nCancelLoad\x12\'.modelplane.loader.v1.CancelLoadRequest\x1a(.modelplane.loader.v1.CancelLoadResponse\x12\\\n\tGetBudget\x12&.modelplane.loader.v1.GetBudgetRequest\x1a\'.modelplane.loader.v1.GetBudgetResponse\x12\\\n\tReconcile\x12&.modelplane.loader.v1.ReconcileRequest\x1a\'.modelplane.loader.v1.ReconcileResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)modelplane/loader/v1/loader_service.proto\x12\x14modelplane.loader.v1\x1a\x1egoogle/protobuf/duration.proto\x1a modelplane/common/v1/model.proto\"m\n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07refresh\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xc1\x01\n\x11LoadModelResponse\x12\x34\n\x08progress\x18\x01 \x01(\x0b\x32\".modelplane.common.v1.LoadProgress\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\x12*\n\x05model\x18\x03 \x01(\x0b\x32\x1b.modelplane.common.v1.Model\x12<\n\x0fphase_durations\x18\x04 \x03(\x0b\x32#.modelplane.common.v1.PhaseDuration\"2\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"A\n\x13UnloadModelResponse\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.modelplane.common.v1.Model\"!\n\x11\x43\x61ncelLoadRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\'\n\x12\x43\x61ncelLoadResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"\x12\n\x10GetBudgetRequest\"\xd1\x01\n\x0c\x42udgetHolder\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\x12\x10\n\x08measured\x18\x03 \x01(\x08\x12\x30\n\x08priority\x18\x04 \x01(\x0e\x32\x1e.modelplane.common.v1.Priority\x12/\n\x05state\x18\x05 \x01(\x0e\x32 .modelplane.common.v1.ModelState\x12\x14\n\x0cidle_seconds\x18\x06 \x01(\x01\x12\x13\n\x0bquota_bytes\x18\x07 \x01(\x03\"\xc8\x01\n\x0c\x44\x65viceBudget\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x03\x12\x12\n\nused_bytes\x18\x03 \x01(\x03\x12\x33\n\x07holders\x18\x04 \x03(\x0b\x32\".modelplane.loader.v1.BudgetHolder\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x03\x12\x15\n\rclaimed_bytes\x18\x06 \x01(\x03\x12\x1b\n\x13observed_used_bytes\x18\x07 \x01(\x03\"_\n\x11GetBudgetResponse\x12\x33\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\".modelplane.loader.v1.DeviceBudget\x12\x15\n\rloads_waiting\x18\x02 \x01(\x05\"\x12\n\x10ReconcileRequest\"E\n\x11ReconcileResponse\x12\x0e\n\x06loaded\x18\x01 \x03(\t\x12\x10\n\x08unloaded\x18\x02 \x03(\t\x12\x0e\n\x06\x66\x61iled\x18\x03 \x03(\t2\xf0\x03\n\rLoaderService\x12^\n\tLoadModel\x12&.modelplane.loader.v1.LoadModelRequest\x1a\'.modelplane.loader.v1.LoadModelResponse0\x01\x12\x62\n\x0bUnloadModel\x12(.modelplane.loader.v1.UnloadModelRequest\x1a).modelplane.loader.v1.UnloadModelResponse\x12_\n\nCancelLoad\x12\'.modelplane.loader.v1.CancelLoadRequest\x1a(.modelplane.loader.v1.CancelLoadResponse\x12\\\n\tGetBudget\x12&.modelplane.loader.v1.GetBudgetRequest\x1a\'.modelplane.loader.v1.GetBudgetResponse\x12\\\n\tReconcile\x12&.modelplane.loader.v1.ReconcileRequest\x1a\'.modelplane.loader.v1.ReconcileResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,15 +48,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETBUDGETREQUEST']._serialized_start=635
   _globals['_GETBUDGETREQUEST']._serialized_end=653
   _globals['_BUDGETHOLDER']._serialized_start=656
-  _globals['_BUDGETHOLDER']._serialized_end=844
-  _globals['_DEVICEBUDGET']._serialized_start=846
-  _globals['_DEVICEBUDGET']._serialized_end=973
-  _globals['_GETBUDGETRESPONSE']._serialized_start=975
-  _globals['_GETBUDGETRESPONSE']._serialized_end=1070
-  _globals['_RECONCILEREQUEST']._serialized_start=1072
-  _globals['_RECONCILEREQUEST']._serialized_end=1090
-  _globals['_RECONCILERESPONSE']._serialized_start=1092
-  _globals['_RECONCILERESPONSE']._serialized_end=1161
-  _globals['_LOADERSERVICE']._serialized_start=1164
-  _globals['_LOADERSERVICE']._serialized_end=1660
+  _globals['_BUDGETHOLDER']._serialized_end=865
+  _globals['_DEVICEBUDGET']._serialized_start=868
+  _globals['_DEVICEBUDGET']._serialized_end=1068
+  _globals['_GETBUDGETRESPONSE']._serialized_start=1070
+  _globals['_GETBUDGETRESPONSE']._serialized_end=1165
+  _globals['_RECONCILEREQUEST']._serialized_start=1167
+  _globals['_RECONCILEREQUEST']._serialized_end=1185
+  _globals['_RECONCILERESPONSE']._serialized_start=1187
+  _globals['_RECONCILERESPONSE']._serialized_end=1256
+  _globals['_LOADERSERVICE']._serialized_start=1259
+  _globals['_LOADERSERVICE']._serialized_end=1755
 # @@protoc_insertion_point(module_scope)

@@ -109,7 +109,9 @@ class UnloadModelRequest(_message.Message):
     name: _builtins.str
     """The model's name."""
     reason: _builtins.str
-    """Why the unload was asked for: "operator", "eviction" or "idle"."""
+    """Why the unload was asked for: "operator", "eviction", "idle" or
+    "quota".
+    """
     def __init__(
         self,
         *,
@@ -221,6 +223,7 @@ class BudgetHolder(_message.Message):
     PRIORITY_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     IDLE_SECONDS_FIELD_NUMBER: _builtins.int
+    QUOTA_BYTES_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """The model's name."""
     bytes: _builtins.int
@@ -234,7 +237,11 @@ class BudgetHolder(_message.Message):
     state: _model_pb2.ModelState.ValueType
     """The model's lifecycle state (LOADING, READY or UNLOADING)."""
     idle_seconds: _builtins.float
-    """Seconds since a request last used the model."""
+    """Seconds since a request last used the model (or since it was loaded,
+    when no request has used it since).
+    """
+    quota_bytes: _builtins.int
+    """The largest resident memory the model may use; 0 means no quota."""
     def __init__(
         self,
         *,
@@ -244,10 +251,11 @@ class BudgetHolder(_message.Message):
         priority: _model_pb2.Priority.ValueType = ...,
         state: _model_pb2.ModelState.ValueType = ...,
         idle_seconds: _builtins.float = ...,
+        quota_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "idle_seconds", b"idle_seconds", "measured", b"measured", "model_name", b"model_name", "priority", b"priority", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "idle_seconds", b"idle_seconds", "measured", b"measured", "model_name", b"model_name", "priority", b"priority", "quota_bytes", b"quota_bytes", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -263,12 +271,25 @@ class DeviceBudget(_message.Message):
     CAPACITY_BYTES_FIELD_NUMBER: _builtins.int
     USED_BYTES_FIELD_NUMBER: _builtins.int
     HOLDERS_FIELD_NUMBER: _builtins.int
+    TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    CLAIMED_BYTES_FIELD_NUMBER: _builtins.int
+    OBSERVED_USED_BYTES_FIELD_NUMBER: _builtins.int
     device: _builtins.str
     """"cpu" for host memory, "gpu:<index>" for a GPU."""
     capacity_bytes: _builtins.int
     """Bytes models may use on this device, after the safety margin."""
     used_bytes: _builtins.int
     """Bytes held by loaded, loading and unloading models."""
+    total_bytes: _builtins.int
+    """Memory of the device as it reports it, before the safety margin."""
+    claimed_bytes: _builtins.int
+    """Bytes claimed by loads that wait for memory being freed (unloads in
+    flight); they are not counted in used_bytes until the load starts.
+    """
+    observed_used_bytes: _builtins.int
+    """Bytes in use on the device as the device itself reports it (models and
+    everything else), when it can be read; 0 when unknown.
+    """
     @_builtins.property
     def holders(self) -> _containers.RepeatedCompositeFieldContainer[Global___BudgetHolder]:
         """The models holding memory, least recently used first."""
@@ -280,10 +301,13 @@ class DeviceBudget(_message.Message):
         capacity_bytes: _builtins.int = ...,
         used_bytes: _builtins.int = ...,
         holders: _abc.Iterable[Global___BudgetHolder] | None = ...,
+        total_bytes: _builtins.int = ...,
+        claimed_bytes: _builtins.int = ...,
+        observed_used_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity_bytes", b"capacity_bytes", "device", b"device", "holders", b"holders", "used_bytes", b"used_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity_bytes", b"capacity_bytes", "claimed_bytes", b"claimed_bytes", "device", b"device", "holders", b"holders", "observed_used_bytes", b"observed_used_bytes", "total_bytes", b"total_bytes", "used_bytes", b"used_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

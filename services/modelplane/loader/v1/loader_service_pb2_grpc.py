@@ -75,7 +75,8 @@ class LoaderServiceServicer:
         with one response whose done field is true. Concurrent calls for the same
         model share one load. Fails with NOT_FOUND for an unknown model,
         RESOURCE_EXHAUSTED when the model cannot fit without evicting a model of
-        higher priority, DEADLINE_EXCEEDED after the load timeout, and
+        higher priority (the message names what holds the memory) or its quota is
+        exceeded, DEADLINE_EXCEEDED after the load timeout, and
         FAILED_PRECONDITION when the package is refused (digest mismatch, unsafe
         file, not a model); the message says which file and what to do.
         """

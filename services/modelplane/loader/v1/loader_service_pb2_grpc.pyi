@@ -41,7 +41,8 @@ class LoaderServiceStub:
     with one response whose done field is true. Concurrent calls for the same
     model share one load. Fails with NOT_FOUND for an unknown model,
     RESOURCE_EXHAUSTED when the model cannot fit without evicting a model of
-    higher priority, DEADLINE_EXCEEDED after the load timeout, and
+    higher priority (the message names what holds the memory) or its quota is
+    exceeded, DEADLINE_EXCEEDED after the load timeout, and
     FAILED_PRECONDITION when the package is refused (digest mismatch, unsafe
     file, not a model); the message says which file and what to do.
     """
@@ -71,7 +72,8 @@ class LoaderServiceAsyncStub(LoaderServiceStub):
     with one response whose done field is true. Concurrent calls for the same
     model share one load. Fails with NOT_FOUND for an unknown model,
     RESOURCE_EXHAUSTED when the model cannot fit without evicting a model of
-    higher priority, DEADLINE_EXCEEDED after the load timeout, and
+    higher priority (the message names what holds the memory) or its quota is
+    exceeded, DEADLINE_EXCEEDED after the load timeout, and
     FAILED_PRECONDITION when the package is refused (digest mismatch, unsafe
     file, not a model); the message says which file and what to do.
     """
@@ -104,7 +106,8 @@ class LoaderServiceServicer(metaclass=_abc_1.ABCMeta):
         with one response whose done field is true. Concurrent calls for the same
         model share one load. Fails with NOT_FOUND for an unknown model,
         RESOURCE_EXHAUSTED when the model cannot fit without evicting a model of
-        higher priority, DEADLINE_EXCEEDED after the load timeout, and
+        higher priority (the message names what holds the memory) or its quota is
+        exceeded, DEADLINE_EXCEEDED after the load timeout, and
         FAILED_PRECONDITION when the package is refused (digest mismatch, unsafe
         file, not a model); the message says which file and what to do.
         """

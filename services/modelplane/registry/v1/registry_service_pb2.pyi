@@ -764,6 +764,7 @@ class ModelStatistics(_message.Message):
     HOUR_OF_DAY_COUNTS_FIELD_NUMBER: _builtins.int
     LAST_REQUEST_TIME_FIELD_NUMBER: _builtins.int
     COLD_STARTS_FIELD_NUMBER: _builtins.int
+    RATE_1M_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """The model's name."""
     total_requests: _builtins.int
@@ -778,6 +779,10 @@ class ModelStatistics(_message.Message):
     """
     cold_starts: _builtins.int
     """Requests that waited for a load."""
+    rate_1m: _builtins.float
+    """Exponentially weighted request rate per second, with a time constant of
+    about 1 minute: the first to notice a burst or a shift in popularity.
+    """
     @_builtins.property
     def hour_of_day_counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Requests per hour of the day (UTC), 24 entries; the time-of-day profile."""
@@ -796,10 +801,11 @@ class ModelStatistics(_message.Message):
         hour_of_day_counts: _abc.Iterable[_builtins.int] | None = ...,
         last_request_time: _timestamp_pb2.Timestamp | None = ...,
         cold_starts: _builtins.int = ...,
+        rate_1m: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_request_time", b"last_request_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cold_starts", b"cold_starts", "hour_of_day_counts", b"hour_of_day_counts", "last_request_time", b"last_request_time", "model_name", b"model_name", "rate_1h", b"rate_1h", "rate_5m", b"rate_5m", "total_requests", b"total_requests"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cold_starts", b"cold_starts", "hour_of_day_counts", b"hour_of_day_counts", "last_request_time", b"last_request_time", "model_name", b"model_name", "rate_1h", b"rate_1h", "rate_1m", b"rate_1m", "rate_5m", b"rate_5m", "total_requests", b"total_requests"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
