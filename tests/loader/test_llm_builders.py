@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from modelplane.common.types import Model, ModelFormat, ModelSpec, RuntimeHints, Task
+from modelplane.common.types import Model, ModelFormat, ModelSpec, ModelStatus, RuntimeHints, ServingProfile, Task
 from modelplane.loader.builders import select_builder
 from modelplane.loader.builders.llm import CausalLmBuilder, GgufBuilder
 from modelplane.loader.chat_templates import GEMMA, from_tokenizer_files
 from modelplane.loader.conversion import run_converter
 from modelplane.loader.errors import ConversionFailed
+from modelplane.loader.footprint import estimate_footprint
 from modelplane.loader.settings import LoaderSettings
 from modelplane.loader.triton_repo import parse_config, render_config
 
@@ -52,6 +53,7 @@ def test_gguf_entry_from_the_bundled_gemma(gemma_package: Path, tmp_path: Path) 
     entry = builder.entry(_model(), gemma_package, tmp_path / "artifact", report, settings)
     assert entry.profile.chat_template == GEMMA  # Gemma's default, as the GGUF has none
     assert entry.profile.context_length == 1024  # llama.cpp's multiple of 256
+    assert entry.profile.runtime_memory_bytes == 18 * 512 * 2 * 1024 * 3  # KV caches of 3 slots
     config = parse_config(render_config(entry.config))
     assert config.backend == "python" and config.instance_group[0].count == 1
     assert {k: v.string_value for k, v in config.parameters.items()} == {
@@ -83,3 +85,13 @@ def test_hugging_face_templates_come_from_chat_template_jinja_first(tmp_path: Pa
     (tmp_path / "chat_template.jinja").unlink()
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": named}))
     assert from_tokenizer_files(tmp_path) == "plain"
+
+
+def test_the_estimate_before_a_first_load_counts_the_kv_caches(tmp_path: Path) -> None:
+    version = tmp_path / "gemma" / "1"
+    version.mkdir(parents=True)
+    (version / "model.gguf").write_bytes(b"\0" * 1000)
+    model = _model()
+    assert estimate_footprint(model, tmp_path / "gemma", overhead_bytes=100) == 1300 + 100
+    model.status = ModelStatus(profile=ServingProfile(runtime_memory_bytes=5000))
+    assert estimate_footprint(model, tmp_path / "gemma", overhead_bytes=100) == 1300 + 100 + 5000

@@ -76,6 +76,8 @@ class GgufBuilder(ArtifactBuilder):
             chat_template=_template(model, report.get("chat_template", ""), report.get("architecture", "")),
             context_length=context,
             special_tokens={"bos_token": report.get("bos_token", ""), "eos_token": report.get("eos_token", "")},
+            # Each slot allocates its KV cache for the whole context when it is created.
+            runtime_memory_bytes=int(report.get("kv_bytes_per_token", 0)) * context * settings.llm_engine_slots,
         )
         return RepositoryEntry(config=config, files=files, profile=profile)
 
@@ -84,6 +86,15 @@ def _special_token(value: Any) -> str:
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) else ""
+
+
+def _genai_kv_bytes(artifact: Path, requests: int) -> int:
+    """The fp32 KV caches of `requests` generators at the full context: an upper bound (sliding-window
+    layers need less), the same order as the weights for long contexts."""
+    genai = json.loads((artifact / "genai_config.json").read_text())["model"]
+    decoder = genai["decoder"]
+    per_token = 2 * decoder["num_hidden_layers"] * decoder["num_key_value_heads"] * decoder["head_size"] * 4
+    return per_token * int(genai["context_length"]) * requests
 
 
 class CausalLmBuilder(ArtifactBuilder):
@@ -135,5 +146,6 @@ class CausalLmBuilder(ArtifactBuilder):
             chat_template=_template(model, chat_templates.from_tokenizer_files(artifact), report["model_type"]),
             context_length=context,
             special_tokens={key: _special_token(special.get(key)) for key in ("bos_token", "eos_token")},
+            runtime_memory_bytes=_genai_kv_bytes(artifact, settings.llm_engine_slots),
         )
         return RepositoryEntry(config=config, files=files, profile=profile, assets=read_assets(artifact))
