@@ -135,7 +135,7 @@ def test_request_fields_reach_the_service_and_unknown_fields_are_ignored(
     body = {
         "model": "m",
         "messages": [
-            {"role": "system", "content": "Be brief."},
+            {"role": "developer", "content": "Be brief."},
             {"role": "user", "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]},
         ],
         "max_tokens": 100000,

@@ -37,6 +37,8 @@ log = structlog.get_logger()
 FIRST_TOKEN_GRACE_SECONDS = 2.0
 KEEPALIVE_SECONDS = 5.0
 _FINISH_REASONS = {inference_pb.FINISH_REASON_STOP: "stop", inference_pb.FINISH_REASON_LENGTH: "length"}
+# OpenAI's newer clients send the system prompt as "developer"; chat templates know "system".
+_ROLES = {"developer": "system"}
 _STREAMING = {200: {"content": {"text/event-stream": {}}, "description": "With `stream: true`: server-sent events."}}
 
 
@@ -234,7 +236,7 @@ async def create_chat_completion(body: schemas.ChatCompletionRequest, request: R
     message = inference_pb.ChatRequest(
         model=body.model,
         messages=[
-            inference_pb.ChatMessage(role=m.role, content=_content(m, i), name=m.name or "")
+            inference_pb.ChatMessage(role=_ROLES.get(m.role, m.role), content=_content(m, i), name=m.name or "")
             for i, m in enumerate(body.messages)
         ],
         parameters=_sampling(body, request),
