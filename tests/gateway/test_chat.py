@@ -199,3 +199,11 @@ def test_a_slow_first_token_is_waited_for_with_sse_comments(
     events = _events(response.text)
     assert events[0] == ": waiting for the model"
     assert "".join(c["choices"][0]["text"] for c in _chunks(events)) == "Hello, world!"
+
+
+def test_values_beyond_the_contracts_range_are_refused_as_invalid_not_a_crash(client: TestClient) -> None:
+    # Found by Schemathesis: a top_k too large for the contract's int32 was a 500.
+    response = client.post("/v1/completions", json={"model": "m", "prompt": "x", "top_k": 4933163660300166})
+    assert response.status_code == 422 and response.json()["error"]["param"] == "top_k"
+    huge = client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2**40})
+    assert huge.status_code == 200  # lowered to the gateway's limit

@@ -179,7 +179,9 @@ class SamplingFields(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1, description="The newer name of max_tokens.")
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="0 is greedy decoding.")
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1, description="Not OpenAI's; llama.cpp and vLLM clients send it.")
+    top_k: int | None = Field(
+        default=None, ge=-1, le=2**31 - 1, description="Not OpenAI's; llama.cpp and vLLM clients send it. 0 or -1: off."
+    )
     seed: int | None = Field(default=None, ge=0, le=2**32 - 2, description="The same seed gives the same output.")
     stop: str | list[str] | None = Field(default=None, description="Up to 4 strings that end the text (not returned).")
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
