@@ -75,3 +75,17 @@ async def test_chat_uses_the_models_own_template(served_causal_lm: tuple[str, Pa
     answer = response.json()
     assert answer["choices"][0]["message"]["content"] == text
     assert answer["usage"]["prompt_tokens"] == len(prompt_ids)
+
+
+async def test_a_sampling_field_the_engine_cannot_honour_is_refused_not_ignored(
+    served_causal_lm: tuple[str, Path], stack: RunningStack
+) -> None:
+    name, _ = served_causal_lm
+    async with httpx.AsyncClient(timeout=300) as client:
+        response = await client.post(
+            f"{stack.gateway_url}/v1/completions", json={"model": name, "prompt": "Hi", "presence_penalty": 0.5}
+        )
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == (
+        f"Model '{name}' refused the request: sampling parameter presence_penalty=0.5 is not supported by this model."
+    )

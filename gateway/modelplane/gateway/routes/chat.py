@@ -167,8 +167,11 @@ async def _event_stream(
     except (ModelplaneError, errors.GatewayError) as error:
         yield _sse(errors.stream_error_chunk(error))
     finally:
+        # A client that went away cancels this generator: the gRPC call is cancelled with it, and
+        # the inference service cancels the request in Triton. While the first piece is still being
+        # awaited, cancelling its task does the same (and closing the generator it runs cannot).
         first.cancel()
-        with contextlib.suppress(BaseException):
+        with contextlib.suppress(RuntimeError):
             await pieces.aclose()  # type: ignore[attr-defined]
 
 
