@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import queue
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 MODEL = "gemma-3-270m"
 PROMPT = (
@@ -66,9 +68,12 @@ class Measurement:
     ttft_s: float  # median over the streams
     decode_tokens_per_s: float  # median over the streams
     aggregate_tokens_per_s: float
+    # CPU time spent per generated token by every process involved (for the gateway: the stack's
+    # processes and this client); unlike wall-clock rates it barely moves with a neighbour's load.
+    cpu_ms_per_token: float = 0.0
 
 
-def _summarise(system: str, timings: list[StreamTiming], started: float) -> Measurement:
+def _summarise(system: str, timings: list[StreamTiming], started: float, cpu_s: float) -> Measurement:
     tokens = sum(t.tokens for t in timings)
     return Measurement(
         system=system,
@@ -76,7 +81,22 @@ def _summarise(system: str, timings: list[StreamTiming], started: float) -> Meas
         ttft_s=statistics.median(t.ttft_s for t in timings),
         decode_tokens_per_s=statistics.median(t.decode_tokens_per_s for t in timings),
         aggregate_tokens_per_s=tokens / (max(t.finished_at for t in timings) - started),
+        cpu_ms_per_token=cpu_s * 1e3 / max(tokens, 1),
     )
+
+
+def processes_cpu_seconds(home: Path | None) -> float:
+    """CPU seconds used so far by this process and, given a stack's home, by every process of that
+    stack (found by MODELPLANE_HOME in their environment: services, tritonserver, backend stubs)."""
+    total = time.process_time()
+    if home is None:
+        return total
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if process.environ().get("MODELPLANE_HOME") == str(home):
+                times = process.cpu_times()
+                total += times.user + times.system
+    return total
 
 
 def _decode_rate(tokens: int, first: float, last: float) -> float:
@@ -112,14 +132,17 @@ async def _gateway_stream(client: httpx.AsyncClient, url: str, max_tokens: int) 
     return StreamTiming(first - sent, tokens, _decode_rate(tokens, first, last), last)
 
 
-def measure_gateway(url: str, streams: int, max_tokens: int) -> Measurement:
-    """`streams` concurrent streamed completions through the gateway at `url`."""
+def measure_gateway(url: str, streams: int, max_tokens: int, home: Path | None = None) -> Measurement:
+    """`streams` concurrent streamed completions through the gateway at `url` (of the stack whose
+    home is `home`, for its CPU time)."""
 
     async def run() -> Measurement:
         async with httpx.AsyncClient(timeout=600) as client:
+            cpu = processes_cpu_seconds(home)
             started = time.perf_counter()
             timings = await asyncio.gather(*(_gateway_stream(client, url, max_tokens) for _ in range(streams)))
-        return _summarise("gateway", list(timings), started)
+            cpu = processes_cpu_seconds(home) - cpu
+        return _summarise("gateway", list(timings), started, cpu)
 
     return asyncio.run(run())
 
@@ -201,10 +224,12 @@ class InProcessEngine:
 
 def measure_in_process(engine: InProcessEngine, streams: int, max_tokens: int) -> Measurement:
     results: queue.Queue[StreamTiming] = queue.Queue()
+    cpu = time.process_time()  # this process's threads: the engine's slots
     started = time.perf_counter()
     for _ in range(streams):
         engine.jobs.put((max_tokens, time.perf_counter(), results))
-    return _summarise("in-process", [results.get() for _ in range(streams)], started)
+    timings = [results.get() for _ in range(streams)]
+    return _summarise("in-process", timings, started, time.process_time() - cpu)
 
 
 # --- the stack ------------------------------------------------------------------------------
@@ -300,7 +325,7 @@ def run_benchmark(rounds: int, max_tokens: int, stream_counts: tuple[int, ...]) 
             for number in range(1, rounds + 1):
                 for streams in stream_counts:
                     for measured in (
-                        measure_gateway(stack.url, streams, max_tokens),
+                        measure_gateway(stack.url, streams, max_tokens, stack.home),
                         measure_in_process(engine, streams, max_tokens),
                     ):
                         measurements.append(measured)
@@ -313,7 +338,8 @@ def run_benchmark(rounds: int, max_tokens: int, stream_counts: tuple[int, ...]) 
 def _progress(number: int, measured: Measurement) -> None:
     print(
         f"round {number}: {measured.system:<10} {measured.streams} stream(s): TTFT {measured.ttft_s * 1e3:6.0f} ms, "
-        f"{measured.decode_tokens_per_s:5.1f} tok/s per stream, {measured.aggregate_tokens_per_s:5.1f} tok/s in all",
+        f"{measured.decode_tokens_per_s:5.1f} tok/s per stream, {measured.aggregate_tokens_per_s:5.1f} tok/s in all, "
+        f"{measured.cpu_ms_per_token:5.2f} ms CPU/token",
         file=sys.stderr,
     )
 
@@ -328,8 +354,9 @@ def summarise(measurements: list[Measurement], stream_counts: tuple[int, ...]) -
 
         row: dict[str, float | int] = {"streams": streams}
         for system in ("gateway", "in-process"):
-            for attribute in ("ttft_s", "decode_tokens_per_s", "aggregate_tokens_per_s"):
+            for attribute in ("ttft_s", "decode_tokens_per_s", "aggregate_tokens_per_s", "cpu_ms_per_token"):
                 row[f"{system}.{attribute}"] = median(system, attribute)
+        row["ratio.cpu_ms_per_token"] = row["gateway.cpu_ms_per_token"] / row["in-process.cpu_ms_per_token"]
         row["ratio.ttft_s"] = row["gateway.ttft_s"] / row["in-process.ttft_s"]
         row["ratio.decode_tokens_per_s"] = row["gateway.decode_tokens_per_s"] / row["in-process.decode_tokens_per_s"]
         row["ratio.aggregate_tokens_per_s"] = (
@@ -346,18 +373,26 @@ def print_table(results: dict[str, object], rounds: int, max_tokens: int) -> Non
         f"n_ctx {config['n_ctx']}, {config['slots']} slot(s) x {config['threads_per_slot']} thread(s), "
         f"{len(os.sched_getaffinity(0))} CPUs"  # type: ignore[index]
     )
-    print(f"{'streams':>7} | {'system':<10} | {'TTFT ms':>8} | {'tok/s per stream':>16} | {'tok/s in all':>12}")
+    print(
+        f"{'streams':>7} | {'system':<10} | {'TTFT ms':>8} | {'tok/s per stream':>16} | {'tok/s in all':>12} | "
+        f"{'CPU ms/token':>12}"
+    )
     for row in results["summary"]:  # type: ignore[attr-defined]
         for system in ("in-process", "gateway"):
             print(
                 f"{row['streams']:>7} | {system:<10} | {row[f'{system}.ttft_s'] * 1e3:>8.0f} | "
-                f"{row[f'{system}.decode_tokens_per_s']:>16.1f} | {row[f'{system}.aggregate_tokens_per_s']:>12.1f}"
+                f"{row[f'{system}.decode_tokens_per_s']:>16.1f} | {row[f'{system}.aggregate_tokens_per_s']:>12.1f} | "
+                f"{row[f'{system}.cpu_ms_per_token']:>12.2f}"
             )
         print(
             f"{row['streams']:>7} | {'ratio':<10} | {row['ratio.ttft_s']:>7.2f}x | "
-            f"{row['ratio.decode_tokens_per_s']:>15.2f}x | "
-            f"{row['ratio.aggregate_tokens_per_s']:>11.2f}x   (target >= {TARGET_RATIO}x)"
+            f"{row['ratio.decode_tokens_per_s']:>15.2f}x | {row['ratio.aggregate_tokens_per_s']:>11.2f}x | "
+            f"{row['ratio.cpu_ms_per_token']:>11.2f}x"
         )
+    print(
+        f"Target: gateway tokens/s >= {TARGET_RATIO}x in-process. On a shared machine the wall-clock rates move "
+        "with other load; CPU ms/token (serving cost) does not."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
