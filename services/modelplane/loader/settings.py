@@ -56,6 +56,14 @@ class LoaderSettings(ServerSettings):
     e.g. `[16, 32, 64, 128, 256]`."""
     onnx_intra_op_threads: int = 0
     """Threads onnxruntime uses inside one inference on the embedded Triton; 0 means all cores."""
+    llm_context_length: int = 4096
+    """Context (prompt plus completion, in tokens) a GGUF model is loaded with, unless its hints set
+    one; never more than the model was trained for. Each engine slot holds a KV cache this long."""
+    llm_engine_slots: int = 2
+    """Requests one LLM generates at the same time (each slot its own KV cache; the weights are
+    shared). More requests queue in arrival order. On CPU each slot gets cores // slots threads."""
+    llm_max_queue_size: int = 64
+    """Requests that may wait for a free slot of a GGUF model before new ones are refused (503)."""
     reconcile_interval_seconds: float = 30.0
     """How often the loader compares the registry with Triton and converges them."""
 
