@@ -40,6 +40,7 @@ def _tensor(name: str, value: Any, datatype: str) -> InferInput:
     tensor.set_data_from_numpy(array)
     return tensor
 
+
 log = structlog.get_logger()
 
 
