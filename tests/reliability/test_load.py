@@ -4,7 +4,7 @@ loader loads them on demand and evicts to stay within the host budget (it holds 
 
 Asserted: every answer is 200 or a documented 429/503 with Retry-After, every 200 is complete and
 in order, and afterwards the registry tells the truth about Triton. Printed: requests, errors by
-kind, latency percentiles per endpoint, evictions.
+kind, latency percentiles per endpoint, evictions. Streamed chat is in test_chat.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from collections import Counter, defaultdict
 
 import httpx
 import numpy as np
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from modelplane.loader.client import LoaderClient
@@ -129,11 +128,3 @@ async def _evictions(stack: RunningStack) -> int:
 
 async def _short(stack: RunningStack) -> dict[str, str]:
     return {name: state.name for name, state in (await states(stack)).items() if name.startswith("rel-enc")}
-
-
-@pytest.mark.skip(
-    reason="streamed chat is not in the gateway yet: POST /v1/chat/completions (issue 5) is missing; "
-    "its load mix and the no-lost/duplicated-chunk checks go here when it lands"
-)
-async def test_streamed_chat_under_load_loses_and_duplicates_no_chunk() -> None:
-    raise AssertionError("unreachable while skipped")
