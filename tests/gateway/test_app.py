@@ -72,6 +72,20 @@ def test_invalid_json_is_422_with_where(client: TestClient) -> None:
     assert error["message"].startswith("The request body is not valid JSON (Expecting value at character")
 
 
+def test_a_body_json_cannot_read_is_422_saying_why(client: TestClient) -> None:
+    """FastAPI answers both with a bare 400 "There was an error parsing the body"."""
+    latin1 = b'{"model": "m", "input": ["caf\xe9"]}'
+    error = _error(client.post("/v1/embeddings", content=latin1, headers=AUTH), 422)
+    assert error["code"] == "invalid_body"
+    assert error["message"] == (
+        "The request body is not valid JSON: it is not UTF-8 (byte 0xe9 at position 29). "
+        "Send the body encoded as UTF-8."
+    )
+    deep = b'{"model": "m", "input": ' + b"[" * 1500 + b"]" * 1500 + b"}"
+    error = _error(client.post("/v1/embeddings", content=deep, headers=AUTH), 422)
+    assert error["code"] == "invalid_body" and "nested too deeply" in error["message"]
+
+
 @pytest.mark.parametrize(
     ("body", "param", "message"),
     [

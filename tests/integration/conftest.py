@@ -35,6 +35,8 @@ class RunningStack:
     metrics: dict[str, str] = field(default_factory=dict)
     # How an HTTP client verifies the gateway: the CA of its certificate when it serves HTTPS.
     verify: ssl.SSLContext | bool = True
+    # The `modelplane up` supervisor: every service and Triton are in its process tree.
+    pid: int = 0
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -93,6 +95,7 @@ def running_stack(
             "triton": f"http://127.0.0.1:{ports['metrics']}/metrics",
         },
         verify=verify,
+        pid=process.pid,
     )
     try:
         deadline = time.monotonic() + STARTUP_SECONDS

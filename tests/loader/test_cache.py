@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -98,3 +99,16 @@ async def test_a_disk_that_fills_up_during_a_fetch(
     assert (await core.registry.get_model("big")).state == ModelState.FAILED
     assert not any(core.cache.partial.iterdir()) and not any(core.cache.packages.iterdir())
     assert os.statvfs(tmpfs).f_bfree * os.statvfs(tmpfs).f_frsize > 7 * MiB  # the partial bytes were freed
+
+
+def test_quarantined_packages_expire_after_their_keep_time(tmp_path: Path) -> None:
+    cache = PackageCache(tmp_path / "cache", quarantine_keep_seconds=3600)
+    old = cache.quarantine_dir / "20260101T000000-old-abcdef12"
+    old.mkdir()
+    (old / "model.safetensors").write_bytes(b"refused bytes")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    staging = cache.partial / "fresh"
+    staging.mkdir()
+    fresh = cache.quarantine(staging, "fresh")
+    assert not old.exists() and fresh.exists()  # the old one expired, the new one is kept
+    assert PackageCache(tmp_path / "cache", quarantine_keep_seconds=0).expire_quarantine() == []

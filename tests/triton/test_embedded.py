@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 from pathlib import Path
 
 from modelplane.common.settings import TritonSettings
@@ -37,3 +38,31 @@ async def test_starts_restarts_after_sigkill_and_stops(tmp_path: Path) -> None:
         await control.close()
         await triton.stop()
     assert triton.process.returncode is not None
+
+
+async def test_a_start_that_fails_is_tried_again(tmp_path: Path) -> None:
+    """Triton exits at once when its HTTP port is taken; the port is freed 1 s later, as when the
+    previous server is still going away, and the second attempt starts."""
+    http_port = free_port()
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", http_port))
+    holder.listen()
+    settings = TritonSettings(
+        grpc_address=f"127.0.0.1:{free_port()}",
+        http_port=http_port,
+        metrics_port=free_port(),
+        model_repository=tmp_path / "models",
+    )
+    triton = EmbeddedTriton(settings, workdir=tmp_path / "triton")
+    loop = asyncio.get_running_loop()
+    loop.call_later(1.0, holder.close)
+    await triton.start()
+    control = TritonControl(settings.grpc_address)
+    try:
+        assert await control.is_live()
+        log = triton.log_path.read_text()
+        assert log.count("failed to start HTTP service") == 1  # the first attempt, refused
+        assert log.count("Started Metrics Service") == 1  # the second, which came up
+    finally:
+        await control.close()
+        await triton.stop()

@@ -262,7 +262,19 @@ async def handle_http_error(request: Request, error: Exception) -> JSONResponse:
         return error_response(405, message, "invalid_request_error", "method_not_allowed", headers=headers)
     if error.status_code == 413:
         return error_response(413, str(error.detail), "invalid_request_error", "request_too_large")
+    if error.status_code == 400 and isinstance(error.__cause__, (UnicodeDecodeError, RecursionError)):
+        # FastAPI's "There was an error parsing the body" for what its JSON decoding cannot read.
+        return error_response(422, _unparsable_body(error.__cause__), "invalid_request_error", "invalid_body")
     return error_response(error.status_code, str(error.detail), "invalid_request_error", "http_error", headers=headers)
+
+
+def _unparsable_body(cause: Exception) -> str:
+    if isinstance(cause, UnicodeDecodeError):
+        return (
+            f"The request body is not valid JSON: it is not UTF-8 (byte 0x{cause.object[cause.start]:02x} at "
+            f"position {cause.start}). Send the body encoded as UTF-8."
+        )
+    return "The request body is not valid JSON that can be read: it is nested too deeply. Send a flatter body."
 
 
 async def handle_unexpected(request: Request, error: Exception) -> JSONResponse:

@@ -37,6 +37,7 @@ class GatewayService(Service):
             log_config=None,
             access_log=False,
             timeout_graceful_shutdown=int(self.settings.shutdown_grace_seconds),
+            timeout_keep_alive=self.settings.keep_alive_seconds,
             lifespan="on",
             ssl_certfile=self.settings.tls_cert_file,
             ssl_keyfile=self.settings.tls_key_file,

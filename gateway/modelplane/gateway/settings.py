@@ -24,6 +24,10 @@ class GatewaySettings(BaseSettings):
     (it includes waiting for an on-demand model load). Past it the client gets 504."""
     shutdown_grace_seconds: float = 10.0
     """On SIGTERM, how long requests in flight may finish."""
+    keep_alive_seconds: int = 75
+    """How long an idle client connection stays open. Longer than the clients' own idle limit
+    (httpx, which Dify uses, keeps 5 s; load balancers 60 s): when both are equal, a client
+    reuses a connection at the moment the server closes it and the request fails unanswered."""
     tls_cert_file: Path | None = None
     """PEM certificate (with its chain) to serve HTTPS with; unset serves plain HTTP. Dify must
     trust its issuer."""

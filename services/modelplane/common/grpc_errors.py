@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import grpc
+import structlog
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -12,6 +14,12 @@ from grpc_status import rpc_status
 from modelplane.common.errors import ERROR_DOMAIN, ModelplaneError, Unavailable, error_for_code
 
 _DETAILS_KEY = "grpc-status-details-bin"
+log = structlog.get_logger()
+# What gRPC's transport says when it cannot reach a peer: it names the peer's address.
+_NAMES_AN_ADDRESS = re.compile(
+    r"ipv[46]:|unix:|\d{1,3}(\.\d{1,3}){3}:\d+|failed to connect|connection refused|socket closed|dns resolution",
+    re.IGNORECASE,
+)
 
 
 def to_status(error: ModelplaneError) -> grpc.Status:
@@ -62,9 +70,14 @@ def to_modelplane_error(error: grpc.aio.AioRpcError | grpc.RpcError, *, peer: st
     message and retry delay, so a caller further up sees what the service that failed said."""
     remote = parse_rpc_error(error)
     if remote.code == grpc.StatusCode.UNAVAILABLE and not remote.reason:
-        # The peer itself is unreachable (not an answer it gave): say which one.
+        # The peer is unreachable, or answered UNAVAILABLE without saying why: say which peer.
+        # gRPC's own words for a failed connection name internal addresses ("ipv4:10.0.3.7:50053:
+        # connection refused"); those go to the log, not to a caller outside the network.
+        log.warning("peer unavailable", peer=peer or "upstream", detail=remote.message)
+        message = remote.message or ""
+        said = f" ({message})" if message and not _NAMES_AN_ADDRESS.search(message) else ""
         return Unavailable(
-            f"The {peer or 'upstream'} service is unavailable ({remote.message}); retry shortly.",
+            f"The {peer or 'upstream'} service is unavailable{said}; retry shortly.",
             retry_after_seconds=remote.retry_after_seconds or 1.0,
             reason=f"{peer.upper()}_UNAVAILABLE" if peer else "UPSTREAM_UNAVAILABLE",
         )

@@ -27,6 +27,19 @@ def message_size_options(max_bytes: int) -> list[tuple[str, int]]:
     return [("grpc.max_send_message_length", max_bytes), ("grpc.max_receive_message_length", max_bytes)]
 
 
+# The clients (common/channels.py) ping every 20 s, also on idle connections such as a quiet
+# WatchModels stream. gRPC servers by default accept a ping without data only every 5 minutes and
+# answer more with GOAWAY "too_many_pings", which drops every call on that connection; accept
+# what our own clients send.
+# gRPC 1.81's server reads the limit from min_ping_interval_without_data_ms (checked here: with
+# only the documented min_recv_... name it still sent GOAWAY); both are set.
+KEEPALIVE_ENFORCEMENT = [
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+]
+
+
 class GrpcServer:
     """One service's server. `start()` binds and returns the port; `stop()` drains and closes."""
 
@@ -34,7 +47,8 @@ class GrpcServer:
         self.service = service
         self.settings = settings
         self.server = grpc.aio.server(
-            interceptors=[ServiceInterceptor()], options=message_size_options(settings.max_message_bytes)
+            interceptors=[ServiceInterceptor()],
+            options=[*message_size_options(settings.max_message_bytes), *KEEPALIVE_ENFORCEMENT],
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

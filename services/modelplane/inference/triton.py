@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import structlog
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
@@ -38,6 +39,9 @@ def _tensor(name: str, value: Any, datatype: str) -> InferInput:
     tensor = InferInput(name, [1], datatype)
     tensor.set_data_from_numpy(array)
     return tensor
+
+
+log = structlog.get_logger()
 
 
 class TritonInferer:
@@ -145,8 +149,10 @@ def _translate(model: str, error: InferenceServerException) -> Exception:
     status = (error.status() or "").upper()
     lowered = message.lower()
     if "UNAVAILABLE" in status or "connect" in lowered or "socket closed" in lowered:
+        # gRPC's words name Triton's internal address: the log keeps them, the caller does not need them.
+        log.warning("triton unreachable", model=model, detail=message)
         return TritonUnavailable(
-            f"Triton is not reachable ({message}); it may be restarting. Retry shortly.", retry_after_seconds=2.0
+            "Triton is not reachable; it may be restarting. Retry shortly.", retry_after_seconds=2.0
         )
     if "DEADLINE" in status:
         return TritonUnavailable(f"Triton did not answer in time for model '{model}'.", retry_after_seconds=1.0)

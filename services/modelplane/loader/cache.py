@@ -49,9 +49,10 @@ class CachedPackage:
 
 
 class PackageCache:
-    def __init__(self, root: Path, budget_bytes: int = 0) -> None:
+    def __init__(self, root: Path, budget_bytes: int = 0, quarantine_keep_seconds: float = 7 * 86400) -> None:
         self.root = root
         self.budget_bytes = budget_bytes
+        self.quarantine_keep_seconds = quarantine_keep_seconds
         self.packages = root / "packages"
         self.artifacts = root / "artifacts"
         self.partial = root / "partial"
@@ -59,6 +60,7 @@ class PackageCache:
         for directory in (self.packages, self.artifacts, self.partial, self.quarantine_dir):
             directory.mkdir(parents=True, exist_ok=True)
         self._discard_partials()
+        self.expire_quarantine()
 
     def _discard_partials(self) -> None:
         """A fetch interrupted by a crash left only bytes nobody trusts; start those afresh."""
@@ -203,7 +205,24 @@ class PackageCache:
         destination = self.quarantine_dir / f"{time.strftime('%Y%m%dT%H%M%S')}-{label}-{uuid.uuid4().hex[:8]}"
         staging.rename(destination)
         log.warning("package quarantined", path=str(destination))
+        self.expire_quarantine()
         return destination
+
+    def expire_quarantine(self) -> list[Path]:
+        """Removes quarantined packages older than `quarantine_keep_seconds` (0 keeps them all):
+        kept long enough for a person to look, never filling the disk with refused downloads.
+        Runs at start and at each new quarantine."""
+        if self.quarantine_keep_seconds <= 0:
+            return []
+        oldest = time.time() - self.quarantine_keep_seconds
+        expired = [entry for entry in self.quarantine_dir.iterdir() if entry.stat().st_mtime < oldest]
+        for entry in expired:
+            log.info("quarantined package expired", path=str(entry))
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+        return expired
 
 
 def _write_and_hash(handle: object, hasher: hashlib._Hash, chunk: bytes) -> None:

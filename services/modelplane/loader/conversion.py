@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import shutil
 import uuid
 from collections.abc import Awaitable, Callable
@@ -20,6 +21,7 @@ from typing import Any
 
 import structlog
 
+from modelplane.common.process import PARENT_PID_VARIABLE
 from modelplane.loader.errors import ConversionFailed
 
 log = structlog.get_logger()
@@ -63,7 +65,13 @@ def _publish(work: Path, artifact: Path, report: dict[str, Any]) -> None:
 async def run_converter(command: list[str], timeout_seconds: float) -> dict[str, Any]:
     """Runs a converter command that prints one JSON object (its report, or {"error": ...})."""
     process = await asyncio.create_subprocess_exec(
-        *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL
+        *command,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL,
+        # A converter orphaned by a killed loader would go on converting, racing the restarted
+        # loader's own conversion of the same package for the artifact's name: it follows us.
+        env={**os.environ, PARENT_PID_VARIABLE: str(os.getpid())},
     )
     try:
         stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=timeout_seconds)

@@ -372,14 +372,20 @@ class LoaderHandler:
             if name in self.jobs or name in self.unloads:
                 continue
             stale = model.state in WORKING_STATES or (model.state == ModelState.READY and name not in ready)
-            if model.desired_state == DesiredState.LOADED and (model.state != ModelState.READY or stale):
+            wanted = model.desired_state == DesiredState.LOADED
+            if model.state in WORKING_STATES or (stale and not wanted):
+                # Work that no job of this loader is doing was cut off (this loader or Triton was
+                # killed): back to where its files allow, so a new load starts from a true state.
+                target = ModelState.STAGED if model.status.profile is not None else ModelState.REGISTERED
+                cut = f"{model.state.name.lower()} was interrupted" if model.state in WORKING_STATES else ""
+                with contextlib.suppress(ModelplaneError):
+                    model = await self.registry.transition(
+                        model, target, f"{cut or 'not loaded in Triton'} (found by reconciliation)"
+                    )
+            if wanted and (model.state != ModelState.READY or stale):
                 if model.state == ModelState.FAILED:
                     continue  # a failure needs a person; an explicit load retries it
                 to_load.append(model)
-            elif stale:
-                target = ModelState.STAGED if model.status.profile is not None else ModelState.REGISTERED
-                with contextlib.suppress(ModelplaneError):
-                    await self.registry.transition(model, target, "not loaded in Triton (found by reconciliation)")
         # Most important first, so a smaller budget after a restart keeps what matters.
         for model in sorted(to_load, key=self._restore_order):
             self._start_job(model, self.settings.load_timeout_seconds, False, "reconcile", "")

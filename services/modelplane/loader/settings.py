@@ -24,6 +24,9 @@ class LoaderSettings(ServerSettings):
     """Most bytes the cache may hold (packages and their converted artifacts). When a fetch needs room,
     the least recently used packages that no loaded or loading model needs are evicted. 0 means no
     budget: only the free space of the cache's disk limits it."""
+    quarantine_keep_seconds: float = 7 * 86400
+    """How long packages that failed verification stay in the cache's quarantine/ for a person to
+    inspect (7 days); older ones are removed at start and at each new quarantine. 0 keeps them."""
     default_target: RuntimeTarget = RuntimeTarget.EMBEDDED
     """Which Triton the repository entries are written for when a model's hints do not say."""
     load_timeout_seconds: float = 900.0

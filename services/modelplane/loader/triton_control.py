@@ -41,12 +41,10 @@ class TritonControl:
             await asyncio.wait_for(self.client.load_model(name), timeout=timeout_seconds)
         except InferenceServerException as error:
             message = error.message() or str(error)
-            if _is_connection_error(message):
-                raise TritonUnavailable(
-                    f"Triton at {self.address} is not reachable ({message}); it may be restarting.",
-                    retry_after_seconds=2.0,
-                ) from None
-            raise TritonLoadFailed(f"Triton refused to load '{name}': {message}") from None
+            if _is_connection_error(error):
+                raise self._unreachable(message, retry_after_seconds=2.0) from None
+            log.warning("triton refused a load", model=name, detail=message)
+            raise TritonLoadFailed(f"Triton refused to load '{name}': {_without_traceback(message)}") from None
 
     async def unload(self, name: str) -> None:
         try:
@@ -65,10 +63,29 @@ class TritonControl:
         try:
             response = await self.client.get_model_repository_index()
         except InferenceServerException as error:
-            raise TritonUnavailable(f"Triton at {self.address} is not reachable: {error.message()}") from None
+            raise self._unreachable(error.message() or str(error)) from None
         return [TritonModelState(m.name, m.version, m.state, m.reason) for m in response.models]
 
+    def _unreachable(self, detail: str, retry_after_seconds: float | None = None) -> TritonUnavailable:
+        # gRPC's words name Triton's address; callers of the loader (and through an on-demand
+        # load, HTTP clients) get the meaning, the log keeps the detail.
+        # Debug level: reconciliation and tests poll the index while Triton restarts.
+        log.debug("triton unreachable", address=self.address, detail=detail)
+        message = "Triton is not reachable; it may be restarting."
+        return TritonUnavailable(message, retry_after_seconds=retry_after_seconds)
 
-def _is_connection_error(message: str) -> bool:
-    lowered = message.lower()
-    return any(hint in lowered for hint in ("unavailable", "connection refused", "failed to connect", "socket closed"))
+
+def _is_connection_error(error: InferenceServerException) -> bool:
+    # The status, not the message: a model that fails to load is reported as "version 1 is at
+    # UNAVAILABLE state: <why>", which is Triton's answer, not a lost connection.
+    status = str(error.status() or "").upper()
+    if status:
+        return "UNAVAILABLE" in status
+    lowered = (error.message() or str(error)).lower()
+    return any(hint in lowered for hint in ("connection refused", "failed to connect", "socket closed"))
+
+
+def _without_traceback(message: str) -> str:
+    """Triton's reason without the python backend's stack trace ("At:" and the frames after it):
+    the reason reaches API clients through the model's state; the trace stays in the log."""
+    return message.split("\n\nAt:\n", 1)[0].strip()

@@ -47,7 +47,9 @@ _DEFAULT_PAGE = 100
 # The lifecycle graph (DESIGN.md). FAILED and REGISTERED (a reset) are reachable from every state,
 # and a state may "transition" to itself to report progress.
 _NEXT: dict[ModelState, frozenset[ModelState]] = {
-    ModelState.REGISTERED: frozenset({ModelState.FETCHING}),
+    # VERIFYING: the package is already in the loader's cache (fetched before a crash cut the
+    # load short, or the same files registered under another name) and is checked, not fetched.
+    ModelState.REGISTERED: frozenset({ModelState.FETCHING, ModelState.VERIFYING}),
     ModelState.FETCHING: frozenset({ModelState.VERIFYING}),
     ModelState.VERIFYING: frozenset({ModelState.CONVERTING, ModelState.STAGED}),
     ModelState.CONVERTING: frozenset({ModelState.STAGED}),

@@ -25,6 +25,7 @@ from modelplane.common.process import die_with_parent
 from modelplane.common.settings import TritonSettings, modelplane_home
 
 log = structlog.get_logger()
+_START_ATTEMPTS = 3
 
 
 class TritonStartError(RuntimeError):
@@ -138,8 +139,19 @@ class EmbeddedTriton:
         return env
 
     async def start(self) -> None:
+        """Starts Triton, trying again a few times: it has been seen to abort at start once
+        (status -6, `epoll_wait` error) and to exit while a port it needs is still held by a
+        process going away; a persistent fault still fails after the last attempt."""
         self._stopping = False
-        await self._spawn()
+        for attempt in range(1, _START_ATTEMPTS + 1):
+            try:
+                await self._spawn()
+                break
+            except TritonStartError as error:
+                if attempt == _START_ATTEMPTS:
+                    raise
+                log.error("triton did not start; trying again", attempt=attempt, error=str(error)[:500])
+                await asyncio.sleep(attempt)
         self._supervisor = asyncio.create_task(self._supervise(), name="triton-supervisor")
 
     async def _spawn(self) -> None:

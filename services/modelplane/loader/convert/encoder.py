@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from modelplane.common.process import follow_parent
 from modelplane.loader.convert.precision import PrecisionError, lower_precision
 from modelplane.loader.convert.weights import PICKLE_SUFFIXES, UnsafeWeights, as_safetensors
 
@@ -276,6 +277,7 @@ def _convert(
 
 
 def main(argv: list[str] | None = None) -> int:
+    follow_parent()  # a converter dies with the loader that started it
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, required=True)
     parser.add_argument("--output", type=Path, required=True)

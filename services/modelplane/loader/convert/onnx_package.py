@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from modelplane.common.process import follow_parent
 from modelplane.loader.convert.encoder import TOKENIZER_FILES, read_encoder_config
 from modelplane.loader.convert.precision import PrecisionError, lower_precision
 
@@ -139,6 +140,7 @@ def _link_or_copy(source: Path, destination: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    follow_parent()  # a converter dies with the loader that started it
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, required=True)
     parser.add_argument("--output", type=Path, required=True)

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from modelplane.common.process import follow_parent
+
 
 class BuildError(Exception):
     pass
@@ -110,6 +112,7 @@ def _torch_dtype(trt_dtype: object) -> object:
 
 
 def main(argv: list[str] | None = None) -> int:
+    follow_parent()  # a converter dies with the loader that started it
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--onnx", type=Path, required=True)
     parser.add_argument("--output", type=Path, required=True)
