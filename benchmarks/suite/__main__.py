@@ -147,7 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-infinity", action="store_true", help="skip infinity-emb")
     parser.add_argument("--strict", action="store_true", help="stop at the first failing workload")
     parser.add_argument("--out", type=Path, default=REPO / "docs", help="folder for BENCHMARKS.md (default docs/)")
+    parser.add_argument("--render", type=Path, metavar="RESULTS_JSON", help="only rewrite the report from a run's JSON")
     args = parser.parse_args(argv)
+    if args.render:
+        report.write(json.loads(args.render.read_text()), args.out / "BENCHMARKS.md", args.out / "benchmarks")
+        return 0
     selected = [name for name in args.only.split(",") if name]
     unknown = set(selected) - set(WORKLOADS)
     if unknown:

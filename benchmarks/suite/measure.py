@@ -20,7 +20,7 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def median(values: Sequence[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
+    finite = [v for v in values if v is not None and not math.isnan(v)]
     return statistics.median(finite) if finite else math.nan
 
 
