@@ -41,7 +41,9 @@ def configure_logging(service: str, settings: LoggingSettings | None = None) -> 
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        # One write per line (print() makes two under PYTHONUNBUFFERED): the services of `modelplane
+        # up` share one stderr, and a line must never be split by another process's line.
+        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
     # Libraries that use the standard logging module (uvicorn, alembic) go through the same renderer.
