@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from benchmarks.suite import chat, embeddings, load, report
@@ -54,18 +54,34 @@ def _commit() -> str:
     return out.stdout.strip() or "unknown"
 
 
+class StackUnavailable(RuntimeError):
+    pass
+
+
 @contextlib.contextmanager
 def _stack(ctx: Context) -> Iterator[None]:
     """`modelplane up` without the bundled models (the load workload registers and times them),
-    with an empty cache of its own and preloading off (nothing loads uninvited)."""
+    with an empty cache of its own and preloading off (nothing loads uninvited). A second try on
+    other ports when the first does not come up: on a shared machine another process can take a
+    free port between its choice and the bind."""
+    import pytest  # noqa: PLC0415 - running_stack reports a failed start as pytest's failure
+
     from tests.integration.conftest import running_stack  # noqa: PLC0415
 
-    home = ctx.work / "stack"
-    home.mkdir()
     env = {"MODELPLANE_LOADER_CACHE_DIR": str(ctx.work / "stack-cache"), "MODELPLANE_LOADER_PRELOAD": "false"}
-    ctx.say("starting the modelplane stack (modelplane up)")
-    with running_stack(home, extra_env=env, bundled=False) as stack:
-        ctx.stack = stack
+    with contextlib.ExitStack() as exits:
+        for attempt in (1, 2):
+            home = ctx.work / f"stack-{attempt}"
+            home.mkdir()
+            ctx.say("starting the modelplane stack (modelplane up)")
+            try:
+                ctx.stack = exits.enter_context(running_stack(home, extra_env=env, bundled=False))
+                break
+            except pytest.fail.Exception as error:
+                ctx.say(f"the stack did not come up (try {attempt}): {str(error)[-1500:]}")
+                if attempt == 2:
+                    why = str(error)[-600:]
+                    raise StackUnavailable(f"the modelplane stack did not come up, twice: {why}") from None
         try:
             yield
         finally:
@@ -102,11 +118,11 @@ def _preload(ctx: Context) -> dict:
 def _run(args: argparse.Namespace, ctx: Context, selected: list[str]) -> dict:
     results: dict = {}
 
-    def attempt(name: str, work: object) -> None:
+    def attempt(name: str, work: Callable[[], dict]) -> None:
         ctx.say(f"== {name}")
         started = time.monotonic()
         try:
-            results[name] = asyncio.run(work) if asyncio.iscoroutine(work) else work()  # type: ignore[operator]
+            results[name] = work()
         except Exception as error:
             if args.strict:
                 raise
@@ -115,19 +131,25 @@ def _run(args: argparse.Namespace, ctx: Context, selected: list[str]) -> dict:
         results[name]["elapsed_s"] = time.monotonic() - started
 
     if "fetch" in selected:
-        attempt("fetch", load.run_fetch(ctx))
+        attempt("fetch", lambda: asyncio.run(load.run_fetch(ctx)))
     stack_needed = not args.no_stack and (set(selected) & (NEEDS_STACK | {"embeddings", "chat"}))
-    with _stack(ctx) if stack_needed else contextlib.nullcontext():
-        if "load" in selected and ctx.stack is not None:
-            attempt("load", load.run_load(ctx))
-        elif ctx.stack is not None:
-            asyncio.run(_ensure_minilm_loaded(ctx))
-        if "embeddings" in selected:
-            attempt("embeddings", embeddings.run(ctx, infinity=not args.no_infinity))
-        if "chat" in selected:
-            attempt("chat", chat.run(ctx))
-        if "overhead" in selected and ctx.stack is not None:
-            attempt("overhead", embeddings.run_overhead(ctx))
+    try:
+        with _stack(ctx) if stack_needed else contextlib.nullcontext():
+            if "load" in selected and ctx.stack is not None:
+                attempt("load", lambda: asyncio.run(load.run_load(ctx)))
+            elif ctx.stack is not None:
+                asyncio.run(_ensure_minilm_loaded(ctx))
+            if "embeddings" in selected:
+                attempt("embeddings", lambda: asyncio.run(embeddings.run(ctx, infinity=not args.no_infinity)))
+            if "chat" in selected:
+                attempt("chat", lambda: asyncio.run(chat.run(ctx)))
+            if "overhead" in selected and ctx.stack is not None:
+                attempt("overhead", lambda: asyncio.run(embeddings.run_overhead(ctx)))
+    except StackUnavailable as error:
+        if args.strict:
+            raise
+        for name in set(selected) & (NEEDS_STACK | {"embeddings", "chat"}):
+            results.setdefault(name, {"status": "failed", "reason": str(error)})
     if "preload" in selected:
         attempt("preload", lambda: _preload(ctx))
     for name in selected:
@@ -183,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         "meta": {
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "commit": _commit(),
-            "command": "python -m benchmarks.suite " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": " ".join(["python -m benchmarks.suite", *(argv if argv is not None else sys.argv[1:])]),
             "machine": _machine(),
             "minutes": (time.monotonic() - started) / 60,
             "load_before": load_before,

@@ -163,7 +163,13 @@ async def run(ctx: Context) -> dict:
                 results.setdefault(IN_PROCESS, {}).setdefault(key, []).append(value)
     finally:
         server.stop()
-    return {"status": "ran", "results": results, "notes": notes, "max_tokens": ctx.sizes.chat_max_tokens}
+    return {
+        "status": "ran",
+        "results": results,
+        "notes": notes,
+        "gateway_not_measured": gateway_why,
+        "max_tokens": ctx.sizes.chat_max_tokens,
+    }
 
 
 def _summaries(load: dict) -> dict[str, float]:

@@ -5,13 +5,14 @@ that has llama-cpp-python (not modelplane's), so it imports nothing from the pro
                                 "streams": [1, 4], "requests": 3, "n_threads": 2}'
 
 Prints one JSON object: per stream count, every request's time to first token, tokens and
-decode time, and the wall time of the load. Concurrent streams share one `Llama` behind a lock,
-served in turn (a llama.cpp context serves one sequence at a time), as llama-cpp-python's own
-server does.
+decode time, and the wall time of the load. Concurrent streams share one `Llama`, served in turn
+in arrival order by one engine thread (a llama.cpp context serves one sequence at a time), as
+llama-cpp-python's own server and modelplane's one engine slot serve them.
 """
 
 import json
 import os
+import queue
 import sys
 import threading
 import time
@@ -26,26 +27,29 @@ def main() -> None:
     llm = Llama(
         model_path=args["model_path"], n_ctx=4096, n_threads=args["n_threads"], chat_format="gemma", verbose=False
     )
-    lock = threading.Lock()
+    jobs: queue.Queue = queue.Queue()
 
-    def one(prompt: str) -> dict:
-        sent = time.perf_counter()
-        first = last = None
-        tokens = 0
-        with lock:
+    def engine() -> None:
+        while True:
+            prompt, max_tokens, out = jobs.get()
             for chunk in llm.create_chat_completion(
-                messages=[{"role": "user", "content": prompt}],
-                max_tokens=args["max_tokens"],
-                temperature=0.0,
-                stream=True,
+                messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0.0, stream=True
             ):
                 if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                    last = time.perf_counter()
-                    first = first or last
-                    tokens += 1
-        return {"ttft_s": (first or sent) - sent, "tokens": tokens, "decode_s": (last or sent) - (first or sent)}
+                    out.put(time.perf_counter())
+            out.put(None)
 
-    one("Hello")  # first-call costs paid before anything is timed
+    threading.Thread(target=engine, daemon=True).start()
+
+    def one(prompt: str, max_tokens: int | None = None) -> dict:
+        sent = time.perf_counter()
+        out: queue.Queue = queue.Queue()
+        jobs.put((prompt, max_tokens or args["max_tokens"], out))
+        stamps = list(iter(out.get, None))
+        first, last = (stamps[0], stamps[-1]) if stamps else (sent, sent)
+        return {"ttft_s": first - sent, "tokens": len(stamps), "decode_s": last - first}
+
+    one("Hello", 4)  # first-call costs paid before anything is timed
     results = {}
     for streams in args["streams"]:
         records: list[dict] = []

@@ -197,25 +197,30 @@ def render_load(data: dict) -> str:
         )
     lines += [
         "",
-        "| without modelplane | model | import s | load s | first call s | modelplane warm load s "
-        "| modelplane warm / (load + first call) |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| without modelplane | model | import s | load s | first call s | fresh process total s "
+        "| modelplane warm load s | modelplane warm / (load + first call) | / fresh process total |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     warm_by_model = {r["model"]: median([w["total_s"] for w in r["warm"]]) for r in data["rows"]}
     warm_by_model["MiniLM"] = warm_by_model.get(MINILM, float("nan"))
     for b in data["baselines"]:
         if not b["runs"]:
-            lines.append(f"| `{b['how']}` | {b['model']} | not run: {b.get('skipped', '')} | | | | |")
+            lines.append(f"| `{b['how']}` | {b['model']} | not run: {b.get('skipped', '')} | | | | | | |")
             continue
         load = median([r["load_s"] for r in b["runs"]])
         first = median([r["first_call_s"] for r in b["runs"]])
         warm = warm_by_model.get(b["model"], float("nan"))
-        ratio = warm / (load + first)
+        imported = median([r["import_s"] for r in b["runs"]])
+        total = imported + load + first
         lines.append(
-            f"| `{b['how']}` | {b['model']} | {median([r['import_s'] for r in b['runs']]):.2f} | {load:.2f} | "
-            f"{first:.2f} | {fmt(warm, 2)} | {fmt(ratio, 1)}{'×' if ratio == ratio else ''} |"
+            f"| `{b['how']}` | {b['model']} | {imported:.2f} | {load:.2f} | {first:.2f} | {total:.2f} | "
+            f"{fmt(warm, 2)} | {_times(warm / (load + first))} | {_times(warm / total)} |"
         )
     return "\n".join(lines)
+
+
+def _times(ratio: float) -> str:
+    return "n/a" if ratio != ratio else f"{ratio:.1f}×"
 
 
 def plot_load(data: dict, fetch: dict | None, path: Path) -> None:

@@ -196,7 +196,7 @@ def _targets(w: dict) -> list[tuple[str, str, str]]:
     if conversation.get("status") == "ran" and chat.targets(conversation):
         rows += chat.targets(conversation)
     else:
-        reason = conversation.get("reason") or " ".join(conversation.get("notes", [])) or "not selected (--only)"
+        reason = conversation.get("reason") or conversation.get("gateway_not_measured") or "not selected (--only)"
         rows.append(
             (
                 "chat tokens/s through the gateway ≥ 0.9× llama-cpp-python in-process, ahead of its server",
@@ -207,12 +207,18 @@ def _targets(w: dict) -> list[tuple[str, str, str]]:
     if w.get("overhead", {}).get("status") == "ran":
         rows.append(embeddings.overhead_target(w["overhead"]))
     if w.get("fetch", {}).get("status") == "ran":
-        worst = max(w["fetch"]["rows"], key=lambda r: r["ratio_to_floor"])
+        fetched = w["fetch"]["rows"]
+        hashlib_met = all(r["fetch_verify_s"] / r["hashlib_s"] <= 1.2 for r in fetched)
+        coreutils_met = all(r["fetch_verify_s"] / r["sha256sum_s"] <= 1.2 for r in fetched)
         rows.append(
             (
-                "fetch + verify within 1.2× of the SHA-256 floor",
-                ", ".join(f"{r['package']} {r['ratio_to_floor']:.2f}×" for r in w["fetch"]["rows"]),
-                "met" if worst["ratio_to_floor"] <= 1.2 else "**missed**",
+                "fetch + verify within 1.2× of the SHA-256 floor (MiniLM, Gemma, 1 GiB)",
+                "hashlib floor: "
+                + ", ".join(f"{r['fetch_verify_s'] / r['hashlib_s']:.2f}×" for r in fetched)
+                + "; `sha256sum` floor: "
+                + ", ".join(f"{r['fetch_verify_s'] / r['sha256sum_s']:.2f}×" for r in fetched),
+                f"{'met' if hashlib_met else '**missed**'} against hashlib, "
+                f"{'met' if coreutils_met else '**missed**'} against `sha256sum`",
             )
         )
     if w.get("load", {}).get("status") == "ran":
