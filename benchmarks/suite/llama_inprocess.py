@@ -2,7 +2,7 @@
 that has llama-cpp-python (not modelplane's), so it imports nothing from the project.
 
     python llama_inprocess.py '{"model_path": ..., "prompts": [...], "max_tokens": 64,
-                                "streams": [1, 4], "requests": 3, "n_threads": 2}'
+                                "streams": [1, 4], "requests": 3}'
 
 Prints one JSON object: per stream count, every request's time to first token, tokens and
 decode time, and the wall time of the load. Concurrent streams share one `Llama`, served in turn
@@ -24,9 +24,7 @@ from llama_cpp import Llama
 
 def main() -> None:
     args = json.loads(sys.argv[1])
-    llm = Llama(
-        model_path=args["model_path"], n_ctx=4096, n_threads=args["n_threads"], chat_format="gemma", verbose=False
-    )
+    llm = Llama(model_path=args["model_path"], n_ctx=4096, chat_format="gemma", verbose=False)  # default threads
     jobs: queue.Queue = queue.Queue()
 
     def engine() -> None:

@@ -120,11 +120,11 @@ print(json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "first_call_s": t3 - t
 """
 
 _LLAMA_SNIPPET = """
-import json, os, sys, time
+import json, sys, time
 t0 = time.perf_counter()
 from llama_cpp import Llama
 t1 = time.perf_counter()
-llm = Llama(model_path=sys.argv[1], n_ctx=4096, n_threads=os.cpu_count(), verbose=False)
+llm = Llama(model_path=sys.argv[1], n_ctx=4096, verbose=False)
 t2 = time.perf_counter()
 llm.create_completion("Once upon a time", max_tokens=1, temperature=0.0)
 t3 = time.perf_counter()
