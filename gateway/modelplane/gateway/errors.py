@@ -24,6 +24,7 @@ stack trace never reaches a client: anything unexpected becomes a 500 naming the
 
 from __future__ import annotations
 
+import json
 import math
 from typing import ClassVar
 
@@ -188,6 +189,19 @@ def service_error_response(error: ModelplaneError) -> JSONResponse:
     # A model that cannot serve says which state it is in, for the admin who reads the error.
     extra = {"state": error.metadata["state"]} if status == 409 and "state" in error.metadata else None
     return error_response(status, error.message, error_type, error.reason.lower(), retry_after=retry_after, extra=extra)
+
+
+def stream_error_chunk(error: Exception) -> dict[str, object]:
+    """The chunk that ends an event stream when an error comes after the stream has started (its
+    status line is already sent): the error object the same error would have had as a response."""
+    if isinstance(error, GatewayError):
+        response = gateway_error_response(error)
+    elif isinstance(error, ModelplaneError):
+        response = service_error_response(error)
+    else:
+        log.exception("stream crashed", exc_info=error)
+        response = _internal_error_response()
+    return json.loads(bytes(response.body))
 
 
 async def handle_gateway_error(request: Request, error: Exception) -> JSONResponse:

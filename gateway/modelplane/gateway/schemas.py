@@ -134,3 +134,110 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, object]]:
 # The statuses every API route can answer with, whatever it does: the access middleware's refusals
 # (401, 413, 429), a malformed body (422), the deadline (504), an unexpected failure (500).
 COMMON_ERRORS = (401, 413, 422, 429, 500, 504)
+
+
+# Chat and completions ------------------------------------------------------------------------
+
+
+class TextPart(BaseModel):
+    """One part of a message's content; only text parts are understood by text models."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(description="`text`; other part types (images, audio) are refused with 400.")
+    text: str = ""
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[TextPart] | None = Field(
+        default=None, description="A text, or a list of text parts that are joined."
+    )
+    name: str | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: bool = Field(
+        default=False, description='Send a last chunk with `"choices": []` and the usage before `[DONE]`.'
+    )
+
+
+class SamplingFields(BaseModel):
+    """The sampling fields chat and completions share. Fields this API does not use (tools,
+    response_format, logit_bias, user, ...) are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: ModelName
+    max_tokens: int | None = Field(
+        default=None, ge=1, description="Most tokens to generate; lowered to the gateway's limit and the context."
+    )
+    max_completion_tokens: int | None = Field(default=None, ge=1, description="The newer name of max_tokens.")
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="0 is greedy decoding.")
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(
+        default=None, ge=-1, le=2**31 - 1, description="Not OpenAI's; llama.cpp and vLLM clients send it. 0 or -1: off."
+    )
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 2, description="The same seed gives the same output.")
+    stop: str | list[str] | None = Field(default=None, description="Up to 4 strings that end the text (not returned).")
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, description="Not OpenAI's; 1 means none.")
+    n: int | None = Field(default=None, ge=1, description="Only 1 is served.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessageIn] = Field(min_length=1, description="The conversation, oldest first.")
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] = Field(description="The text to continue (a list of one text is accepted).")
+
+
+class CompletionUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletionMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatCompletionChoice(BaseModel):
+    index: int = 0
+    message: ChatCompletionMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: CompletionUsage
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: CompletionUsage

@@ -191,6 +191,7 @@ class ServingProfile(Record):
     rerank_scoring: RerankScoring = RerankScoring.UNSPECIFIED
     max_batch_size: int = 0
     special_tokens: dict[str, str] = Field(default_factory=dict)
+    runtime_memory_bytes: int = 0
 
 
 class ModelAsset(Record):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from modelplane.common.types import Usage
 from modelplane.common.v1 import usage_pb2
+from modelplane.inference.generation import ChatMessage, GenerationChunk, SamplingParameters
 from modelplane.inference.handlers import EmbedInput, EmbedResult
 from modelplane.inference.rerank import RerankResult
 from modelplane.inference.v1 import inference_service_pb2 as pb
@@ -44,3 +45,34 @@ def rerank_result_to_proto(result: RerankResult) -> pb.RerankResponse:
         ],
         usage=usage_to_proto(result.usage),
     )
+
+
+def sampling_from_proto(parameters: pb.SamplingParameters) -> SamplingParameters:
+    def optional(name: str) -> float | int | None:
+        return getattr(parameters, name) if parameters.HasField(name) else None
+
+    return SamplingParameters(
+        max_tokens=optional("max_tokens"),  # type: ignore[arg-type]
+        temperature=optional("temperature"),
+        top_p=optional("top_p"),
+        top_k=optional("top_k"),  # type: ignore[arg-type]
+        seed=optional("seed"),  # type: ignore[arg-type]
+        stop=tuple(parameters.stop),
+        presence_penalty=optional("presence_penalty"),
+        frequency_penalty=optional("frequency_penalty"),
+        repetition_penalty=optional("repetition_penalty"),
+    )
+
+
+def chat_messages_from_proto(request: pb.ChatRequest) -> list[ChatMessage]:
+    return [ChatMessage(role=m.role, content=m.content, name=m.name) for m in request.messages]
+
+
+def generate_chunk_to_proto(chunk: GenerationChunk) -> pb.GenerateResponse:
+    usage = usage_to_proto(chunk.usage) if chunk.usage is not None else None
+    return pb.GenerateResponse(text=chunk.text, finish_reason=int(chunk.finish_reason), usage=usage)
+
+
+def chat_chunk_to_proto(chunk: GenerationChunk) -> pb.ChatResponse:
+    usage = usage_to_proto(chunk.usage) if chunk.usage is not None else None
+    return pb.ChatResponse(text=chunk.text, finish_reason=int(chunk.finish_reason), usage=usage)

@@ -10,6 +10,7 @@ __all__ = [
     "ModelLoading",
     "ModelNotFound",
     "ModelNotServable",
+    "TemplateMissing",
     "TritonUnavailable",
     "WrongTask",
 ]
@@ -41,3 +42,9 @@ class ModelLoading(Unavailable):
 
 class TritonUnavailable(Unavailable):
     reason = "TRITON_UNAVAILABLE"
+
+
+class TemplateMissing(InvalidArgument):
+    """A chat was asked of a model without a chat template."""
+
+    reason = "CHAT_TEMPLATE_MISSING"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +16,7 @@ import structlog
 
 from modelplane.common.request_context import current_request_id
 from modelplane.common.types import Task, Usage
+from modelplane.inference import generation
 from modelplane.inference import rerank as reranking
 from modelplane.inference.catalog import ModelCatalog, ServingModel
 from modelplane.inference.errors import InputTooLong, InvalidRequest, WrongTask
@@ -167,6 +168,37 @@ class InferenceHandler:
             truncate=self._truncates(truncation),
             run_encoder=self._run_encoder,
         )
+
+    async def generate(
+        self,
+        model: str,
+        prompt: str,
+        parameters: generation.SamplingParameters,
+        *,
+        deadline_seconds: float | None = None,
+    ) -> AsyncIterator[generation.GenerationChunk]:
+        """Completes the prompt as it is, streaming the text as it is generated."""
+        serving = await self._serving(model, Task.GENERATION, deadline_seconds)
+        async for chunk in generation.generate(
+            self.triton, serving, prompt, parameters, request_id=current_request_id.get()
+        ):
+            yield chunk
+
+    async def chat(
+        self,
+        model: str,
+        messages: Sequence[generation.ChatMessage],
+        parameters: generation.SamplingParameters,
+        *,
+        deadline_seconds: float | None = None,
+    ) -> AsyncIterator[generation.GenerationChunk]:
+        """Answers the conversation, rendered with the model's chat template, streaming the text."""
+        serving = await self._serving(model, Task.GENERATION, deadline_seconds)
+        prompt = generation.render_chat(serving, messages)
+        async for chunk in generation.generate(
+            self.triton, serving, prompt, parameters, request_id=current_request_id.get()
+        ):
+            yield chunk
 
     async def _run_encoder(
         self, serving: ServingModel, sequences: list[tuple[list[int], list[int]]]

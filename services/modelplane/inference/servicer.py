@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import grpc
 
 from modelplane.inference import converters
@@ -38,3 +40,27 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             deadline_seconds=_deadline(context),
         )
         return converters.rerank_result_to_proto(result)
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        # When the client goes away, grpc cancels this coroutine; closing the handler's stream then
+        # cancels the request inside Triton.
+        chunks = self.handler.generate(
+            request.model,
+            request.prompt,
+            converters.sampling_from_proto(request.parameters),
+            deadline_seconds=_deadline(context),
+        )
+        async for chunk in chunks:
+            yield converters.generate_chunk_to_proto(chunk)
+
+    async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ChatResponse]:
+        chunks = self.handler.chat(
+            request.model,
+            converters.chat_messages_from_proto(request),
+            converters.sampling_from_proto(request.parameters),
+            deadline_seconds=_deadline(context),
+        )
+        async for chunk in chunks:
+            yield converters.chat_chunk_to_proto(chunk)

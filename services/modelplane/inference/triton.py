@@ -2,15 +2,42 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+import re
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from modelplane.common.errors import Internal
-from modelplane.inference.errors import ModelLoading, TritonUnavailable
+from modelplane.common.errors import Cancelled, Internal
+from modelplane.inference.errors import InvalidRequest, ModelLoading, TritonUnavailable
+
+# Over a gRPC stream Triton delivers a decoupled model's error as a message only; modelplane's LLM
+# models lead it with the code ("[INVALID_ARG] the prompt has 5000 tokens; ...").
+_CODED_MESSAGE = re.compile(r"^\[(?P<code>[A-Z_]+)\] (?P<message>.*)$", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class GeneratedChunk:
+    """One response of a decoupled LLM model: new text, the tokens it took, and on the last one
+    why the generation ended."""
+
+    text: str
+    new_tokens: int
+    prompt_tokens: int
+    finish_reason: str
+    final: bool
+
+
+def _tensor(name: str, value: Any, datatype: str) -> InferInput:
+    array = np.array([value], dtype=np.object_ if datatype == "BYTES" else bool)
+    tensor = InferInput(name, [1], datatype)
+    tensor.set_data_from_numpy(array)
+    return tensor
 
 
 class TritonInferer:
@@ -46,6 +73,71 @@ class TritonInferer:
         except InferenceServerException as error:
             raise _translate(model, error) from None
         return result.as_numpy(output)
+
+    async def generate(
+        self, model: str, prompt: str, sampling: Mapping[str, Any], *, stream: bool, request_id: str = ""
+    ) -> AsyncIterator[GeneratedChunk]:
+        """Runs one generation on a decoupled LLM model (Triton's vLLM tensor convention) and yields
+        its responses as they arrive. Closing the iterator early cancels the request inside Triton,
+        which frees the model's engine slot."""
+        inputs = [
+            _tensor("text_input", prompt.encode(), "BYTES"),
+            _tensor("stream", stream, "BOOL"),
+            _tensor("sampling_parameters", json.dumps(dict(sampling)).encode(), "BYTES"),
+            _tensor("exclude_input_in_output", True, "BOOL"),
+            _tensor("return_finish_reason", True, "BOOL"),
+            _tensor("return_num_input_tokens", True, "BOOL"),
+            _tensor("return_num_output_tokens", True, "BOOL"),
+        ]
+
+        async def requests() -> AsyncIterator[dict[str, Any]]:
+            yield {"model_name": model, "inputs": inputs, "request_id": request_id}
+
+        responses = self.client.stream_infer(requests())
+        try:
+            async for result, error in responses:
+                if error is not None:
+                    raise _translate_generation(model, error)
+                chunk = _chunk(result)
+                yield chunk
+                if chunk.final:
+                    return
+        except InferenceServerException as error:
+            raise _translate(model, error) from None
+        finally:
+            responses.cancel()
+
+
+def _chunk(result: Any) -> GeneratedChunk:
+    def first(name: str) -> Any:
+        array = result.as_numpy(name)
+        return None if array is None or array.size == 0 else array.reshape(-1)[0]
+
+    text = first("text_output")
+    reason = first("finish_reason")
+    final = result.get_response().parameters.get("triton_final_response")
+    return GeneratedChunk(
+        text=text.decode() if isinstance(text, bytes) else str(text or ""),
+        new_tokens=int(first("num_output_tokens") or 0),
+        prompt_tokens=int(first("num_input_tokens") or 0),
+        finish_reason=reason.decode() if isinstance(reason, bytes) else "",
+        final=bool(final is not None and final.bool_param),
+    )
+
+
+def _translate_generation(model: str, error: InferenceServerException) -> Exception:
+    message = error.message() or str(error)
+    coded = _CODED_MESSAGE.match(message)
+    if coded is None:
+        return _translate(model, error)
+    code, text = coded["code"], coded["message"]
+    if code == "INVALID_ARG":
+        return InvalidRequest(f"Model '{model}' refused the request: {text}.", metadata={"model": model})
+    if code == "UNAVAILABLE":
+        return TritonUnavailable(f"Model '{model}' cannot take the request now: {text}.", retry_after_seconds=2.0)
+    if code == "CANCELLED":
+        return Cancelled(f"The generation on model '{model}' was cancelled.")
+    return Internal(f"Model '{model}' failed: {text}")
 
 
 def _translate(model: str, error: InferenceServerException) -> Exception:

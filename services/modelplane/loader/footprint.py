@@ -37,7 +37,8 @@ FORMAT_FACTORS: dict[ModelFormat, float] = {
 
 def estimate_footprint(model: Model, entry: Path, overhead_bytes: int) -> int:
     """Bytes the model is expected to hold once loaded: the operator's estimate when the spec has
-    one, else its repository entry's files scaled by its format, plus one process's overhead."""
+    one, else its repository entry's files scaled by its format, plus one process's overhead, plus
+    what its builder says it needs while serving (an LLM's KV caches)."""
     if model.spec.memory_estimate_bytes:
         return model.spec.memory_estimate_bytes
     version_dir = entry / str(model.version)
@@ -45,7 +46,8 @@ def estimate_footprint(model: Model, entry: Path, overhead_bytes: int) -> int:
     if not files and model.status.manifest is not None:
         files = sum(f.size_bytes for f in model.status.manifest.files)
     factor = FORMAT_FACTORS.get(model.spec.format, FORMAT_FACTORS[ModelFormat.UNSPECIFIED])
-    return int(files * factor) + overhead_bytes
+    runtime = model.status.profile.runtime_memory_bytes if model.status.profile is not None else 0
+    return int(files * factor) + overhead_bytes + runtime
 
 
 class BackendProcesses:

@@ -86,7 +86,7 @@ class PreloadPolicy:
     hysteresis: float
     # A model used or loaded this recently is never displaced by a preload: when popularity is
     # too noisy to forecast, preloads would otherwise swap models back and forth.
-    protect_seconds: float = 15.0
+    protect_seconds: float = 5.0
 
     def choose(
         self, rates: Mapping[str, float], candidates: list[Candidate], budget: MemoryBudget, now: float

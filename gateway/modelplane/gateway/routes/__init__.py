@@ -19,10 +19,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from modelplane.gateway.routes import embeddings, models, probes, rerank
+from modelplane.gateway.routes import chat, embeddings, models, probes, rerank
 
 # The OpenAI-compatible API, mounted at /v1 and at the root (users type either as the base URL).
 api = APIRouter()
+api.include_router(chat.router)
 api.include_router(embeddings.router)
 api.include_router(rerank.router)
 api.include_router(models.router)

@@ -679,6 +679,7 @@ class ServingProfile(_message.Message):
     RERANK_SCORING_FIELD_NUMBER: _builtins.int
     MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     SPECIAL_TOKENS_FIELD_NUMBER: _builtins.int
+    RUNTIME_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     triton_model_name: _builtins.str
     """Name of the model in Triton's repository."""
     embedding_dimension: _builtins.int
@@ -701,6 +702,12 @@ class ServingProfile(_message.Message):
     """How rerank requests are scored."""
     max_batch_size: _builtins.int
     """Largest batch Triton accepts in one request."""
+    runtime_memory_bytes: _builtins.int
+    """Memory the model needs while it serves, besides its files, in bytes: the
+    KV caches of a generation model's engine slots at their full context. 0
+    when it needs nothing beyond its files. The loader adds it to its memory
+    estimate before the model's first load.
+    """
     @_builtins.property
     def input_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Names of the Triton input tensors, in the order the model expects."""
@@ -726,10 +733,11 @@ class ServingProfile(_message.Message):
         rerank_scoring: Global___RerankScoring.ValueType = ...,
         max_batch_size: _builtins.int = ...,
         special_tokens: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        runtime_memory_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat_template", b"chat_template", "context_length", b"context_length", "embedding_dimension", b"embedding_dimension", "input_names", b"input_names", "max_batch_size", b"max_batch_size", "max_input_tokens", b"max_input_tokens", "normalize_embeddings", b"normalize_embeddings", "output_name", b"output_name", "rerank_scoring", b"rerank_scoring", "special_tokens", b"special_tokens", "tokenizer_sha256", b"tokenizer_sha256", "triton_model_name", b"triton_model_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat_template", b"chat_template", "context_length", b"context_length", "embedding_dimension", b"embedding_dimension", "input_names", b"input_names", "max_batch_size", b"max_batch_size", "max_input_tokens", b"max_input_tokens", "normalize_embeddings", b"normalize_embeddings", "output_name", b"output_name", "rerank_scoring", b"rerank_scoring", "runtime_memory_bytes", b"runtime_memory_bytes", "special_tokens", b"special_tokens", "tokenizer_sha256", b"tokenizer_sha256", "triton_model_name", b"triton_model_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -75,9 +75,10 @@ class ArtifactBuilder(abc.ABC):
 def builders() -> list[ArtifactBuilder]:
     """Every builder, asked in order; a new kind of package adds its builder here."""
     from modelplane.loader.builders.encoder import EncoderBuilder  # noqa: PLC0415 - avoids an import cycle
+    from modelplane.loader.builders.llm import CausalLmBuilder, GgufBuilder  # noqa: PLC0415
     from modelplane.loader.builders.onnx import OnnxPackageBuilder  # noqa: PLC0415
 
-    return [EncoderBuilder(), OnnxPackageBuilder()]
+    return [EncoderBuilder(), OnnxPackageBuilder(), GgufBuilder(), CausalLmBuilder()]
 
 
 def select_builder(model_format: ModelFormat, task: Task) -> ArtifactBuilder:
@@ -87,5 +88,5 @@ def select_builder(model_format: ModelFormat, task: Task) -> ArtifactBuilder:
     raise NotAModel(
         f"A {model_format.name} package for {task.name.lower()} is not something this loader serves yet; "
         "supported: Hugging Face encoders (safetensors, or PyTorch .bin weights) and ONNX encoders, for "
-        "embedding and rerank."
+        "embedding and rerank; GGUF files and Hugging Face causal LMs, for generation."
     )

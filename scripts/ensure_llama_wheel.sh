@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Build the llama-cpp-python wheel once and keep it in a per-user cache.
+#
+# llama-cpp-python ships only an sdist on the registries we can reach, and compiling
+# llama.cpp takes about 6 minutes on 2 cores. This script builds it once per
+# (version, platform, glibc, build flavour) and afterwards does nothing.
+#
+# Usage:   ensure_llama_wheel.sh [PYTHON]        (default: python3 on PATH)
+# Prints:  the path of the cached wheel on its last line of stdout (logs go to stderr).
+#
+# Environment:
+#   LLAMA_CPP_VERSION   version to build              (default 0.3.36)
+#   LLAMA_FLAVOUR       portable | avx512 | native | auto   (default auto)
+#       auto:     avx512 when this CPU has all of its extensions, otherwise portable.
+#       portable: -DGGML_NATIVE=OFF  -> x86-64 AVX2/FMA/F16C baseline (Haswell and newer),
+#                 so a wheel built on one machine runs on any other x86-64 machine from 2013 on.
+#       avx512:   portable + AVX-512 (F/BW/VL/DQ, VBMI, VNNI, BF16): any Zen 4 / Ice Lake or
+#                 newer; as fast as native on this machine type, SIGILL on CPUs without them.
+#       native:   -DGGML_NATIVE=ON   -> -march=native; fastest here, may SIGILL elsewhere.
+#   LLAMA_EXTRA_CMAKE_ARGS  appended to the flavour's CMake arguments (part of the cache key)
+#   MODELPLANE_WHEEL_DIR    cache folder (default ${XDG_CACHE_HOME:-$HOME/.cache}/modelplane/wheels)
+#   BUILD_JOBS              parallel compile jobs (default: nproc)
+set -euo pipefail
+
+PY="${1:-python3}"
+VERSION="${LLAMA_CPP_VERSION:-0.3.36}"
+FLAVOUR="${LLAMA_FLAVOUR:-auto}"
+CACHE_ROOT="${MODELPLANE_WHEEL_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/modelplane/wheels}"
+
+if [ "$FLAVOUR" = auto ]; then
+  FLAVOUR=portable
+  if awk '/^flags/ {print; exit}' /proc/cpuinfo 2>/dev/null | tr ' ' '\n' | sort -u | \
+     grep -cxE 'avx512(f|bw|vl|dq|vbmi|_vnni|_bf16)' | grep -qx 7; then
+    FLAVOUR=avx512
+  fi
+fi
+case "$FLAVOUR" in
+  portable) FLAVOUR_ARGS="-DGGML_NATIVE=OFF" ;;
+  avx512)   FLAVOUR_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON" ;;
+  native)   FLAVOUR_ARGS="-DGGML_NATIVE=ON" ;;
+  *) echo "LLAMA_FLAVOUR must be 'portable', 'avx512' or 'native', got '$FLAVOUR'" >&2; exit 2 ;;
+esac
+# CPU only: no CUDA/Metal/BLAS backends; no llama.cpp tools/examples we do not ship.
+CMAKE_ARGS_FULL="$FLAVOUR_ARGS -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_BLAS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF ${LLAMA_EXTRA_CMAKE_ARGS:-}"
+
+# llama-cpp-python loads libllama through ctypes, so its wheel is tagged py3-none-linux_<arch>:
+# the file name says nothing about the Python, the C library it was linked against, or how it
+# was compiled. The cache folder name carries what does matter: flavour, CMake arguments, glibc.
+ARCH="$(uname -m)"
+GLIBC="$(ldd --version 2>/dev/null | head -1 | awk '{print $NF}')"
+ARGS_HASH="$(printf '%s' "$CMAKE_ARGS_FULL" | sha256sum | cut -c1-12)"
+DEST="$CACHE_ROOT/llama-cpp-python/$FLAVOUR-$ARGS_HASH-glibc$GLIBC-$ARCH"
+mkdir -p "$DEST"
+
+find_wheel() {
+  # Globs that match nothing stay literal; test -f filters them out.
+  for w in "$DEST"/llama_cpp_python-"$VERSION"-*-*-*"$ARCH".whl; do
+    [ -f "$w" ] && { echo "$w"; return 0; }
+  done
+  return 1
+}
+
+if WHEEL="$(find_wheel)"; then
+  echo "llama-cpp-python $VERSION ($FLAVOUR) already built: $WHEEL" >&2
+  echo "$WHEEL"
+  exit 0
+fi
+
+# Build into a private temp folder and move the finished wheel in at the end, so an
+# interrupted build never leaves a half-written wheel that a later run would trust.
+TMP="$(mktemp -d "$DEST/.build.XXXXXX")"
+trap 'rm -rf "$TMP"' EXIT
+echo "building llama-cpp-python $VERSION ($FLAVOUR) for $ARCH/glibc $GLIBC: CMAKE_ARGS='$CMAKE_ARGS_FULL'" >&2
+start=$(date +%s)
+CMAKE_ARGS="$CMAKE_ARGS_FULL" \
+CMAKE_BUILD_PARALLEL_LEVEL="${BUILD_JOBS:-$(nproc)}" \
+  "$PY" -m pip wheel --no-deps --no-cache-dir "llama-cpp-python==$VERSION" -w "$TMP" >&2
+printf '%s\n' "$CMAKE_ARGS_FULL" > "$TMP/CMAKE_ARGS"
+mv "$TMP"/llama_cpp_python-*.whl "$DEST"/
+mv "$TMP/CMAKE_ARGS" "$DEST/CMAKE_ARGS"
+echo "built in $(( $(date +%s) - start )) s" >&2
+find_wheel

@@ -1,0 +1,209 @@
+"""The chat and completion routes' HTTP shapes: SSE framing, errors before and after the stream
+starts, keepalive comments, content parts, ignored fields.
+
+Behind the gateway is a scripted inference service (a real gRPC server on a free port that answers
+with chunks a test chooses), because a mid-stream failure or a slow first token cannot be caused
+on demand in the real stack. The real stack is exercised in tests/integration/test_chat.py."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+import pytest
+from fastapi.testclient import TestClient
+
+from modelplane.common.v1 import usage_pb2
+from modelplane.gateway.app import create_app
+from modelplane.gateway.routes import chat
+from modelplane.gateway.settings import GatewaySettings
+from modelplane.inference.v1 import inference_service_pb2 as pb
+from modelplane.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from tests.conftest import free_port
+
+USAGE = usage_pb2.Usage(prompt_tokens=7, completion_tokens=3, total_tokens=10)
+
+
+class ScriptedInference(pb_grpc.InferenceServiceServicer):
+    """Answers Generate and Chat with `script`: texts, then a final chunk or an error."""
+
+    def __init__(self) -> None:
+        self.requests: list[object] = []
+        self.first_delay = 0.0
+        self.texts = ["Hello", ",", " world"]
+        self.fail_after: grpc.StatusCode | None = None
+        self.fail_before: tuple[grpc.StatusCode, str] | None = None
+
+    def _answer(self, request: object, context: grpc.ServicerContext, kind: type) -> Iterator[object]:
+        self.requests.append(request)
+        if self.fail_before:
+            context.abort(*self.fail_before)
+        time.sleep(self.first_delay)
+        for text in self.texts:
+            yield kind(text=text)
+        if self.fail_after:
+            context.abort(self.fail_after, "Triton is not reachable; retry shortly.")
+        yield kind(text="!", finish_reason=pb.FINISH_REASON_LENGTH, usage=USAGE)
+
+    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
+        yield from self._answer(request, context, pb.GenerateResponse)
+
+    def Chat(self, request: pb.ChatRequest, context: grpc.ServicerContext) -> Iterator[pb.ChatResponse]:
+        yield from self._answer(request, context, pb.ChatResponse)
+
+
+@pytest.fixture
+def inference() -> Iterator[tuple[ScriptedInference, str]]:
+    servicer = ScriptedInference()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
+    address = f"127.0.0.1:{free_port()}"
+    server.add_insecure_port(address)
+    server.start()
+    yield servicer, address
+    server.stop(0)
+
+
+@pytest.fixture
+def client(inference: tuple[ScriptedInference, str]) -> Iterator[TestClient]:
+    settings = GatewaySettings(inference_address=inference[1], registry_address=inference[1], max_tokens_limit=512)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        yield client
+
+
+def _events(text: str) -> list[str]:
+    """The stream's events, checking the framing Dify's parser relies on: `data:` lines (or SSE
+    comments), each event followed by a blank line."""
+    assert text.endswith("\n\n")
+    events = text[:-2].split("\n\n")
+    for event in events:
+        assert "\n" not in event and (event.startswith("data: ") or event.startswith(": ")), event
+    return events
+
+
+def _chunks(events: list[str]) -> list[dict]:
+    return [json.loads(e.removeprefix("data: ")) for e in events if e.startswith("data: {")]
+
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}
+
+
+def test_chat_stream_framing_finish_reason_on_the_last_content_chunk_then_usage_and_done(client: TestClient) -> None:
+    body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    events = _events(response.text)
+    assert events[-1] == "data: [DONE]"
+    chunks = _chunks(events)
+    assert all("choices" in c and c["object"] == "chat.completion.chunk" for c in chunks)
+    content = [c for c in chunks if c["choices"]]
+    assert [c["choices"][0]["delta"]["content"] for c in content] == ["Hello", ",", " world!"]
+    assert content[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert [c["choices"][0]["finish_reason"] for c in content] == [None, None, "length"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {
+        "prompt_tokens": 7,
+        "completion_tokens": 3,
+        "total_tokens": 10,
+    }
+    assert len({c["id"] for c in chunks}) == 1
+
+
+def test_completion_stream_without_usage_option_has_no_usage_chunk(client: TestClient) -> None:
+    response = client.post("/v1/completions", json={"model": "m", "prompt": "Once", "stream": True})
+    chunks = _chunks(_events(response.text))
+    assert all(c["choices"] and c["object"] == "text_completion" for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == "Hello, world!"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_non_streamed_answers_have_openai_shapes(client: TestClient) -> None:
+    chat_answer = client.post("/v1/chat/completions", json=CHAT).json()
+    assert chat_answer["object"] == "chat.completion"
+    assert chat_answer["choices"][0]["message"] == {"role": "assistant", "content": "Hello, world!"}
+    assert chat_answer["choices"][0]["finish_reason"] == "length"
+    assert chat_answer["usage"] == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+    completion = client.post("/v1/completions", json={"model": "m", "prompt": ["Once"]}).json()
+    assert completion["object"] == "text_completion" and completion["choices"][0]["text"] == "Hello, world!"
+
+
+def test_request_fields_reach_the_service_and_unknown_fields_are_ignored(
+    client: TestClient, inference: tuple[ScriptedInference, str]
+) -> None:
+    body = {
+        "model": "m",
+        "messages": [
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]},
+        ],
+        "max_tokens": 100000,
+        "temperature": 0,
+        "seed": 42,
+        "stop": "\n",
+        "tools": [{"type": "function", "function": {"name": "f"}}],
+        "response_format": {"type": "text"},
+        "user": "dify-user",
+        "logit_bias": {"1": 2},
+    }
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+    sent = inference[0].requests[-1]
+    assert isinstance(sent, pb.ChatRequest)
+    assert [(m.role, m.content) for m in sent.messages] == [("system", "Be brief."), ("user", "Hello")]
+    parameters = sent.parameters
+    assert parameters.max_tokens == 512  # the gateway's limit
+    assert parameters.temperature == 0 and parameters.HasField("temperature")
+    assert parameters.seed == 42 and list(parameters.stop) == ["\n"]
+    assert not parameters.HasField("top_p")
+
+
+def test_refusals_before_the_stream_are_http_errors(
+    client: TestClient, inference: tuple[ScriptedInference, str]
+) -> None:
+    image = {"type": "image_url", "image_url": {"url": "data:,"}}
+    body = {"model": "m", "messages": [{"role": "user", "content": [image]}]}
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == (
+        "Message 0 has a content part of type 'image_url'; the models served here take text only."
+    )
+    response = client.post("/v1/completions", json={"model": "m", "prompt": "x", "n": 3})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "n"
+    inference[0].fail_before = (grpc.StatusCode.NOT_FOUND, "Model 'm' is not registered.")
+    response = client.post("/v1/completions", json={"model": "m", "prompt": "x", "stream": True})
+    assert response.status_code == 404 and response.json()["error"]["message"] == "Model 'm' is not registered."
+
+
+def test_an_error_after_the_stream_started_is_an_error_chunk_and_the_end(
+    client: TestClient, inference: tuple[ScriptedInference, str]
+) -> None:
+    inference[0].fail_after = grpc.StatusCode.UNAVAILABLE
+    response = client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    assert response.status_code == 200
+    chunks = _chunks(_events(response.text))
+    assert [c["choices"][0]["delta"]["content"] for c in chunks[:-1]] == ["Hello", ",", " world"]
+    assert "choices" not in chunks[-1]  # how Dify's parser tells an error chunk
+    assert chunks[-1]["error"]["code"] == "inference_unavailable"
+    assert "Triton is not reachable; retry shortly." in chunks[-1]["error"]["message"]
+    assert "[DONE]" not in response.text
+
+
+def test_a_slow_first_token_is_waited_for_with_sse_comments(
+    client: TestClient, inference: tuple[ScriptedInference, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(chat, "FIRST_TOKEN_GRACE_SECONDS", 0.1)
+    monkeypatch.setattr(chat, "KEEPALIVE_SECONDS", 0.1)
+    inference[0].first_delay = 0.6
+    response = client.post("/v1/completions", json={"model": "m", "prompt": "x", "stream": True})
+    events = _events(response.text)
+    assert events[0] == ": waiting for the model"
+    assert "".join(c["choices"][0]["text"] for c in _chunks(events)) == "Hello, world!"
+
+
+def test_values_beyond_the_contracts_range_are_refused_as_invalid_not_a_crash(client: TestClient) -> None:
+    # Found by Schemathesis: a top_k too large for the contract's int32 was a 500.
+    response = client.post("/v1/completions", json={"model": "m", "prompt": "x", "top_k": 4933163660300166})
+    assert response.status_code == 422 and response.json()["error"]["param"] == "top_k"
+    huge = client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2**40})
+    assert huge.status_code == 200  # lowered to the gateway's limit
