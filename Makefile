@@ -1,6 +1,7 @@
 # The two commands of the README, and what they are made of.
 #   make run   - bootstrap, then start the embedded stack and print the URL to give Dify
 #   make test  - bootstrap, then lint (ruff, buf), check the generated code, run the tests
+#   make bench - every benchmark in one run, written to docs/BENCHMARKS.md
 
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -77,8 +78,10 @@ check-generated: install
 pytest: install $(HELM)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Every contender and workload in one run (benchmarks/suite): writes docs/BENCHMARKS.md, its plots
+# and docs/benchmarks/results.json. BENCH_ARGS='--only embeddings,overhead' runs a subset.
 bench: install
-	$(BIN)/python benchmarks/bench_preload.py $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.suite $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .tools .modelplane .pytest_cache .ruff_cache

