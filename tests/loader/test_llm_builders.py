@@ -62,7 +62,7 @@ def test_gguf_entry_from_the_bundled_gemma(gemma_package: Path, tmp_path: Path) 
         "engine_slots": "3",
         "max_queue_size": "64",
     }
-    assert set(entry.files) == {"model.py", "llama_text.py", "gemma-3-270m-q4_k_m.gguf"}
+    assert set(entry.files) == {"model.py", "llama_text.py", "llm_protocol.py", "gemma-3-270m-q4_k_m.gguf"}
     assert all(path.is_file() for path in entry.files.values())
     hinted = builder.entry(_model(chat_template="{{ messages }}"), gemma_package, tmp_path, report, settings)
     assert hinted.profile.chat_template == "{{ messages }}"

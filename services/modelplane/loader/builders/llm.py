@@ -30,8 +30,11 @@ def _llm_config(name: str, parameters: dict[str, str]) -> TritonModelConfig:
 
 
 def _model_files(kind: str, helper: str) -> dict[str, Path]:
+    # A python-backend model imports only from its own version folder, so the module the LLM
+    # models share is copied there too.
     source = python_model_source(kind)
-    return {"model.py": source, helper: source.with_name(helper)}
+    shared = source.parent.with_name("llm_protocol.py")
+    return {"model.py": source, helper: source.with_name(helper), shared.name: shared}
 
 
 def _template(model: Model, own: str, architecture: str) -> str:

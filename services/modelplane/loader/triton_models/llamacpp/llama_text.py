@@ -1,17 +1,16 @@
 """Request parsing and stop strings for the llama.cpp Triton model (no Triton or llama.cpp imports,
-so it is tested without a server). Copied next to model.py in the model's version folder."""
+so it is tested without a server). Copied next to model.py in the model's version folder, with
+llm_protocol.py."""
 
 import json
 from dataclasses import dataclass
+
+from llm_protocol import RequestError, stop_prefix_length
 
 # llama.cpp reads seed 0xFFFFFFFF as "pick a random seed", so it cannot be a caller's seed.
 MAX_SEED = 0xFFFFFFFE
 # Accepted when they ask for nothing this model would do differently (vLLM clients send them).
 _NEUTRAL = {"n": 1, "best_of": 1}
-
-
-class RequestError(ValueError):
-    """A request that can never succeed as sent; answered with INVALID_ARG."""
 
 
 @dataclass(frozen=True)
@@ -121,12 +120,7 @@ class StopStringFilter:
         if hits:
             self._held = ""
             return text[: min(hits)], True
-        keep = 0
-        for stop in self._stops:
-            for n in range(min(len(stop) - 1, len(text)), keep, -1):
-                if text.endswith(stop[:n]):
-                    keep = n
-                    break
+        keep = stop_prefix_length(text, self._stops)
         self._held = text[len(text) - keep :]
         return text[: len(text) - keep], False
 

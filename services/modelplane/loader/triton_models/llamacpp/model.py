@@ -54,23 +54,8 @@ import llama_cpp
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from llama_cpp import Llama
-from llama_text import MAX_SEED, RequestError, SamplingParams, StopStringFilter
-
-_INPUTS = [
-    {"name": "text_input", "data_type": "TYPE_STRING", "dims": [1]},
-    {"name": "stream", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
-    {"name": "sampling_parameters", "data_type": "TYPE_STRING", "dims": [1], "optional": True},
-    {"name": "exclude_input_in_output", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
-    {"name": "return_finish_reason", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
-    {"name": "return_num_input_tokens", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
-    {"name": "return_num_output_tokens", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
-]
-_OUTPUTS = [
-    {"name": "text_output", "data_type": "TYPE_STRING", "dims": [-1]},
-    {"name": "finish_reason", "data_type": "TYPE_STRING", "dims": [-1]},
-    {"name": "num_input_tokens", "data_type": "TYPE_UINT32", "dims": [1]},
-    {"name": "num_output_tokens", "data_type": "TYPE_UINT32", "dims": [-1]},
-]
+from llama_text import MAX_SEED, SamplingParams, StopStringFilter
+from llm_protocol import INPUTS, OUTPUTS, RequestError, complete_config, error, read_prompt, scalar, send_error
 
 # Asking Triton whether a request was cancelled is an IPC round trip to the server process;
 # once every 50 ms bounds both its cost and the tokens generated after a client has gone.
@@ -220,20 +205,7 @@ class _Engine:
 class TritonPythonModel:
     @staticmethod
     def auto_complete_config(auto_complete_model_config):
-        config = auto_complete_model_config.as_dict()
-        have_inputs = {t["name"] for t in config["input"]}
-        have_outputs = {t["name"] for t in config["output"]}
-        for tensor in _INPUTS:
-            if tensor["name"] not in have_inputs:
-                auto_complete_model_config.add_input(tensor)
-        for tensor in _OUTPUTS:
-            if tensor["name"] not in have_outputs:
-                auto_complete_model_config.add_output(tensor)
-        # Decoupled: execute() only enqueues, and responses (one per streamed chunk) are sent
-        # later from other threads; llama.cpp does its own batching, Triton's would not help.
-        auto_complete_model_config.set_model_transaction_policy(dict(decoupled=True))
-        auto_complete_model_config.set_max_batch_size(0)
-        return auto_complete_model_config
+        return complete_config(auto_complete_model_config, INPUTS, OUTPUTS)
 
     def initialize(self, args):
         self._log = pb_utils.Logger
@@ -295,18 +267,16 @@ class TritonPythonModel:
             try:
                 job = self._parse(request)
             except (RequestError, UnicodeDecodeError) as err:
-                self._send_error_now(request.get_response_sender(), str(err), pb_utils.TritonError.INVALID_ARG)
+                send_error(request.get_response_sender(), str(err), pb_utils.TritonError.INVALID_ARG)
                 continue
             except Exception as err:  # noqa: BLE001 - one bad request must not fail the others
                 self._log.log_error(f"[llama] could not read a request: {traceback.format_exc()}")
-                self._send_error_now(
-                    request.get_response_sender(), f"bad request: {err}", pb_utils.TritonError.INTERNAL
-                )
+                send_error(request.get_response_sender(), f"bad request: {err}", pb_utils.TritonError.INTERNAL)
                 continue
             try:
                 self._jobs.put_nowait(job)
             except queue.Full:
-                self._send_error_now(
+                send_error(
                     job.sender,
                     f"{self._jobs.maxsize} requests are already waiting for this model; retry later",
                     pb_utils.TritonError.UNAVAILABLE,
@@ -314,15 +284,12 @@ class TritonPythonModel:
         return None
 
     def _parse(self, request) -> _Generation:
-        prompt = _input(request, "text_input", None)
-        if prompt is None:
-            raise RequestError("text_input is required")
-        prompt = prompt.decode("utf-8") if isinstance(prompt, bytes) else str(prompt)
-        raw_params = _input(request, "sampling_parameters", b"{}")
+        prompt = read_prompt(request)
+        raw_params = scalar(request, "sampling_parameters", b"{}")
         params = SamplingParams.from_json(raw_params.decode("utf-8") if isinstance(raw_params, bytes) else raw_params)
-        stream = bool(_input(request, "stream", False))
+        stream = bool(scalar(request, "stream", False))
         # vLLM's rule: the prompt is echoed unless excluded, and a stream cannot echo it.
-        exclude = _input(request, "exclude_input_in_output", None)
+        exclude = scalar(request, "exclude_input_in_output", None)
         include_prompt = not bool(exclude) if exclude is not None else not stream
         if include_prompt and stream:
             raise RequestError("exclude_input_in_output=false is not supported with stream=true")
@@ -346,9 +313,9 @@ class TritonPythonModel:
             seed=params.seed if params.seed is not None else secrets.randbelow(MAX_SEED + 1),
             stream=stream,
             include_prompt=include_prompt,
-            return_finish_reason=bool(_input(request, "return_finish_reason", False)),
-            return_num_input_tokens=bool(_input(request, "return_num_input_tokens", False)),
-            return_num_output_tokens=bool(_input(request, "return_num_output_tokens", False)),
+            return_finish_reason=bool(scalar(request, "return_finish_reason", False)),
+            return_num_input_tokens=bool(scalar(request, "return_num_input_tokens", False)),
+            return_num_output_tokens=bool(scalar(request, "return_num_output_tokens", False)),
         )
 
     def _send_chunk(self, job: _Generation, text: str, new_tokens: int, final: bool, finish_reason: str = ""):
@@ -367,12 +334,8 @@ class TritonPythonModel:
         self._send_error(job, "request was cancelled", pb_utils.TritonError.CANCELLED)
 
     def _send_error(self, job: _Generation, message: str, code):
-        response = pb_utils.InferenceResponse(error=_error(message, code))
+        response = pb_utils.InferenceResponse(error=error(message, code))
         self._responses.put((job.sender, response, pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL))
-
-    def _send_error_now(self, sender, message: str, code):
-        response = pb_utils.InferenceResponse(error=_error(message, code))
-        sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _response_loop(self):
         while True:
@@ -404,19 +367,3 @@ class TritonPythonModel:
         for engine in self._engines:
             engine.close()
         self._log.log_info("[llama] finalized")
-
-
-def _error(message: str, code):
-    # Over a gRPC stream Triton (2.51) delivers only the message of a response's error, not its
-    # code, so the code leads the message where a client can read it back. (The names are looked
-    # up here, not at import: the stub adds TritonError to pb_utils only after
-    # auto_complete_config has imported this module.)
-    names = {getattr(pb_utils.TritonError, n): n for n in ("INVALID_ARG", "CANCELLED", "UNAVAILABLE", "INTERNAL")}
-    return pb_utils.TritonError(f"[{names.get(code, 'INTERNAL')}] {message}", code)
-
-
-def _input(request, name: str, default):
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    if tensor is None:
-        return default
-    return tensor.as_numpy().reshape(-1)[0]

@@ -11,6 +11,7 @@ import os
 import re
 from dataclasses import dataclass, field, fields
 
+from llm_protocol import RequestError, stop_prefix_length
 from tokenizers import Tokenizer
 
 # vLLM's default when a request names no max_tokens; kept so that a caller written against
@@ -19,10 +20,6 @@ DEFAULT_MAX_TOKENS = 16
 
 _REPLACEMENT_CHAR = "\ufffd"
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
-
-
-class RequestError(ValueError):
-    """A request that cannot be served as sent; the message is returned to the caller."""
 
 
 @dataclass(frozen=True)
@@ -208,7 +205,10 @@ class GeneratedText:
 
     def release(self) -> str:
         """The text not released before that can no longer change (all of it after finish)."""
-        end = len(self.text) if self.stopped else self._stable - self._stop_prefix_length(self._text[: self._stable])
+        if self.stopped:
+            end = len(self.text)
+        else:
+            end = self._stable - stop_prefix_length(self._text[: self._stable], self.stop)
         end = max(end, self._released)
         delta = self.text[self._released : end]
         self._released = end
@@ -243,12 +243,3 @@ class GeneratedText:
             index, matched = min(hits)
             self.stopped = True
             self._end = index + len(matched) if self.include_stop else index
-
-    def _stop_prefix_length(self, text: str) -> int:
-        best = 0
-        for s in self.stop:
-            for n in range(min(len(s) - 1, len(text)), best, -1):
-                if text.endswith(s[:n]):
-                    best = n
-                    break
-        return best

@@ -38,34 +38,20 @@ from pathlib import Path
 import numpy as np
 import onnxruntime_genai as og
 import triton_python_backend_utils as pb_utils
-from genai_text import (  # the module beside this one in the version folder
+from genai_text import (  # the modules beside this one in the version folder
     GeneratedText,
-    RequestError,
     SamplingParameters,
     byte_fallback_ids,
     encode_prompt,
     parse_sampling_parameters,
     special_ids,
 )
+from llm_protocol import INPUTS, OUTPUTS, RequestError, complete_config, error, read_prompt, scalar, send_error
 from tokenizers import Tokenizer
 
-_INPUTS = [
-    {"name": "text_input", "data_type": "TYPE_STRING", "dims": [1]},
-    {"name": "stream", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
-    {"name": "sampling_parameters", "data_type": "TYPE_STRING", "dims": [1], "optional": True},
-    {"name": "exclude_input_in_output", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
-    {"name": "return_finish_reason", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
-    {"name": "return_num_input_tokens", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
-    {"name": "return_num_output_tokens", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
-    {"name": "return_output_token_ids", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
-]
-_OUTPUTS = [
-    {"name": "text_output", "data_type": "TYPE_STRING", "dims": [-1]},
-    {"name": "finish_reason", "data_type": "TYPE_STRING", "dims": [-1]},
-    {"name": "num_input_tokens", "data_type": "TYPE_UINT32", "dims": [1]},
-    {"name": "num_output_tokens", "data_type": "TYPE_UINT32", "dims": [-1]},
-    {"name": "output_token_ids", "data_type": "TYPE_INT32", "dims": [-1]},
-]
+# One extra optional pair: the generated ids, so parity with PyTorch can be checked exactly.
+_INPUTS = [*INPUTS, {"name": "return_output_token_ids", "data_type": "TYPE_BOOL", "dims": [1], "optional": True}]
+_OUTPUTS = [*OUTPUTS, {"name": "output_token_ids", "data_type": "TYPE_INT32", "dims": [-1]}]
 _RETURN_FLAGS = (
     "return_finish_reason",
     "return_num_input_tokens",
@@ -99,19 +85,7 @@ class _Job:
 class TritonPythonModel:
     @classmethod
     def auto_complete_config(cls, auto_complete_model_config):
-        config = auto_complete_model_config.as_dict()
-        have_inputs = {t["name"] for t in config.get("input", [])}
-        have_outputs = {t["name"] for t in config.get("output", [])}
-        for tensor in _INPUTS:
-            if tensor["name"] not in have_inputs:
-                auto_complete_model_config.add_input(tensor)
-        for tensor in _OUTPUTS:
-            if tensor["name"] not in have_outputs:
-                auto_complete_model_config.add_output(tensor)
-        # One request streams many responses; batching is the engine's business, not Triton's.
-        auto_complete_model_config.set_model_transaction_policy({"decoupled": True})
-        auto_complete_model_config.set_max_batch_size(0)
-        return auto_complete_model_config
+        return complete_config(auto_complete_model_config, _INPUTS, _OUTPUTS)
 
     def initialize(self, args):
         self._log = pb_utils.Logger
@@ -165,21 +139,18 @@ class TritonPythonModel:
             try:
                 self._pending.put(self._parse(request, sender))
             except RequestError as exc:
-                self._send_error(sender, str(exc), pb_utils.TritonError.INVALID_ARG)
+                send_error(sender, str(exc), pb_utils.TritonError.INVALID_ARG)
         return None
 
     def _parse(self, request, sender) -> _Job:
-        prompt = _scalar(request, "text_input")
-        if prompt is None:
-            raise RequestError("text_input is required")
-        prompt = prompt.decode("utf-8") if isinstance(prompt, bytes) else str(prompt)
-        stream = bool(_scalar(request, "stream", False))
-        exclude = _scalar(request, "exclude_input_in_output")
+        prompt = read_prompt(request)
+        stream = bool(scalar(request, "stream", False))
+        exclude = scalar(request, "exclude_input_in_output")
         # vLLM's rule: the prompt is echoed unless excluded, and never when streaming.
         echo_prompt = not bool(exclude) if exclude is not None else not stream
         if stream and echo_prompt:
             raise RequestError("when streaming, exclude_input_in_output=false is not allowed")
-        params = parse_sampling_parameters(_scalar(request, "sampling_parameters"))
+        params = parse_sampling_parameters(scalar(request, "sampling_parameters"))
 
         prompt_ids = encode_prompt(self._tokenizer, prompt, self._bos_id)
         if not prompt_ids:
@@ -198,7 +169,7 @@ class TritonPythonModel:
             min_tokens=min(params.min_tokens, room),
             stream=stream,
             echo_prompt=echo_prompt,
-            returns={flag: bool(_scalar(request, flag, False)) for flag in _RETURN_FLAGS},
+            returns={flag: bool(scalar(request, flag, False)) for flag in _RETURN_FLAGS},
             text=GeneratedText(
                 self._tokenizer,
                 self._byte_tokens,
@@ -310,7 +281,7 @@ class TritonPythonModel:
     def _fail(self, job: _Job, message: str, code) -> None:
         job.done = True
         job.generator = None
-        response = pb_utils.InferenceResponse(error=_error(message, code))
+        response = pb_utils.InferenceResponse(error=error(message, code))
         self._responses.put((job, response, pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL))
 
     # -- response thread: sending, and noticing cancellation -----------------------------
@@ -329,32 +300,12 @@ class TritonPythonModel:
                 self._log.log_error(f"[genai] could not send a response: {traceback.format_exc()}")
                 job.cancelled = True
 
-    def _send_error(self, sender, message: str, code) -> None:
-        response = pb_utils.InferenceResponse(error=_error(message, code))
-        sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-
     def finalize(self):
         self._pending.put(_SHUTDOWN)
         self._engine_thread.join()
         self._response_thread.join()
         self._model = None
         self._log.log_info("[genai] unloaded")
-
-
-def _error(message: str, code):
-    # Over a gRPC stream Triton (2.51) delivers only the message of a response's error, not
-    # its code, so the code leads the message where a client can read it back. (The names are
-    # looked up here, not at import: the stub adds TritonError to pb_utils only after
-    # auto_complete_config has imported this module.)
-    names = {getattr(pb_utils.TritonError, n): n for n in ("INVALID_ARG", "CANCELLED", "UNAVAILABLE", "INTERNAL")}
-    return pb_utils.TritonError(f"[{names[code]}] {message}", code)
-
-
-def _scalar(request, name: str, default=None):
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    if tensor is None:
-        return default
-    return tensor.as_numpy().reshape(-1)[0]
 
 
 def _drain(q: queue.Queue) -> list:
