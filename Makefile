@@ -84,4 +84,4 @@ bench: install
 	$(BIN)/python -m benchmarks.suite $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .tools .modelplane .pytest_cache .ruff_cache
+	rm -rf $(VENV) .tools .pytest_cache .ruff_cache
