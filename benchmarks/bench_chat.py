@@ -26,10 +26,7 @@ import contextlib
 import json
 import os
 import queue
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -42,6 +39,11 @@ from typing import Any
 
 import httpx
 import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' stack starter
+
+from tests.integration.conftest import RunningStack
+from tests.integration.conftest import running_stack as _stack_starter
 
 MODEL = "gemma-3-270m"
 PROMPT = (
@@ -235,68 +237,16 @@ def measure_in_process(engine: InProcessEngine, streams: int, max_tokens: int) -
 # --- the stack ------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass(frozen=True)
-class Stack:
-    url: str
-    home: Path
-
-
 @contextmanager
-def running_stack(workdir: Path) -> Iterator[Stack]:
-    """`modelplane up` with the bundled models, on free ports, stopped at the end."""
-    names = ("registry", "loader", "inference", "gateway", "grpc", "http", "metrics")
-    ports = {name: _free_port() for name in names}
+def running_stack(workdir: Path) -> Iterator[RunningStack]:
+    """`modelplane up` with the bundled models on free ports (the tests' starter), conversions
+    reused from a cache that later runs share."""
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "modelplane" / "bench-cache"
-    env = {
-        **os.environ,
-        "MODELPLANE_HOME": str(workdir),
-        "MODELPLANE_LOADER_CACHE_DIR": str(cache),  # conversions are reused by later runs
-        "MODELPLANE_LOG_FORMAT": "json",
-        "MODELPLANE_GATEWAY_HOST": "127.0.0.1",
-        "MODELPLANE_TRITON_GRPC_ADDRESS": f"127.0.0.1:{ports['grpc']}",
-        "MODELPLANE_TRITON_HTTP_PORT": str(ports["http"]),
-        "MODELPLANE_TRITON_METRICS_PORT": str(ports["metrics"]),
-        **{
-            f"MODELPLANE_{name.upper()}_PORT": str(ports[name])
-            for name in ("registry", "loader", "inference", "gateway")
-        },
-        **{
-            f"MODELPLANE_{name.upper()}_METRICS_PORT": str(_free_port()) for name in ("registry", "loader", "inference")
-        },
-    }
-    log = workdir / "stack.log"
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "modelplane.cli", "up"],
-            env=env,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 900
-        while "modelplane is up." not in log.read_text(errors="replace"):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"modelplane did not start; its log:\n{log.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.5)
-        yield Stack(f"http://127.0.0.1:{ports['gateway']}", workdir)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGINT)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+    with _stack_starter(workdir, extra_env={"MODELPLANE_LOADER_CACHE_DIR": str(cache)}) as stack:
+        yield stack
 
 
-def served_engine_config(stack: Stack) -> EngineConfig:
+def served_engine_config(stack: RunningStack) -> EngineConfig:
     """The served Gemma's engine configuration, read from the Triton entry the loader wrote."""
     from google.protobuf import text_format  # noqa: PLC0415
     from tritonclient.grpc import model_config_pb2  # noqa: PLC0415
@@ -320,12 +270,12 @@ def run_benchmark(rounds: int, max_tokens: int, stream_counts: tuple[int, ...]) 
         config = served_engine_config(stack)
         engine = InProcessEngine(config)
         try:
-            measure_gateway(stack.url, 1, 8)  # warm both: first requests pay for lazy set-up
+            measure_gateway(stack.gateway_url, 1, 8)  # warm both: first requests pay for lazy set-up
             measure_in_process(engine, 1, 8)
             for number in range(1, rounds + 1):
                 for streams in stream_counts:
                     for measured in (
-                        measure_gateway(stack.url, streams, max_tokens, stack.home),
+                        measure_gateway(stack.gateway_url, streams, max_tokens, stack.home),
                         measure_in_process(engine, streams, max_tokens),
                     ):
                         measurements.append(measured)
