@@ -57,7 +57,7 @@ class Backends:
 
     def _deadline_exceeded(self) -> DeadlineExceeded:
         return DeadlineExceeded(
-            f"The request did not finish within its deadline of {self.timeout:.0f} s. Retry it; if it keeps "
+            f"The request did not finish within its deadline of {self.timeout:g} s. Retry it; if it keeps "
             "happening, send smaller batches, or raise MODELPLANE_GATEWAY_REQUEST_TIMEOUT_SECONDS (a first request "
             "to a model that is not loaded waits for the load).",
             reason="DEADLINE_EXCEEDED",
