@@ -48,7 +48,7 @@ INFINITY_VERSION = "0.0.78"
 INFINITY_REQUIREMENTS = [f"infinity-emb[server,torch]=={INFINITY_VERSION}", "torch==2.13.0"]
 CONCURRENCY = (1, 4, 16, 64)
 # Triton runs every request on its own (no dynamic batcher in the model's config).
-UNBATCHED = {"MODELPLANE_LOADER_DYNAMIC_BATCHING": "false"}
+UNBATCHED = {"MODELPLANE_LOADER_DYNAMIC_BATCHING": "false", "MODELPLANE_INFERENCE_ENCODER_CALLS_IN_FLIGHT": "0"}
 BATCH = 32
 STDLIB_MODULES = (
     "os", "json", "asyncio", "collections", "functools", "itertools", "pathlib", "subprocess", "threading",

@@ -55,7 +55,7 @@ def up(
 @app.command()
 def serve(service: Annotated[str, typer.Argument(help=f"One of: {', '.join(SERVICES)}.")]) -> None:
     """Run one service in this process (the production way: one service per container)."""
-    from modelplane.common.service import Service, run_until_signalled  # noqa: PLC0415
+    from modelplane.common.service import run_service  # noqa: PLC0415
 
     if service not in SERVICES:
         console.print(f"[red]error:[/red] unknown service {service!r}; choose one of {', '.join(SERVICES)}")
@@ -71,11 +71,7 @@ def serve(service: Annotated[str, typer.Argument(help=f"One of: {', '.join(SERVI
     else:
         from modelplane.gateway.server import GatewayService as ServiceClass  # type: ignore[assignment]  # noqa: PLC0415
 
-    async def run(service_class: type[Service]) -> None:
-        # Built inside the loop: gRPC's aio server binds to the loop that is running when it is made.
-        await run_until_signalled(service_class())
-
-    asyncio.run(run(ServiceClass))
+    run_service(ServiceClass)
 
 
 @app.command()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import structlog.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 from modelplane.common.errors import NotFound
@@ -63,3 +64,23 @@ async def test_metrics_count_requests_by_method_and_status(tmp_path: Path) -> No
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(("127.0.0.1", metrics_port))
+
+
+async def test_routine_calls_log_at_debug_and_their_failures_at_info(tmp_path: Path) -> None:
+    """The loader and inference poll the registry every few seconds: those calls must not fill
+    the log, but a failed one, and every other call, must still be in it."""
+    service = RegistryService(
+        RegistrySettings(host="127.0.0.1", port=0, database_url=f"sqlite+aiosqlite:///{tmp_path / 'registry.db'}")
+    )
+    await service.start()
+    try:
+        with structlog.testing.capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+            async with RegistryClient(f"127.0.0.1:{service.port}") as client:
+                await client.list_models()
+                with pytest.raises(NotFound):
+                    await client.get_model("ghost")
+    finally:
+        await service.stop()
+
+    levels = {line["rpc"].rsplit("/", 1)[1]: line["log_level"] for line in logs if line["event"] == "rpc"}
+    assert levels == {"ListModels": "debug", "GetModel": "info"}

@@ -1,5 +1,6 @@
 """Cross-request batching through the real stack: a text's embedding does not depend on what it
-was batched with, and concurrent requests really are batched (Triton's own metrics say so)."""
+was batched with, and concurrent requests really are batched (Triton's and the inference
+service's own metrics say so)."""
 
 from __future__ import annotations
 
@@ -50,6 +51,15 @@ def _triton_metrics(stack: RunningStack) -> dict[str, float]:
     return values
 
 
+def _coalescing_metrics(stack: RunningStack) -> dict[str, float]:
+    text = httpx.get(stack.metrics["inference"], timeout=10).text
+    values = {}
+    for name in ("calls_total", "chunks_total", "wait_seconds_count"):
+        found = re.search(rf'^modelplane_inference_encoder_{name}{{model="{MODEL}"}} (\S+)$', text, re.M)
+        values[name] = float(found.group(1)) if found else 0.0
+    return values
+
+
 async def _concurrently(stack: RunningStack, order: list[int]) -> list[np.ndarray]:
     async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=120) as client:
 
@@ -63,20 +73,28 @@ async def _concurrently(stack: RunningStack, order: list[int]) -> list[np.ndarra
 
 async def test_concurrent_requests_are_batched_and_each_text_gets_its_own_embedding(stack: RunningStack) -> None:
     alone = _alone(stack)
-    before = _triton_metrics(stack)
+    before, coalescing_before = _triton_metrics(stack), _coalescing_metrics(stack)
     order = [index for index in range(len(TEXTS)) for _ in range(6)]
     random.Random(7).shuffle(order)
     together = await _concurrently(stack, order)
-    after = _triton_metrics(stack)
+    after, coalescing_after = _triton_metrics(stack), _coalescing_metrics(stack)
 
     for index, vector in zip(order, together, strict=True):
         np.testing.assert_allclose(vector, alone[index], atol=TOLERANCE, err_msg=f"text {index}: {TEXTS[index][:40]}")
-    requests = after["request_success"] - before["request_success"]
-    executions = after["exec_count"] - before["exec_count"]
-    assert requests == len(order)
-    assert executions < requests, "Triton ran the concurrent requests one by one"
-    # Each request's time in Triton's queue is exported, as quantiles per model.
-    assert after["queue_summary_us_count"] - before["queue_summary_us_count"] == len(order)
+
+    def grew(values_before: dict[str, float], values_after: dict[str, float], name: str) -> float:
+        return values_after[name] - values_before[name]
+
+    # The inference service sent each request's texts once, some of them in a shared call, and
+    # measured each one's wait for a call slot.
+    calls = grew(coalescing_before, coalescing_after, "calls_total")
+    assert grew(coalescing_before, coalescing_after, "chunks_total") == len(order)
+    assert grew(coalescing_before, coalescing_after, "wait_seconds_count") == len(order)
+    assert grew(before, after, "request_success") == calls
+    executions = grew(before, after, "exec_count")
+    assert executions < len(order), "the concurrent requests ran one by one"
+    # Each Triton request's time in Triton's queue is exported, as quantiles per model.
+    assert grew(before, after, "queue_summary_us_count") == calls
     assert after["queue_summary_us_sum"] > before["queue_summary_us_sum"]
 
 

@@ -43,11 +43,15 @@ KEEPALIVE_ENFORCEMENT = [
 class GrpcServer:
     """One service's server. `start()` binds and returns the port; `stop()` drains and closes."""
 
-    def __init__(self, service: str, settings: ServerSettings) -> None:
+    def __init__(
+        self, service: str, settings: ServerSettings, *, routine_methods: frozenset[str] = frozenset()
+    ) -> None:
+        """`routine_methods`: full names of the methods other services poll; their successful
+        calls are logged at debug."""
         self.service = service
         self.settings = settings
         self.server = grpc.aio.server(
-            interceptors=[ServiceInterceptor()],
+            interceptors=[ServiceInterceptor(routine_methods)],
             options=[*message_size_options(settings.max_message_bytes), *KEEPALIVE_ENFORCEMENT],
         )
         self.health = health.aio.HealthServicer()

@@ -1,7 +1,8 @@
 """Cross-cutting work for every gRPC service, in one server interceptor.
 
 For each RPC (health and reflection excepted) it takes or makes the request id, binds it to the
-log context, counts and times the call, writes one log line, and maps exceptions to statuses:
+log context, counts and times the call, writes one log line (at debug for a service's routine
+methods, the ones other services poll, unless they fail), and maps exceptions to statuses:
 a `ModelplaneError` becomes its own code with ErrorInfo/RetryInfo details; anything else becomes
 INTERNAL with a message that names the request id and never leaks internals.
 """
@@ -39,8 +40,9 @@ RPC_IN_FLIGHT = Gauge("modelplane_grpc_requests_in_flight", "gRPC requests being
 class _Observation:
     """The per-request bookkeeping shared by the unary and streaming wrappers."""
 
-    def __init__(self, method: str, context: grpc.aio.ServicerContext) -> None:
+    def __init__(self, method: str, context: grpc.aio.ServicerContext, *, routine: bool) -> None:
         self.method = method
+        self.routine = routine
         self.context = context
         metadata = dict(context.invocation_metadata() or ())
         self.request_id = accept_request_id(metadata.get(REQUEST_ID_HEADER))
@@ -71,11 +73,17 @@ class _Observation:
         RPC_IN_FLIGHT.labels(self.method).dec()
         RPC_REQUESTS.labels(self.method, self.code.name).inc()
         RPC_LATENCY.labels(self.method).observe(elapsed)
-        log.info("rpc", code=self.code.name, duration_ms=round(elapsed * 1000, 2))
+        write = log.debug if self.routine and self.code == grpc.StatusCode.OK else log.info
+        write("rpc", code=self.code.name, duration_ms=round(elapsed * 1000, 2))
         structlog.contextvars.unbind_contextvars("request_id", "rpc", "model")
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, routine_methods: frozenset[str] = frozenset()) -> None:
+        """`routine_methods`: full method names ("/pkg.Service/Method") whose successful calls
+        are logged at debug, so that another service polling them does not fill the log."""
+        self.routine_methods = routine_methods
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -85,24 +93,27 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method.startswith(_UNOBSERVED_PREFIXES):
             return handler
+        routine = method in self.routine_methods
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(method, handler.unary_unary),
+                _wrap_unary(method, handler.unary_unary, routine=routine),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(method, handler.unary_stream),
+                _wrap_stream(method, handler.unary_stream, routine=routine),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler
 
 
-def _wrap_unary(method: str, behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+def _wrap_unary(
+    method: str, behaviour: Callable[..., Awaitable[Any]], *, routine: bool
+) -> Callable[..., Awaitable[Any]]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        with _Observation(method, context) as observation:
+        with _Observation(method, context, routine=routine) as observation:
             try:
                 return await behaviour(request, context)
             except grpc.aio.AbortError:
@@ -113,9 +124,11 @@ def _wrap_unary(method: str, behaviour: Callable[..., Awaitable[Any]]) -> Callab
     return wrapped
 
 
-def _wrap_stream(method: str, behaviour: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+def _wrap_stream(
+    method: str, behaviour: Callable[..., AsyncIterator[Any]], *, routine: bool
+) -> Callable[..., AsyncIterator[Any]]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        with _Observation(method, context) as observation:
+        with _Observation(method, context, routine=routine) as observation:
             try:
                 async for response in behaviour(request, context):
                     yield response

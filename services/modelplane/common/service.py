@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import abc
+import asyncio
+from collections.abc import Callable
 
 import structlog
 
 from modelplane.common.grpc_server import wait_for_termination_signal
+from modelplane.common.settings import RuntimeSettings
 
 log = structlog.get_logger()
 
@@ -32,3 +35,18 @@ async def run_until_signalled(service: Service) -> None:
         log.info("termination signal received; shutting down")
     finally:
         await service.stop()
+
+
+def run_service(make_service: Callable[[], Service]) -> None:
+    """Runs a service in this process until SIGTERM, on the event loop MODELPLANE_EVENT_LOOP names."""
+
+    async def main() -> None:
+        # Built inside the loop: gRPC's aio server binds to the loop that is running when it is made.
+        await run_until_signalled(make_service())
+
+    if RuntimeSettings().event_loop == "uvloop":
+        import uvloop  # noqa: PLC0415 - only the services' processes need it
+
+        uvloop.run(main())
+    else:
+        asyncio.run(main())

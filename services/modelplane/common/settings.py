@@ -32,6 +32,16 @@ class LoggingSettings(BaseSettings):
     """`json` for log collectors, `console` for people; `auto` picks console on a terminal."""
 
 
+class RuntimeSettings(BaseSettings):
+    """How a service process runs, whichever service it is."""
+
+    model_config = SettingsConfigDict(env_prefix="MODELPLANE_", use_attribute_docstrings=True, extra="ignore")
+
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
+    """The event loop a `modelplane serve` process runs on. uvloop spends less CPU on each request
+    (docs/BATCHING.md measures it); `asyncio` is the standard library's, for debugging."""
+
+
 class TlsSettings(BaseSettings):
     """Mutual TLS on every gRPC channel and port; off unless certificates are configured."""
 

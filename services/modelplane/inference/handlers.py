@@ -19,6 +19,7 @@ from modelplane.common.types import Task, Usage
 from modelplane.inference import generation
 from modelplane.inference import rerank as reranking
 from modelplane.inference.catalog import ModelCatalog, ServingModel
+from modelplane.inference.coalescing import EncoderCalls, EncoderModel
 from modelplane.inference.errors import InputTooLong, InvalidRequest, WrongTask
 from modelplane.inference.settings import InferenceSettings
 from modelplane.inference.stats import RequestStatistics
@@ -65,6 +66,7 @@ class InferenceHandler:
         self.catalog = catalog
         self.triton = triton
         self.stats = stats
+        self.encoder_calls = EncoderCalls(triton, settings.encoder_calls_in_flight)
 
     def _wait_seconds(self, deadline_seconds: float | None) -> float:
         if deadline_seconds is None:
@@ -203,20 +205,24 @@ class InferenceHandler:
     async def _run_encoder(
         self, serving: ServingModel, sequences: list[tuple[list[int], list[int]]]
     ) -> tuple[np.ndarray, EncodedBatch]:
-        """Runs the sequences through Triton in chunks the model accepts, concurrently, in order."""
-        assert serving.tokenizer is not None
+        """Runs the sequences through Triton in chunks the model accepts, concurrently, in order
+        (chunks of concurrent requests may share a Triton call: coalescing.py)."""
+        tokenizer = serving.tokenizer
+        assert tokenizer is not None
         profile = serving.profile
-        size = max(1, profile.max_batch_size or 32)
+        model = EncoderModel(
+            triton_name=profile.triton_model_name,
+            output=profile.output_name,
+            max_rows=max(1, profile.max_batch_size or 32),
+            pad_id=tokenizer.pad_id,
+        )
         chunks = [
-            serving.tokenizer.batch(sequences[i : i + size], profile.input_names)
-            for i in range(0, len(sequences), size)
+            tokenizer.batch(sequences[i : i + model.max_rows], profile.input_names)
+            for i in range(0, len(sequences), model.max_rows)
         ]
         request_id = current_request_id.get()
         outputs = await asyncio.gather(
-            *(
-                self.triton.infer(profile.triton_model_name, chunk.arrays, profile.output_name, request_id=request_id)
-                for chunk in chunks
-            )
+            *(self.encoder_calls.run(model, chunk.arrays, request_id=request_id) for chunk in chunks)
         )
         facts = EncodedBatch(
             arrays={},

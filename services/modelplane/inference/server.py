@@ -43,7 +43,7 @@ class InferenceService(Service):
         self.catalog.start()
         self.stats.start()
         self.port = await self.server.start()
-        self._closers = [registry.close, loader.close, triton.close]
+        self._closers = [handler.encoder_calls.close, registry.close, loader.close, triton.close]
 
     async def stop(self) -> None:
         await self.server.stop()

@@ -11,6 +11,11 @@ from modelplane.registry.store import RegistryStore
 from modelplane.registry.v1 import registry_service_pb2, registry_service_pb2_grpc
 
 SERVICE_FULL_NAME = registry_service_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name
+# Called on a timer by the other services (request statistics, reconciliation): logged at debug
+# unless they fail, so that the log shows what changed rather than who polled.
+ROUTINE_METHODS = frozenset(
+    f"/{SERVICE_FULL_NAME}/{method}" for method in ("GetModelStatistics", "RecordModelRequests", "ListModels")
+)
 
 
 class RegistryService(Service):
@@ -18,7 +23,7 @@ class RegistryService(Service):
 
     def __init__(self, settings: RegistrySettings | None = None) -> None:
         self.settings = settings or RegistrySettings()
-        self.server = GrpcServer(self.name, self.settings)
+        self.server = GrpcServer(self.name, self.settings, routine_methods=ROUTINE_METHODS)
         self.store: RegistryStore | None = None
         self.port = 0
 
