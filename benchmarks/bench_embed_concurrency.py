@@ -123,7 +123,10 @@ def wait_for(server: Server, ready: str, timeout: float) -> None:
 
 def start_modelplane(name: str, workdir: Path, extra_env: dict[str, str]) -> Server:
     home = workdir / name
-    ports = {key: free_port() for key in ("registry", "loader", "inference", "gateway", "grpc", "http", "metrics")}
+    names = ("registry", "loader", "inference", "gateway", "grpc", "http", "metrics")
+    ports = {key: free_port() for key in names}
+    # Every service's own metrics port too: two stacks on `up`'s default ports would collide.
+    service_metrics = {f"MODELPLANE_{name.upper()}_METRICS_PORT": str(free_port()) for name in names[:3]}
     env = {
         **os.environ,
         "MODELPLANE_HOME": str(home),
@@ -138,6 +141,7 @@ def start_modelplane(name: str, workdir: Path, extra_env: dict[str, str]) -> Ser
         "MODELPLANE_TRITON_GRPC_ADDRESS": f"127.0.0.1:{ports['grpc']}",
         "MODELPLANE_TRITON_HTTP_PORT": str(ports["http"]),
         "MODELPLANE_TRITON_METRICS_PORT": str(ports["metrics"]),
+        **service_metrics,
         **extra_env,
     }
     home.mkdir(parents=True)
