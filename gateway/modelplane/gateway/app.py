@@ -34,7 +34,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.backends = Backends(
-            settings.inference_address, settings.registry_address, settings.request_timeout_seconds
+            settings.inference_address,
+            settings.registry_address,
+            settings.request_timeout_seconds,
+            embed_calls_in_flight=settings.embed_calls_in_flight,
+            embed_coalesce_inputs=settings.embed_coalesce_inputs,
         )
         log.info(
             "gateway access",

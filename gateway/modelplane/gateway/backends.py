@@ -3,14 +3,17 @@
 Each call carries the request id and what is left of the request's deadline, is refused when the
 caller's API key may not use the model the message names, and turns every failure into a
 `ModelplaneError` that errors.py maps to an HTTP response. Routes call `unary` (or `stream`, for
-server-streaming RPCs), or `unary_split` for a batch larger than one call should carry.
+server-streaming RPCs), or `unary_split` for a batch larger than one call should carry; `embed`
+coalesces the Embed calls of concurrent small requests (common/coalescing.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -19,20 +22,53 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelplane.common.channels import open_channel
+from modelplane.common.coalescing import Coalescer, coalescing_metrics
 from modelplane.common.errors import DeadlineExceeded, ModelplaneError
 from modelplane.common.grpc_errors import to_modelplane_error
-from modelplane.common.request_context import outgoing_metadata
+from modelplane.common.request_context import REQUEST_ID_HEADER, current_request_id, outgoing_metadata
 from modelplane.gateway.auth import authorize_model
 from modelplane.gateway.limits import remaining_seconds
+from modelplane.inference.v1 import inference_service_pb2 as inference_pb
 from modelplane.inference.v1 import inference_service_pb2_grpc
 from modelplane.registry.v1 import registry_service_pb2_grpc
 
 T = TypeVar("T")
 
+EMBED_METRICS = coalescing_metrics("modelplane_gateway_embed", "small embedding requests")
+
+
+@dataclass(frozen=True)
+class EmbedAnswer:
+    """One request's share of an Embed call: its embeddings, numbered from `first_index`."""
+
+    model: str
+    embeddings: Sequence[inference_pb.Embedding]
+    first_index: int
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class _EmbedItem:
+    inputs: Sequence[inference_pb.EmbedInput]
+    deadline: float
+    request_id: str
+
 
 class Backends:
-    def __init__(self, inference_address: str, registry_address: str, timeout_seconds: float) -> None:
+    def __init__(
+        self,
+        inference_address: str,
+        registry_address: str,
+        timeout_seconds: float,
+        *,
+        embed_calls_in_flight: int = 2,
+        embed_coalesce_inputs: int = 32,
+    ) -> None:
         self.timeout = timeout_seconds
+        self.embed_coalesce_inputs = embed_coalesce_inputs
+        self._embeds = Coalescer[str, _EmbedItem, EmbedAnswer](
+            self._send_embeds, calls_in_flight=embed_calls_in_flight, metrics=EMBED_METRICS
+        )
         self._inference_channel = open_channel(inference_address)
         self._registry_channel = open_channel(registry_address)
         self.inference = inference_service_pb2_grpc.InferenceServiceStub(self._inference_channel)
@@ -43,6 +79,7 @@ class Backends:
         }
 
     async def close(self) -> None:
+        await self._embeds.close()
         await self._inference_channel.close()
         await self._registry_channel.close()
 
@@ -112,6 +149,58 @@ class Backends:
 
         return list(await asyncio.gather(*(call(offset) for offset in range(0, len(items), size))))
 
+    async def embed(
+        self, model: str, inputs: Sequence[inference_pb.EmbedInput], *, size: int, concurrency: int
+    ) -> list[tuple[int, EmbedAnswer]]:
+        """Embeds `inputs` with `model`: (offset, answer) per call, in order. A small request shares
+        its call with the small requests that arrive while the model's calls are busy; a larger
+        one is split into calls of `size`, `concurrency` at a time."""
+        authorize_model(model)
+        if len(inputs) > self.embed_coalesce_inputs:
+            answers = await self.unary_split(
+                "inference",
+                self.inference.Embed,
+                inputs,
+                lambda chunk: inference_pb.EmbedRequest(model=model, inputs=chunk),
+                size=size,
+                concurrency=concurrency,
+            )
+            return [(offset, _answer(response)) for offset, response in answers]
+        left = self._deadline()
+        item = _EmbedItem(inputs, time.monotonic() + left, current_request_id.get())
+        try:
+            answer = await asyncio.wait_for(self._embeds.run(model, item, size=len(inputs), limit=size), timeout=left)
+        except TimeoutError:
+            raise self._deadline_exceeded() from None
+        return [(0, answer)]
+
+    async def _send_embeds(self, model: str, items: list[_EmbedItem]) -> list[EmbedAnswer | BaseException]:
+        """One Embed call for every item; each gets its own embeddings and token count. When the
+        call fails on one input, each item is sent alone, so that only its request gets the error."""
+        left = max(item.deadline for item in items) - time.monotonic()
+        if left <= 0:
+            raise self._deadline_exceeded()
+        request = inference_pb.EmbedRequest(model=model, inputs=[one for item in items for one in item.inputs])
+        try:
+            response = await self.inference.Embed(
+                request, timeout=left, metadata=((REQUEST_ID_HEADER, items[0].request_id),)
+            )
+        except grpc.aio.AioRpcError as error:
+            failure = self._translate(error, "inference")
+            if len(items) == 1 or "index" not in failure.metadata:
+                raise failure from None
+            alone = await asyncio.gather(*(self._send_embeds(model, [item]) for item in items), return_exceptions=True)
+            return [result[0] if isinstance(result, list) else result for result in alone]
+        if len(items) == 1:
+            return [_answer(response)]
+        answers: list[EmbedAnswer | BaseException] = []
+        offset = 0
+        for item in items:
+            share = response.embeddings[offset : offset + len(item.inputs)]
+            answers.append(EmbedAnswer(response.model, share, offset, sum(embedding.num_tokens for embedding in share)))
+            offset += len(item.inputs)
+        return answers
+
     async def health(self) -> dict[str, bool]:
         """Whether each backend answers its health check as SERVING."""
         status = {}
@@ -122,6 +211,10 @@ class Backends:
             except grpc.aio.AioRpcError:
                 status[name] = False
         return status
+
+
+def _answer(response: inference_pb.EmbedResponse) -> EmbedAnswer:
+    return EmbedAnswer(response.model, response.embeddings, 0, response.usage.prompt_tokens)
 
 
 def _authorize(request: Message) -> None:

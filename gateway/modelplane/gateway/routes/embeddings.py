@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
 
 import numpy as np
 import structlog
@@ -42,26 +41,17 @@ async def create_embeddings(body: schemas.EmbeddingsRequest, request: Request) -
     limit = limits(request)
     limit.check_batch(len(inputs), "input")
     client = backends(request)
-
-    def embed_request(chunk: Sequence[inference_pb.EmbedInput]) -> inference_pb.EmbedRequest:
-        return inference_pb.EmbedRequest(model=body.model, inputs=chunk)
-
-    answers = await client.unary_split(
-        "inference",
-        client.inference.Embed,
-        inputs,
-        embed_request,
-        size=limit.inference_batch_inputs,
-        concurrency=limit.inference_concurrency,
+    answers = await client.embed(
+        body.model, inputs, size=limit.inference_batch_inputs, concurrency=limit.inference_concurrency
     )
     data = []
     prompt_tokens = 0
-    for offset, response in answers:
-        prompt_tokens += response.usage.prompt_tokens
-        for item in response.embeddings:
+    for offset, answer in answers:
+        prompt_tokens += answer.prompt_tokens
+        for item in answer.embeddings:
             vector: list[float] | str = list(item.values)
             if body.encoding_format == "base64":
                 vector = base64.b64encode(np.asarray(item.values, dtype="<f4").tobytes()).decode()
-            data.append(schemas.EmbeddingData(index=offset + item.index, embedding=vector))
+            data.append(schemas.EmbeddingData(index=offset + item.index - answer.first_index, embedding=vector))
     usage = schemas.EmbeddingsUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens)
     return schemas.EmbeddingsResponse(data=data, model=answers[0][1].model, usage=usage)
