@@ -26,8 +26,8 @@ class InferenceSettings(ServerSettings):
     """What to do with inputs longer than the model accepts when the request does not say."""
     stats_report_interval_seconds: float = 2.0
     """How often request counts are sent to the registry (they drive idle expiry and preloading)."""
-    encoder_calls_in_flight: int = 2
+    encoder_calls_in_flight: int = 1
     """Most Triton calls at a time per embedding or rerank model. Requests that arrive while that
     many are running go to Triton together in the next call, which saves each its own call's cost
-    (docs/BATCHING.md). Set it to the model's Triton instance count plus one; 0 sends every request
-    as its own call."""
+    (docs/BATCHING.md). With several Triton instances of the model (`instance_count`), set it to
+    their number; 0 sends every request as its own call."""

@@ -54,6 +54,11 @@ class LoaderSettings(ServerSettings):
     one onnxruntime call per bucket, padded to that bucket's longest sequence, so short texts do not
     pay for long ones; an empty list pads every batch to its longest. A JSON list in the environment,
     e.g. `[16, 32, 64, 128, 256]`."""
+    bucket_merge_tokens: int = 16
+    """What one onnxruntime call costs beyond its tokens, counted in tokens: neighbouring length
+    buckets of a batch run as one call when padding the shorter bucket's rows costs fewer tokens
+    than this. Each call reads all of the model's weights once, which on CPU costs about as much
+    as 16 tokens of all-MiniLM-L6-v2 (docs/BATCHING.md); 0 keeps every bucket apart."""
     onnx_intra_op_threads: int = 0
     """Threads onnxruntime uses inside one inference on the embedded Triton; 0 means all cores."""
     llm_context_length: int = 4096

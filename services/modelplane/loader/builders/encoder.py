@@ -130,6 +130,7 @@ class EncoderBuilder(ArtifactBuilder):
                 "intra_op_threads": str(settings.onnx_intra_op_threads),
                 "pad_token_id": str(_token_id(artifact, special.get("pad_token"))),
                 "length_buckets": ",".join(str(bound) for bound in sorted(settings.length_buckets)),
+                "bucket_merge_tokens": str(settings.bucket_merge_tokens),
             }
             files["model.py"] = python_model_source("onnx_encoder")
         elif target == RuntimeTarget.TENSORRT:
