@@ -47,8 +47,12 @@ INFINITY_VERSION = "0.0.78"
 # infinity-emb pins numpy<2 / protobuf, and torch is the one modelplane also uses (CPU build).
 INFINITY_REQUIREMENTS = [f"infinity-emb[server,torch]=={INFINITY_VERSION}", "torch==2.13.0"]
 CONCURRENCY = (1, 4, 16, 64)
-# Triton runs every request on its own (no dynamic batcher in the model's config).
-UNBATCHED = {"MODELPLANE_LOADER_DYNAMIC_BATCHING": "false", "MODELPLANE_INFERENCE_ENCODER_CALLS_IN_FLIGHT": "0"}
+# Nothing batched anywhere: not by Triton, nor by the gateway or inference service coalescing calls.
+UNBATCHED = {
+    "MODELPLANE_LOADER_DYNAMIC_BATCHING": "false",
+    "MODELPLANE_GATEWAY_EMBED_CALLS_IN_FLIGHT": "0",
+    "MODELPLANE_INFERENCE_ENCODER_CALLS_IN_FLIGHT": "0",
+}
 BATCH = 32
 STDLIB_MODULES = (
     "os", "json", "asyncio", "collections", "functools", "itertools", "pathlib", "subprocess", "threading",
@@ -209,6 +213,7 @@ class Measurement:
     requests: int
     requests_per_batch: float = 0.0
     queue_ms: float = 0.0
+    requests_per_call: float = 0.0
 
 
 async def _client(
@@ -254,16 +259,22 @@ def _bodies(texts: list[str], per_request: int, seed: int) -> list[bytes]:
     ]
 
 
-def _scrape(metrics_port: int) -> dict[str, float]:
-    """Triton's counters for the model: requests, executions (batches) and time spent queued."""
-    if not metrics_port:
+def _scrape(server: Server) -> dict[str, float]:
+    """Triton's counters for the model (requests, executions and time spent queued) and the
+    gateway's (HTTP requests coalesced into Embed calls)."""
+    if not server.metrics_port:
         return {}
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
-        text = response.read().decode()
     totals: dict[str, float] = {}
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
     for name in ("request_success", "exec_count", "queue_duration_us"):
         found = re.search(rf'^nv_inference_{name}{{model="{MODEL}",version="1"}} (\S+)$', text, re.M)
         totals[name] = float(found.group(1)) if found else 0.0
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    for name in ("calls_total", "items_total"):
+        found = re.search(rf'^modelplane_gateway_embed_{name}{{model="{MODEL}"}} (\S+)$', text, re.M)
+        totals[f"gateway_{name}"] = float(found.group(1)) if found else 0.0
     return totals
 
 
@@ -273,7 +284,7 @@ async def measure(server: Server, texts: list[str], clients: int, per_request: i
     await asyncio.gather(
         *(_client(server.port, bodies[i::clients], per_request, warm, warm + 1.5, []) for i in range(clients))
     )
-    before = _scrape(server.metrics_port)
+    before = _scrape(server)
     latencies: list[float] = []
     start = time.perf_counter() + 0.5  # connections open and the load settles before the window
     counts = await asyncio.gather(
@@ -282,7 +293,7 @@ async def measure(server: Server, texts: list[str], clients: int, per_request: i
             for i in range(clients)
         )
     )
-    after = _scrape(server.metrics_port)
+    after = _scrape(server)
     latencies.sort()
 
     def delta(name: str) -> float:
@@ -296,6 +307,9 @@ async def measure(server: Server, texts: list[str], clients: int, per_request: i
         requests=len(latencies),
         requests_per_batch=requests / batches if batches else 0.0,
         queue_ms=delta("queue_duration_us") / 1000 / requests if requests else 0.0,
+        requests_per_call=(
+            delta("gateway_items_total") / delta("gateway_calls_total") if delta("gateway_calls_total") else 1.0
+        ),
     )
 
 
@@ -338,12 +352,19 @@ def print_table(results: Results, systems: list[str], rounds: int) -> None:
                 f" {results.median(system, workload, 'p99_ms'):>7.1f} {results.spread(system, workload):>9} "
             )
         print(line)
-    print("\nTriton's view: requests per execution (batch), mean time a request waited in Triton's queue")
+    print(
+        "\nHTTP requests per gateway call to the inference service (coalesced), Triton requests per execution"
+        " (batch), mean time a request waited in Triton's queue"
+    )
     for system in (s for s in systems if s != "infinity-emb"):
         for workload, _, _ in workloads():
+            per_call = results.median(system, workload, "requests_per_call")
             per_batch = results.median(system, workload, "requests_per_batch")
             queue = results.median(system, workload, "queue_ms")
-            print(f"  {system:<12} {workload:<16} {per_batch:6.1f} requests/batch  {queue:7.2f} ms queued")
+            print(
+                f"  {system:<12} {workload:<16} {per_call:6.1f} requests/call  {per_batch:6.1f} requests/batch"
+                f"  {queue:7.2f} ms queued"
+            )
 
 
 def print_ratios(results: Results, systems: list[str]) -> None:
