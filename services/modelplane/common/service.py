@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Callable
 
 import structlog
 
@@ -18,6 +17,10 @@ class Service(abc.ABC):
     """A service that can run in its own process (`modelplane serve`) or inside a test."""
 
     name: str
+    # uvloop starts child processes with fork(), and a child forked while gRPC's threads are busy
+    # can crash before it execs (seen: a converter dead of SIGSEGV 7 ms after the fork). asyncio's
+    # own loop uses vfork, which does not copy them. A service that starts processes stays on it.
+    starts_processes: bool = False
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -37,14 +40,15 @@ async def run_until_signalled(service: Service) -> None:
         await service.stop()
 
 
-def run_service(make_service: Callable[[], Service]) -> None:
-    """Runs a service in this process until SIGTERM, on the event loop MODELPLANE_EVENT_LOOP names."""
+def run_service(service_class: type[Service]) -> None:
+    """Runs a service in this process until SIGTERM, on the event loop MODELPLANE_EVENT_LOOP names
+    (asyncio for a service that starts child processes)."""
 
     async def main() -> None:
         # Built inside the loop: gRPC's aio server binds to the loop that is running when it is made.
-        await run_until_signalled(make_service())
+        await run_until_signalled(service_class())
 
-    if RuntimeSettings().event_loop == "uvloop":
+    if RuntimeSettings().event_loop == "uvloop" and not service_class.starts_processes:
         import uvloop  # noqa: PLC0415 - only the services' processes need it
 
         uvloop.run(main())

@@ -39,7 +39,8 @@ class RuntimeSettings(BaseSettings):
 
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
     """The event loop a `modelplane serve` process runs on. uvloop spends less CPU on each request
-    (docs/BATCHING.md measures it); `asyncio` is the standard library's, for debugging."""
+    (docs/BATCHING.md measures it); `asyncio` is the standard library's, for debugging. The loader
+    always runs on asyncio: it starts converter processes, which uvloop forks unsafely next to gRPC."""
 
 
 class TlsSettings(BaseSettings):

@@ -23,6 +23,7 @@ SERVICE_FULL_NAME = loader_service_pb2.DESCRIPTOR.services_by_name["LoaderServic
 
 class LoaderService(Service):
     name = "loader"
+    starts_processes = True  # converters and GGUF readers: see Service.starts_processes
 
     def __init__(self, settings: LoaderSettings | None = None, triton: TritonSettings | None = None) -> None:
         self.settings = settings or LoaderSettings()
