@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -150,42 +151,41 @@ def _verdict(met: bool) -> str:
     return "met" if met else "**missed**"
 
 
-def render(data: dict) -> str:
+def _contender_table(data: dict, cell: Callable[[str, str], str]) -> list[str]:
+    """A markdown table: a row per contender, a column per load, `cell(contender, load)` in each."""
     loads = data["loads"]
+    lines = ["| contender | " + " | ".join(loads) + " |", "| --- |" + " ---: |" * len(loads)]
+    for contender in data["contenders"]:
+        lines.append(f"| {contender} | " + " | ".join(cell(contender, load) for load in loads) + " |")
+    return lines
+
+
+def render(data: dict) -> str:
+    def throughput(contender: str, load: str) -> str:
+        tps = _series(data, contender, load, "texts_per_second")
+        if not tps:
+            return "–"
+        p50 = median(_series(data, contender, load, "p50_ms"))
+        p99 = median(_series(data, contender, load, "p99_ms"))
+        return f"**{median(tps):.0f}**<br>{p50:.1f} / {p99:.1f}"
+
+    def against_gateway(contender: str, load: str) -> str:
+        ratios = ratio_per_round(
+            _series(data, contender, load, "texts_per_second"),
+            _series(data, "modelplane gateway", load, "texts_per_second"),
+        )
+        return fmt(median(ratios), 2) + "×" if ratios else "–"
+
     lines = [
         "Texts/s (median over rounds), then p50 / p99 latency in ms per request.",
         "",
-        "| contender | " + " | ".join(loads) + " |",
-        "| --- |" + " ---: |" * len(loads),
-    ]
-    for contender in data["contenders"]:
-        cells = []
-        for load in loads:
-            tps = _series(data, contender, load, "texts_per_second")
-            if not tps:
-                cells.append("–")
-                continue
-            p50 = median(_series(data, contender, load, "p50_ms"))
-            p99 = median(_series(data, contender, load, "p99_ms"))
-            cells.append(f"**{median(tps):.0f}**<br>{p50:.1f} / {p99:.1f}")
-        lines.append(f"| {contender} | " + " | ".join(cells) + " |")
-    lines += [
+        *_contender_table(data, throughput),
         "",
         "Throughput relative to the gateway, taken within each round (median over rounds; above 1 is faster "
         "than the gateway):",
         "",
-        "| contender | " + " | ".join(loads) + " |",
-        "| --- |" + " ---: |" * len(loads),
+        *_contender_table(data, against_gateway),
     ]
-    for contender in data["contenders"]:
-        cells = []
-        for load in loads:
-            ratios = ratio_per_round(
-                _series(data, contender, load, "texts_per_second"),
-                _series(data, "modelplane gateway", load, "texts_per_second"),
-            )
-            cells.append(fmt(median(ratios), 2) + "×" if ratios else "–")
-        lines.append(f"| {contender} | " + " | ".join(cells) + " |")
     parity = ", ".join(f"{name} {value:.5f}" for name, value in data["parity_cosine"].items())
     lines += ["", f"Same model everywhere: cosine of one text's vector to sentence-transformers': {parity}."]
     return "\n".join(lines)

@@ -39,11 +39,10 @@ EMBED_METRICS = coalescing_metrics("modelplane_gateway_embed", "small embedding 
 
 @dataclass(frozen=True)
 class EmbedAnswer:
-    """One request's share of an Embed call: its embeddings, numbered from `first_index`."""
+    """One request's share of an Embed call: its embeddings, in its inputs' order."""
 
     model: str
     embeddings: Sequence[inference_pb.Embedding]
-    first_index: int
     prompt_tokens: int
 
 
@@ -155,7 +154,6 @@ class Backends:
         """Embeds `inputs` with `model`: (offset, answer) per call, in order. A small request shares
         its call with the small requests that arrive while the model's calls are busy; a larger
         one is split into calls of `size`, `concurrency` at a time."""
-        authorize_model(model)
         if len(inputs) > self.embed_coalesce_inputs:
             answers = await self.unary_split(
                 "inference",
@@ -166,6 +164,7 @@ class Backends:
                 concurrency=concurrency,
             )
             return [(offset, _answer(response)) for offset, response in answers]
+        authorize_model(model)  # here, in the request's own context: the shared call runs in another's
         left = self._deadline()
         item = _EmbedItem(inputs, time.monotonic() + left, current_request_id.get())
         try:
@@ -197,7 +196,7 @@ class Backends:
         offset = 0
         for item in items:
             share = response.embeddings[offset : offset + len(item.inputs)]
-            answers.append(EmbedAnswer(response.model, share, offset, sum(embedding.num_tokens for embedding in share)))
+            answers.append(EmbedAnswer(response.model, share, sum(embedding.num_tokens for embedding in share)))
             offset += len(item.inputs)
         return answers
 
@@ -214,7 +213,7 @@ class Backends:
 
 
 def _answer(response: inference_pb.EmbedResponse) -> EmbedAnswer:
-    return EmbedAnswer(response.model, response.embeddings, 0, response.usage.prompt_tokens)
+    return EmbedAnswer(response.model, response.embeddings, response.usage.prompt_tokens)
 
 
 def _authorize(request: Message) -> None:

@@ -48,10 +48,10 @@ async def create_embeddings(body: schemas.EmbeddingsRequest, request: Request) -
     prompt_tokens = 0
     for offset, answer in answers:
         prompt_tokens += answer.prompt_tokens
-        for item in answer.embeddings:
+        for position, item in enumerate(answer.embeddings):
             vector: list[float] | str = list(item.values)
             if body.encoding_format == "base64":
                 vector = base64.b64encode(np.asarray(item.values, dtype="<f4").tobytes()).decode()
-            data.append(schemas.EmbeddingData(index=offset + item.index - answer.first_index, embedding=vector))
+            data.append(schemas.EmbeddingData(index=offset + position, embedding=vector))
     usage = schemas.EmbeddingsUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens)
     return schemas.EmbeddingsResponse(data=data, model=answers[0][1].model, usage=usage)
