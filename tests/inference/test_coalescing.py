@@ -141,3 +141,41 @@ async def test_with_coalescing_off_every_request_is_its_own_call() -> None:
     results = await asyncio.gather(*(calls.run(MODEL, _chunk([n]), request_id=str(n)) for n in range(5)))
     assert [result.tolist() for result in results] == [[[n]] for n in range(5)]
     assert len(triton.calls) == 5
+
+
+class SendingInItsOwnTask(HeldTriton):
+    """Puts each call on the wire from a task of its own, as grpc.aio's client does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[str] = []
+
+    async def infer(
+        self, model: str, arrays: Mapping[str, np.ndarray], output: str, *, request_id: str = ""
+    ) -> np.ndarray:
+        async def put_on_the_wire() -> None:
+            self.sent.append(request_id)
+
+        await asyncio.create_task(put_on_the_wire())
+        return await super().infer(model, arrays, output, request_id=request_id)
+
+
+async def test_the_next_call_goes_out_before_the_finished_calls_callers_resume() -> None:
+    """The callee is idle from the moment a call finishes until the next arrives; the callers of
+    the finished call (who go on to write their answers) wait until the next one is sent."""
+    triton = SendingInItsOwnTask()
+    calls = EncoderCalls(triton, calls_in_flight=1)  # type: ignore[arg-type]
+    seen_when_resumed: list[list[str]] = []
+
+    async def caller(value: int, request_id: str) -> None:
+        await calls.run(MODEL, _chunk([value]), request_id=request_id)
+        seen_when_resumed.append(list(triton.sent))
+
+    first = asyncio.create_task(caller(1, "a"))
+    await _settle()
+    second = asyncio.create_task(caller(2, "b"))
+    await _settle()
+    assert triton.sent == ["a"]
+    triton.release.set()
+    await asyncio.gather(first, second)
+    assert seen_when_resumed[0] == ["a", "b"], "the first caller resumed before the next call was sent"
