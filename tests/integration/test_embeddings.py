@@ -6,11 +6,14 @@ import base64
 import subprocess
 from pathlib import Path
 
+import grpc
 import httpx
 import numpy as np
 import pytest
 from sentence_transformers import SentenceTransformer
 
+from modelplane.inference.v1 import inference_service_pb2 as pb
+from modelplane.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from tests.integration.conftest import RunningStack
 
 MODEL = "all-minilm-l6-v2"
@@ -86,6 +89,37 @@ def test_single_string_and_base64(stack: RunningStack, reference: np.ndarray) ->
     assert response.status_code == 200, response.text
     vector = np.frombuffer(base64.b64decode(response.json()["data"][0]["embedding"]), dtype="<f4")
     assert _cosine(vector[None, :], reference[:1])[0] >= 0.999
+
+
+def test_float_and_base64_answers_carry_the_same_float32_numbers(stack: RunningStack) -> None:
+    def embed(encoding_format: str) -> list:
+        body = {"model": MODEL, "input": SENTENCES[:6], "encoding_format": encoding_format}
+        response = httpx.post(f"{stack.gateway_url}/v1/embeddings", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        return [item["embedding"] for item in response.json()["data"]]
+
+    as_floats = np.array(embed("float"), dtype=np.float32)
+    as_base64 = np.array([np.frombuffer(base64.b64decode(text), dtype="<f4") for text in embed("base64")])
+    np.testing.assert_array_equal(as_floats, as_base64)
+
+
+def test_the_inference_service_answers_packed_vectors_as_asked(stack: RunningStack) -> None:
+    """VECTOR_ENCODING_PACKED_FLOAT32 (what the gateway asks for) carries the same numbers as the
+    default, one float per number, that other gRPC clients read."""
+    inputs = [pb.EmbedInput(text=text) for text in SENTENCES[:4]]
+    with grpc.insecure_channel(stack.inference) as channel:
+        embed = pb_grpc.InferenceServiceStub(channel).Embed
+        floats = embed(pb.EmbedRequest(model=MODEL, inputs=inputs), timeout=60)
+        packed = embed(
+            pb.EmbedRequest(model=MODEL, inputs=inputs, vector_encoding=pb.VECTOR_ENCODING_PACKED_FLOAT32), timeout=60
+        )
+    for by_float, by_bytes in zip(floats.embeddings, packed.embeddings, strict=True):
+        assert len(by_float.values) == 384 and not by_float.packed_values
+        assert len(by_bytes.packed_values) == 4 * 384 and not by_bytes.values
+        np.testing.assert_array_equal(
+            np.array(by_float.values, dtype=np.float32), np.frombuffer(by_bytes.packed_values, "<f4")
+        )
+        assert (by_float.num_tokens, by_float.truncated) == (by_bytes.num_tokens, by_bytes.truncated)
 
 
 def test_token_id_input_equals_text_input(stack: RunningStack, minilm_path: Path) -> None:

@@ -35,6 +35,8 @@ from modelplane.registry.v1 import registry_service_pb2_grpc
 T = TypeVar("T")
 
 EMBED_METRICS = coalescing_metrics("modelplane_gateway_embed", "small embedding requests")
+# The gateway writes vectors as JSON or base64 straight from their float32 bytes (routes/embeddings.py).
+_PACKED = inference_pb.VECTOR_ENCODING_PACKED_FLOAT32
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,7 @@ class Backends:
                 "inference",
                 self.inference.Embed,
                 inputs,
-                lambda chunk: inference_pb.EmbedRequest(model=model, inputs=chunk),
+                lambda chunk: inference_pb.EmbedRequest(model=model, inputs=chunk, vector_encoding=_PACKED),
                 size=size,
                 concurrency=concurrency,
             )
@@ -168,7 +170,8 @@ class Backends:
         left = self._deadline()
         item = _EmbedItem(inputs, time.monotonic() + left, current_request_id.get())
         try:
-            answer = await asyncio.wait_for(self._embeds.run(model, item, size=len(inputs), limit=size), timeout=left)
+            async with asyncio.timeout(left):  # no task of its own, unlike wait_for: this is the hot path
+                answer = await self._embeds.run(model, item, size=len(inputs), limit=size)
         except TimeoutError:
             raise self._deadline_exceeded() from None
         return [(0, answer)]
@@ -179,7 +182,9 @@ class Backends:
         left = max(item.deadline for item in items) - time.monotonic()
         if left <= 0:
             raise self._deadline_exceeded()
-        request = inference_pb.EmbedRequest(model=model, inputs=[one for item in items for one in item.inputs])
+        request = inference_pb.EmbedRequest(
+            model=model, inputs=[one for item in items for one in item.inputs], vector_encoding=_PACKED
+        )
         try:
             response = await self.inference.Embed(
                 request, timeout=left, metadata=((REQUEST_ID_HEADER, items[0].request_id),)

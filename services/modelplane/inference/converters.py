@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from modelplane.common.types import Usage
 from modelplane.common.v1 import usage_pb2
 from modelplane.inference.generation import ChatMessage, GenerationChunk, SamplingParameters
@@ -25,15 +27,24 @@ def usage_to_proto(usage: Usage) -> usage_pb2.Usage:
     )
 
 
-def embed_result_to_proto(result: EmbedResult) -> pb.EmbedResponse:
+def embed_result_to_proto(
+    result: EmbedResult, encoding: pb.VectorEncoding.ValueType = pb.VECTOR_ENCODING_UNSPECIFIED
+) -> pb.EmbedResponse:
+    packed = encoding == pb.VECTOR_ENCODING_PACKED_FLOAT32
     return pb.EmbedResponse(
         model=result.model,
         embeddings=[
-            pb.Embedding(index=e.index, values=e.values.tolist(), num_tokens=e.num_tokens, truncated=e.truncated)
+            pb.Embedding(index=e.index, num_tokens=e.num_tokens, truncated=e.truncated, packed_values=_packed(e.values))
+            if packed
+            else pb.Embedding(index=e.index, values=e.values.tolist(), num_tokens=e.num_tokens, truncated=e.truncated)
             for e in result.embeddings
         ],
         usage=usage_to_proto(result.usage),
     )
+
+
+def _packed(values: np.ndarray) -> bytes:
+    return values.astype("<f4", copy=False).tobytes()
 
 
 def rerank_result_to_proto(result: RerankResult) -> pb.RerankResponse:

@@ -27,7 +27,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             truncation=Truncation(request.truncation),
             deadline_seconds=_deadline(context),
         )
-        return converters.embed_result_to_proto(result)
+        return converters.embed_result_to_proto(result, request.vector_encoding)
 
     async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
         result = await self.handler.rerank(

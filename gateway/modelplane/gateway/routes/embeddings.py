@@ -5,8 +5,9 @@ from __future__ import annotations
 import base64
 
 import numpy as np
+import orjson
 import structlog
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 
 from modelplane.gateway import schemas
 from modelplane.gateway.backends import backends
@@ -34,7 +35,7 @@ def _embed_inputs(value: str | list[str] | list[int] | list[list[int]]) -> list[
     response_model=schemas.EmbeddingsResponse,
     responses=schemas.error_responses(*schemas.COMMON_ERRORS, 400, 403, 404, 409, 503),
 )
-async def create_embeddings(body: schemas.EmbeddingsRequest, request: Request) -> schemas.EmbeddingsResponse:
+async def create_embeddings(body: schemas.EmbeddingsRequest, request: Request) -> Response:
     """Embeds texts with an embedding model; results are in input order."""
     structlog.contextvars.bind_contextvars(model=body.model)
     inputs = _embed_inputs(body.input)
@@ -49,9 +50,14 @@ async def create_embeddings(body: schemas.EmbeddingsRequest, request: Request) -
     for offset, answer in answers:
         prompt_tokens += answer.prompt_tokens
         for position, item in enumerate(answer.embeddings):
-            vector: list[float] | str = list(item.values)
+            vector: np.ndarray | str
             if body.encoding_format == "base64":
-                vector = base64.b64encode(np.asarray(item.values, dtype="<f4").tobytes()).decode()
-            data.append(schemas.EmbeddingData(index=offset + position, embedding=vector))
-    usage = schemas.EmbeddingsUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens)
-    return schemas.EmbeddingsResponse(data=data, model=answers[0][1].model, usage=usage)
+                vector = base64.b64encode(item.packed_values).decode()
+            else:
+                vector = np.frombuffer(item.packed_values, dtype="<f4")
+            data.append({"object": "embedding", "index": offset + position, "embedding": vector})
+    usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}
+    document = {"object": "list", "data": data, "model": answers[0][1].model, "usage": usage}
+    # Not validated again as an EmbeddingsResponse (its vectors are hundreds of numbers each): orjson
+    # writes each float32 in the fewest digits that read back as the same float32.
+    return Response(orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")

@@ -25,45 +25,47 @@ _sym_db = _symbol_database.Default()
 from modelplane.common.v1 import usage_pb2 as modelplane_dot_common_dot_v1_dot_usage__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n/modelplane/inference/v1/inference_service.proto\x12\x17modelplane.inference.v1\x1a modelplane/common/v1/usage.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"_\n\nEmbedInput\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x36\n\ttoken_ids\x18\x02 \x01(\x0b\x32!.modelplane.inference.v1.TokenIdsH\x00\x42\t\n\x07\x63ontent\"\x8b\x01\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x33\n\x06inputs\x18\x02 \x03(\x0b\x32#.modelplane.inference.v1.EmbedInput\x12\x37\n\ntruncation\x18\x03 \x01(\x0e\x32#.modelplane.inference.v1.Truncation\"Q\n\tEmbedding\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0e\n\x06values\x18\x02 \x03(\x02\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x11\n\ttruncated\x18\x04 \x01(\x08\"\x82\x01\n\rEmbedResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x36\n\nembeddings\x18\x02 \x03(\x0b\x32\".modelplane.inference.v1.Embedding\x12*\n\x05usage\x18\x03 \x01(\x0b\x32\x1b.modelplane.common.v1.Usage\"\xb1\x01\n\rRerankRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x11\n\tdocuments\x18\x03 \x03(\t\x12\x12\n\x05top_n\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x10return_documents\x18\x05 \x01(\x08\x12\x37\n\ntruncation\x18\x06 \x01(\x0e\x32#.modelplane.inference.v1.TruncationB\x08\n\x06_top_n\"H\n\x0cRerankResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x17\n\x0frelevance_score\x18\x02 \x01(\x01\x12\x10\n\x08\x64ocument\x18\x03 \x01(\t\"\x83\x01\n\x0eRerankResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x36\n\x07results\x18\x02 \x03(\x0b\x32%.modelplane.inference.v1.RerankResult\x12*\n\x05usage\x18\x03 \x01(\x0b\x32\x1b.modelplane.common.v1.Usage\"\xee\x02\n\x12SamplingParameters\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x02H\x07\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penalty\"q\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12?\n\nparameters\x18\x03 \x01(\x0b\x32+.modelplane.inference.v1.SamplingParameters\"\x8a\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12<\n\rfinish_reason\x18\x02 \x01(\x0e\x32%.modelplane.inference.v1.FinishReason\x12*\n\x05usage\x18\x03 \x01(\x0b\x32\x1b.modelplane.common.v1.Usage\":\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"\x95\x01\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x36\n\x08messages\x18\x02 \x03(\x0b\x32$.modelplane.inference.v1.ChatMessage\x12?\n\nparameters\x18\x03 \x01(\x0b\x32+.modelplane.inference.v1.SamplingParameters\"\x86\x01\n\x0c\x43hatResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12<\n\rfinish_reason\x18\x02 \x01(\x0e\x32%.modelplane.inference.v1.FinishReason\x12*\n\x05usage\x18\x03 \x01(\x0b\x32\x1b.modelplane.common.v1.Usage*Q\n\nTruncation\x12\x1a\n\x16TRUNCATION_UNSPECIFIED\x10\x00\x12\x12\n\x0eTRUNCATION_END\x10\x01\x12\x13\n\x0fTRUNCATION_NONE\x10\x02*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xff\x02\n\x10InferenceService\x12V\n\x05\x45mbed\x12%.modelplane.inference.v1.EmbedRequest\x1a&.modelplane.inference.v1.EmbedResponse\x12Y\n\x06Rerank\x12&.modelplane.inference.v1.RerankRequest\x1a\'.modelplane.inference.v1.RerankResponse\x12\x61\n\x08Generate\x12(.modelplane.inference.v1.GenerateRequest\x1a).modelplane.inference.v1.GenerateResponse0\x01\x12U\n\x04\x43hat\x12$.modelplane.inference.v1.ChatRequest\x1a%.modelplane.inference.v1.ChatResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n/modelplane/inference/v1/inference_service.proto\x12\x17modelplane.inference.v1\x1a modelplane/common/v1/usage.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"_\n\nEmbedInput\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x36\n\ttoken_ids\x18\x02 \x01(\x0b\x32!.modelplane.inference.v1.TokenIdsH\x00\x42\t\n\x07\x63ontent\"\xcd\x01\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x33\n\x06inputs\x18\x02 \x03(\x0b\x32#.modelplane.inference.v1.EmbedInput\x12\x37\n\ntruncation\x18\x03 \x01(\x0e\x32#.modelplane.inference.v1.Truncation\x12@\n\x0fvector_encoding\x18\x04 \x01(\x0e\x32\'.modelplane.inference.v1.VectorEncoding\"h\n\tEmbedding\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0e\n\x06values\x18\x02 \x03(\x02\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x11\n\ttruncated\x18\x04 \x01(\x08\x12\x15\n\rpacked_values\x18\x05 \x01(\x0c\"\x82\x01\n\rEmbedResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x36\n\nembeddings\x18\x02 \x03(\x0b\x32\".modelplane.inference.v1.Embedding\x12*\n\x05usage\x18\x03 \x01(\x0b\x32\x1b.modelplane.common.v1.Usage\"\xb1\x01\n\rRerankRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x11\n\tdocuments\x18\x03 \x03(\t\x12\x12\n\x05top_n\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x10return_documents\x18\x05 \x01(\x08\x12\x37\n\ntruncation\x18\x06 \x01(\x0e\x32#.modelplane.inference.v1.TruncationB\x08\n\x06_top_n\"H\n\x0cRerankResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x17\n\x0frelevance_score\x18\x02 \x01(\x01\x12\x10\n\x08\x64ocument\x18\x03 \x01(\t\"\x83\x01\n\x0eRerankResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x36\n\x07results\x18\x02 \x03(\x0b\x32%.modelplane.inference.v1.RerankResult\x12*\n\x05usage\x18\x03 \x01(\x0b\x32\x1b.modelplane.common.v1.Usage\"\xee\x02\n\x12SamplingParameters\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x02H\x07\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penalty\"q\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12?\n\nparameters\x18\x03 \x01(\x0b\x32+.modelplane.inference.v1.SamplingParameters\"\x8a\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12<\n\rfinish_reason\x18\x02 \x01(\x0e\x32%.modelplane.inference.v1.FinishReason\x12*\n\x05usage\x18\x03 \x01(\x0b\x32\x1b.modelplane.common.v1.Usage\":\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"\x95\x01\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x36\n\x08messages\x18\x02 \x03(\x0b\x32$.modelplane.inference.v1.ChatMessage\x12?\n\nparameters\x18\x03 \x01(\x0b\x32+.modelplane.inference.v1.SamplingParameters\"\x86\x01\n\x0c\x43hatResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12<\n\rfinish_reason\x18\x02 \x01(\x0e\x32%.modelplane.inference.v1.FinishReason\x12*\n\x05usage\x18\x03 \x01(\x0b\x32\x1b.modelplane.common.v1.Usage*Q\n\nTruncation\x12\x1a\n\x16TRUNCATION_UNSPECIFIED\x10\x00\x12\x12\n\x0eTRUNCATION_END\x10\x01\x12\x13\n\x0fTRUNCATION_NONE\x10\x02*q\n\x0eVectorEncoding\x12\x1f\n\x1bVECTOR_ENCODING_UNSPECIFIED\x10\x00\x12\x1a\n\x16VECTOR_ENCODING_FLOATS\x10\x01\x12\"\n\x1eVECTOR_ENCODING_PACKED_FLOAT32\x10\x02*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xff\x02\n\x10InferenceService\x12V\n\x05\x45mbed\x12%.modelplane.inference.v1.EmbedRequest\x1a&.modelplane.inference.v1.EmbedResponse\x12Y\n\x06Rerank\x12&.modelplane.inference.v1.RerankRequest\x1a\'.modelplane.inference.v1.RerankResponse\x12\x61\n\x08Generate\x12(.modelplane.inference.v1.GenerateRequest\x1a).modelplane.inference.v1.GenerateResponse0\x01\x12U\n\x04\x43hat\x12$.modelplane.inference.v1.ChatRequest\x1a%.modelplane.inference.v1.ChatResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'modelplane.inference.v1.inference_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRUNCATION']._serialized_start=1952
-  _globals['_TRUNCATION']._serialized_end=2033
-  _globals['_FINISHREASON']._serialized_start=2035
-  _globals['_FINISHREASON']._serialized_end=2159
+  _globals['_TRUNCATION']._serialized_start=2041
+  _globals['_TRUNCATION']._serialized_end=2122
+  _globals['_VECTORENCODING']._serialized_start=2124
+  _globals['_VECTORENCODING']._serialized_end=2237
+  _globals['_FINISHREASON']._serialized_start=2239
+  _globals['_FINISHREASON']._serialized_end=2363
   _globals['_TOKENIDS']._serialized_start=110
   _globals['_TOKENIDS']._serialized_end=133
   _globals['_EMBEDINPUT']._serialized_start=135
   _globals['_EMBEDINPUT']._serialized_end=230
   _globals['_EMBEDREQUEST']._serialized_start=233
-  _globals['_EMBEDREQUEST']._serialized_end=372
-  _globals['_EMBEDDING']._serialized_start=374
-  _globals['_EMBEDDING']._serialized_end=455
-  _globals['_EMBEDRESPONSE']._serialized_start=458
-  _globals['_EMBEDRESPONSE']._serialized_end=588
-  _globals['_RERANKREQUEST']._serialized_start=591
-  _globals['_RERANKREQUEST']._serialized_end=768
-  _globals['_RERANKRESULT']._serialized_start=770
-  _globals['_RERANKRESULT']._serialized_end=842
-  _globals['_RERANKRESPONSE']._serialized_start=845
-  _globals['_RERANKRESPONSE']._serialized_end=976
-  _globals['_SAMPLINGPARAMETERS']._serialized_start=979
-  _globals['_SAMPLINGPARAMETERS']._serialized_end=1345
-  _globals['_GENERATEREQUEST']._serialized_start=1347
-  _globals['_GENERATEREQUEST']._serialized_end=1460
-  _globals['_GENERATERESPONSE']._serialized_start=1463
-  _globals['_GENERATERESPONSE']._serialized_end=1601
-  _globals['_CHATMESSAGE']._serialized_start=1603
-  _globals['_CHATMESSAGE']._serialized_end=1661
-  _globals['_CHATREQUEST']._serialized_start=1664
-  _globals['_CHATREQUEST']._serialized_end=1813
-  _globals['_CHATRESPONSE']._serialized_start=1816
-  _globals['_CHATRESPONSE']._serialized_end=1950
-  _globals['_INFERENCESERVICE']._serialized_start=2162
-  _globals['_INFERENCESERVICE']._serialized_end=2545
+  _globals['_EMBEDREQUEST']._serialized_end=438
+  _globals['_EMBEDDING']._serialized_start=440
+  _globals['_EMBEDDING']._serialized_end=544
+  _globals['_EMBEDRESPONSE']._serialized_start=547
+  _globals['_EMBEDRESPONSE']._serialized_end=677
+  _globals['_RERANKREQUEST']._serialized_start=680
+  _globals['_RERANKREQUEST']._serialized_end=857
+  _globals['_RERANKRESULT']._serialized_start=859
+  _globals['_RERANKRESULT']._serialized_end=931
+  _globals['_RERANKRESPONSE']._serialized_start=934
+  _globals['_RERANKRESPONSE']._serialized_end=1065
+  _globals['_SAMPLINGPARAMETERS']._serialized_start=1068
+  _globals['_SAMPLINGPARAMETERS']._serialized_end=1434
+  _globals['_GENERATEREQUEST']._serialized_start=1436
+  _globals['_GENERATEREQUEST']._serialized_end=1549
+  _globals['_GENERATERESPONSE']._serialized_start=1552
+  _globals['_GENERATERESPONSE']._serialized_end=1690
+  _globals['_CHATMESSAGE']._serialized_start=1692
+  _globals['_CHATMESSAGE']._serialized_end=1750
+  _globals['_CHATREQUEST']._serialized_start=1753
+  _globals['_CHATREQUEST']._serialized_end=1902
+  _globals['_CHATRESPONSE']._serialized_start=1905
+  _globals['_CHATRESPONSE']._serialized_end=2039
+  _globals['_INFERENCESERVICE']._serialized_start=2366
+  _globals['_INFERENCESERVICE']._serialized_end=2749
 # @@protoc_insertion_point(module_scope)

@@ -44,6 +44,36 @@ TRUNCATION_NONE: Truncation.ValueType  # 2
 """Refuse the request with INVALID_ARGUMENT naming the input."""
 Global___Truncation: _TypeAlias = Truncation  # noqa: Y015
 
+class _VectorEncoding:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _VectorEncodingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_VectorEncoding.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    VECTOR_ENCODING_UNSPECIFIED: _VectorEncoding.ValueType  # 0
+    """As VECTOR_ENCODING_FLOATS."""
+    VECTOR_ENCODING_FLOATS: _VectorEncoding.ValueType  # 1
+    """In `values`, one float each."""
+    VECTOR_ENCODING_PACKED_FLOAT32: _VectorEncoding.ValueType  # 2
+    """In `packed_values`, as little-endian float32: for a caller that re-encodes
+    the vector (as JSON or base64) and would otherwise turn every number into
+    an object of its language first.
+    """
+
+class VectorEncoding(_VectorEncoding, metaclass=_VectorEncodingEnumTypeWrapper):
+    """How each Embedding of a response carries its vector."""
+
+VECTOR_ENCODING_UNSPECIFIED: VectorEncoding.ValueType  # 0
+"""As VECTOR_ENCODING_FLOATS."""
+VECTOR_ENCODING_FLOATS: VectorEncoding.ValueType  # 1
+"""In `values`, one float each."""
+VECTOR_ENCODING_PACKED_FLOAT32: VectorEncoding.ValueType  # 2
+"""In `packed_values`, as little-endian float32: for a caller that re-encodes
+the vector (as JSON or base64) and would otherwise turn every number into
+an object of its language first.
+"""
+Global___VectorEncoding: _TypeAlias = VectorEncoding  # noqa: Y015
+
 class _FinishReason:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -137,10 +167,13 @@ class EmbedRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
     TRUNCATION_FIELD_NUMBER: _builtins.int
+    VECTOR_ENCODING_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model's name."""
     truncation: Global___Truncation.ValueType
     """What to do with inputs longer than the model accepts."""
+    vector_encoding: Global___VectorEncoding.ValueType
+    """How the response carries the vectors."""
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___EmbedInput]:
         """The inputs; at least one. The service's batch limit applies."""
@@ -151,10 +184,11 @@ class EmbedRequest(_message.Message):
         model: _builtins.str = ...,
         inputs: _abc.Iterable[Global___EmbedInput] | None = ...,
         truncation: Global___Truncation.ValueType = ...,
+        vector_encoding: Global___VectorEncoding.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "model", b"model", "truncation", b"truncation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "model", b"model", "truncation", b"truncation", "vector_encoding", b"vector_encoding"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -170,15 +204,20 @@ class Embedding(_message.Message):
     VALUES_FIELD_NUMBER: _builtins.int
     NUM_TOKENS_FIELD_NUMBER: _builtins.int
     TRUNCATED_FIELD_NUMBER: _builtins.int
+    PACKED_VALUES_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Position of the input in the request."""
     num_tokens: _builtins.int
     """Tokens the input took, special tokens included."""
     truncated: _builtins.bool
     """True when the input was cut to the model's limit."""
+    packed_values: _builtins.bytes
+    """The vector as little-endian float32 (4 bytes a dimension), when the
+    request asked for VECTOR_ENCODING_PACKED_FLOAT32.
+    """
     @_builtins.property
     def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """The vector."""
+        """The vector, unless the request asked for VECTOR_ENCODING_PACKED_FLOAT32."""
 
     def __init__(
         self,
@@ -187,10 +226,11 @@ class Embedding(_message.Message):
         values: _abc.Iterable[_builtins.float] | None = ...,
         num_tokens: _builtins.int = ...,
         truncated: _builtins.bool = ...,
+        packed_values: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "num_tokens", b"num_tokens", "truncated", b"truncated", "values", b"values"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "num_tokens", b"num_tokens", "packed_values", b"packed_values", "truncated", b"truncated", "values", b"values"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
