@@ -13,12 +13,13 @@ from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modelplane.common.errors import ModelplaneError
-from modelplane.gateway import errors
+from modelplane.gateway import errors, schemas
 from modelplane.gateway.auth import KeyRing
 from modelplane.gateway.backends import Backends
+from modelplane.gateway.direct import DirectRoutes
 from modelplane.gateway.limits import Limits, RateLimiter
 from modelplane.gateway.middleware import PUBLIC_PATHS, AccessMiddleware, RequestContextMiddleware
-from modelplane.gateway.routes import api, probes
+from modelplane.gateway.routes import api, embeddings, probes
 from modelplane.gateway.settings import GatewaySettings
 
 log = structlog.get_logger()
@@ -60,7 +61,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(api, prefix="/v1")
     app.include_router(api, include_in_schema=False)
     app.include_router(probes.router)
-    # Added innermost first: a request meets RequestContextMiddleware, then AccessMiddleware.
+    # Added innermost first: a request meets RequestContextMiddleware, then AccessMiddleware, then
+    # DirectRoutes, which serves the hot POST routes without FastAPI's routing.
+    if settings.direct_routes:
+        direct = {"/embeddings": (schemas.EmbeddingsRequest, embeddings.create_embeddings)}
+        app.add_middleware(DirectRoutes, routes=direct, prefixes=("/v1", ""))
     app.add_middleware(
         AccessMiddleware,
         keys=keys,

@@ -64,6 +64,10 @@ class GatewaySettings(BaseSettings):
     0 sends every request as its own call."""
     embed_coalesce_inputs: int = 32
     """Requests of up to this many texts are coalesced; larger ones are sent as they come."""
+    direct_routes: bool = True
+    """Serve POST /v1/embeddings outside FastAPI's routing (gateway/direct.py), which halves the
+    gateway's CPU per request (benchmarks/bench_gateway_overhead.py). The answers are the same
+    either way; false routes it through FastAPI like every other path."""
     max_tokens_limit: int = 8192
     """Largest `max_tokens` a completion request may ask for; larger values are lowered to it (the
     inference service lowers them further to what fits in the model's context)."""
