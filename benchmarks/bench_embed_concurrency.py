@@ -327,6 +327,19 @@ class Results:
         values = [getattr(m, attribute) for m in self.rounds.get((system, workload), [])]
         return statistics.median(values) if values else float("nan")
 
+    @classmethod
+    def from_json(cls, document: dict[str, list[dict]]) -> Results:
+        """The results a run wrote with --json."""
+        results = cls()
+        for key, measurements in document.items():
+            system, workload = key.split("|", 1)
+            for measurement in measurements:
+                results.add(system, workload, Measurement(**measurement))
+        return results
+
+    def systems(self) -> list[str]:
+        return list(dict.fromkeys(system for system, _ in self.rounds))
+
     def spread(self, system: str, workload: str) -> str:
         values = [m.texts_per_second for m in self.rounds.get((system, workload), [])]
         return f"{min(values):.0f}-{max(values):.0f}" if len(values) > 1 else ""
@@ -367,48 +380,75 @@ def print_table(results: Results, systems: list[str], rounds: int) -> None:
             )
 
 
-def print_ratios(results: Results, systems: list[str]) -> None:
-    def ratio(a: tuple[str, str, str], b: tuple[str, str, str]) -> str:
+@dataclass(frozen=True)
+class Target:
+    """One of the issue's targets: a ratio taken within each round."""
+
+    label: str
+    per_round: list[float]
+    goal: float | None  # None: shown for context, no target
+    at_most: bool = False
+
+    def met(self) -> bool | None:
+        if self.goal is None or not self.per_round:
+            return None
+        value = statistics.median(self.per_round)
+        return value <= self.goal if self.at_most else value >= self.goal
+
+    def goal_text(self) -> str:
+        return "" if self.goal is None else f"{'<=' if self.at_most else '>='} {self.goal:g}x"
+
+
+def targets(results: Results, systems: list[str]) -> list[Target]:
+    def per_round(a: tuple[str, str, str], b: tuple[str, str, str]) -> list[float]:
         pairs = zip(results.rounds.get(a[:2], []), results.rounds.get(b[:2], []), strict=False)
-        per_round = [getattr(x, a[2]) / getattr(y, b[2]) for x, y in pairs]
-        if not per_round:
-            return "n/a"
-        return f"{statistics.median(per_round):.2f}x (rounds: {', '.join(f'{r:.2f}' for r in per_round)})"
+        return [getattr(x, a[2]) / getattr(y, b[2]) for x, y in pairs]
 
     single16 = ("batched", "16 x 1 text", "texts_per_second")
-    lines = [
-        (
+    found = [
+        Target(
             "16 single-text clients / batch-32 requests, same stack",
-            ratio(single16, ("batched", f"1 x {BATCH} texts", "texts_per_second")),
-            ">= 0.8x",
+            per_round(single16, ("batched", f"1 x {BATCH} texts", "texts_per_second")),
+            0.8,
         )
     ]
     if "infinity-emb" in systems:
-        lines.append(
-            (
+        found.append(
+            Target(
                 "16 single-text clients / infinity-emb, same load",
-                ratio(single16, ("infinity-emb", "16 x 1 text", "texts_per_second")),
-                ">= 2x",
+                per_round(single16, ("infinity-emb", "16 x 1 text", "texts_per_second")),
+                2.0,
             )
         )
     if "unbatched" in systems:
-        lines.append(
-            (
+        found.append(
+            Target(
                 "p99 at 1 client / the unbatched stack's",
-                ratio(("batched", "1 x 1 text", "p99_ms"), ("unbatched", "1 x 1 text", "p99_ms")),
-                "<= 1.2x",
+                per_round(("batched", "1 x 1 text", "p99_ms"), ("unbatched", "1 x 1 text", "p99_ms")),
+                1.2,
+                at_most=True,
             )
         )
-        lines.append(
-            (
+        found.append(
+            Target(
                 "16 single-text clients / the unbatched stack",
-                ratio(single16, ("unbatched", "16 x 1 text", "texts_per_second")),
-                "",
+                per_round(single16, ("unbatched", "16 x 1 text", "texts_per_second")),
+                None,
             )
         )
+    return found
+
+
+def print_ratios(results: Results, systems: list[str]) -> None:
     print("\ntargets (each ratio taken within a round, then the median over rounds):")
-    for label, value, target in lines:
-        print(f"  {label:<56} {value:<44} {('target ' + target) if target else ''}")
+    for target in targets(results, systems):
+        value = (
+            f"{statistics.median(target.per_round):.2f}x (rounds: {', '.join(f'{r:.2f}' for r in target.per_round)})"
+            if target.per_round
+            else "n/a"
+        )
+        goal = target.goal_text()
+        print(f"  {target.label:<56} {value:<44} {('target ' + goal) if goal else ''}")
 
 
 @contextlib.contextmanager

@@ -1,6 +1,6 @@
 """`make bench`: modelplane against the alternatives a user would pick, side by side, in one run.
 
-    .venv/bin/python -m benchmarks.suite                      # everything, about 15 minutes on 2 cores
+    .venv/bin/python -m benchmarks.suite                      # everything, about 30 minutes on 2 cores
     .venv/bin/python -m benchmarks.suite --only embeddings,overhead
     .venv/bin/python -m benchmarks.suite --quick --no-stack --only fetch,embeddings --out /tmp/b
 
@@ -9,7 +9,8 @@ with its own empty model cache, so first loads are cold), infinity-emb and llama
 server (each in its own environment under ~/.cache/modelplane/bench/, created on first use), and
 the in-process libraries. Workloads: fetch (fetch + verify against the SHA-256 floor), load
 (cold and warm loads per phase, and loading without modelplane), embeddings, chat, overhead,
-preload (benchmarks/bench_preload.py). Writes docs/BENCHMARKS.md, the plots and the raw figures
+preload (benchmarks/bench_preload.py), concurrency (benchmarks/bench_embed_concurrency.py, which
+starts stacks of its own). Writes docs/BENCHMARKS.md, the plots and the raw figures
 (docs/benchmarks/results.json). The GPU workload is benchmarks/gpu/bench_gpu.py, run where a GPU is.
 """
 
@@ -31,10 +32,10 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from benchmarks.suite import chat, embeddings, load, report
+from benchmarks.suite import chat, concurrency, embeddings, load, report
 from benchmarks.suite.context import QUICK, REPO, Context, Sizes, llama_python, pip_versions
 
-WORKLOADS = ("fetch", "load", "embeddings", "chat", "overhead", "preload")
+WORKLOADS = ("fetch", "load", "embeddings", "chat", "overhead", "preload", "concurrency")
 NEEDS_STACK = {"load", "overhead"}
 
 
@@ -152,6 +153,8 @@ def _run(args: argparse.Namespace, ctx: Context, selected: list[str]) -> dict:
             results.setdefault(name, {"status": "failed", "reason": str(error)})
     if "preload" in selected:
         attempt("preload", lambda: _preload(ctx))
+    if "concurrency" in selected:
+        attempt("concurrency", lambda: concurrency.run(ctx, infinity=not args.no_infinity))
     for name in selected:
         results.setdefault(name, {"status": "not run", "reason": "needs the modelplane stack (--no-stack was given)"})
     results["gpu"] = {

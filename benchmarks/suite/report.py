@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from benchmarks.suite import chat, embeddings, load
+from benchmarks.suite import chat, concurrency, embeddings, load
 from benchmarks.suite.measure import fmt, median
 
 REPRODUCE = "make bench"
@@ -163,6 +163,18 @@ def markdown(results: dict, plots: dict[str, str]) -> str:
     if "preload" in plots:
         out += [f"![preload]({plots['preload']})", ""]
 
+    con = _section(w, "concurrency")
+    out += ["## Concurrency (issue 10's workload)", ""]
+    out += [
+        "`benchmarks/bench_embed_concurrency.py`: concurrent single-text clients (1, 4, 16, 64) and one client "
+        "sending batches of 32, through the gateway of modelplane as configured by default (*batched*), of a "
+        "modelplane stack that batches nothing (*unbatched*: no Triton batcher, no coalescing) and of "
+        "infinity-emb, each started by the script, rounds interleaving them.",
+        "",
+        _status_line(con) + (concurrency.render(con) if con["status"] == "ran" else ""),
+        "",
+    ]
+
     gpu = _section(w, "gpu")
     out += [
         "## 5. GPU",
@@ -178,7 +190,7 @@ def markdown(results: dict, plots: dict[str, str]) -> str:
         "",
         "## Reproduce",
         "",
-        "`make bench` (about 15 minutes on 2 cores; the first run on a machine also creates infinity-emb's and "
+        "`make bench` (about 30 minutes on 2 cores; the first run on a machine also creates infinity-emb's and "
         "llama-cpp-python's environments under `~/.cache/modelplane/bench/`). `BENCH_ARGS='--only embeddings,"
         "overhead'` runs a subset; `.venv/bin/python -m benchmarks.suite --help` lists the options. Versions: "
         + ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items())
@@ -204,6 +216,8 @@ def _targets(w: dict) -> list[tuple[str, str, str]]:
                 f"not measured: {reason}",
             )
         )
+    if w.get("concurrency", {}).get("status") == "ran":
+        rows += concurrency.targets(w["concurrency"])
     if w.get("overhead", {}).get("status") == "ran":
         rows.append(embeddings.overhead_target(w["overhead"]))
     if w.get("fetch", {}).get("status") == "ran":

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks.suite import concurrency
 from benchmarks.suite.measure import percentile, ratio_per_round
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,7 +58,8 @@ def test_an_unknown_workload_is_refused_with_the_list_of_workloads(tmp_path: Pat
     run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
     assert run.returncode == 2
     assert (
-        "unknown workload(s) ['embedings']; choose from fetch, load, embeddings, chat, overhead, preload" in run.stderr
+        "unknown workload(s) ['embedings']; choose from fetch, load, embeddings, chat, overhead, preload, concurrency"
+        in run.stderr
     )
     assert not (tmp_path / "BENCHMARKS.md").exists()
 
@@ -69,3 +71,27 @@ def test_percentiles_use_the_nearest_rank_and_ratios_pair_rounds() -> None:
     assert percentile([3.0], 99) == 3.0
     assert math.isnan(percentile([], 50))
     assert ratio_per_round([2.0, 3.0, 4.0], [1.0, 0.0, 2.0]) == [2.0, 2.0]
+
+
+def test_issue_10s_targets_are_read_from_the_concurrency_scripts_figures() -> None:
+    def point(texts_per_second: float, p99_ms: float = 10.0) -> dict:
+        return {"texts_per_second": texts_per_second, "p50_ms": 1.0, "p99_ms": p99_ms, "requests": 100}
+
+    figures = {  # what bench_embed_concurrency.py --json writes: "system|load" → one entry per round
+        "batched|1 x 1 text": [point(180, p99_ms=11.0), point(180, p99_ms=12.0)],
+        "batched|16 x 1 text": [point(400), point(360)],
+        "batched|1 x 32 texts": [point(480), point(500)],
+        "unbatched|1 x 1 text": [point(190, p99_ms=10.0), point(190, p99_ms=10.0)],
+        "unbatched|16 x 1 text": [point(240), point(240)],
+        "infinity-emb|16 x 1 text": [point(140), point(200)],
+    }
+    rows = concurrency.targets({"status": "ran", "output": "", "figures": figures})
+    assert rows == [
+        (
+            "(issue 10) 16 single-text clients / batch-32 requests, same stack >= 0.8x",
+            "0.78× (0.83, 0.72)",
+            "**missed**",
+        ),
+        ("(issue 10) 16 single-text clients / infinity-emb, same load >= 2x", "2.33× (2.86, 1.80)", "met"),
+        ("(issue 10) p99 at 1 client / the unbatched stack's <= 1.2x", "1.15× (1.10, 1.20)", "met"),
+    ]
