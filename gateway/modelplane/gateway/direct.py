@@ -1,16 +1,17 @@
 """The hot POST routes, served without FastAPI's per-request machinery.
 
-Dify sends one text per embedding request and a knowledge-base import sends them by the
-thousand, so the gateway's own cost per request is a large part of what each text costs: at 16
-concurrent single-text clients, FastAPI's routing (it walks its included routers on every
-request), dependency solving and exception middleware were about a third of it
-(docs/BATCHING.md). `DirectRoutes` sits inside the access middleware, so a request it serves has
-been authenticated, rate-limited, given its deadline and logged like any other. For a POST to one
-of its paths whose body is a JSON object that validates against the route's body model, it calls
-the route's FastAPI endpoint itself and answers with the `Response` the endpoint returns;
-everything else — another path or method, a body that is not JSON or not valid — goes on to
-FastAPI, with the body it has read, and gets FastAPI's own handling and error messages. Errors
-the endpoint raises are answered by the application's exception handlers, as FastAPI would.
+Dify sends one text per embedding request and a knowledge-base import sends them by the thousand, so
+the gateway's own cost per request is a large part of what each text costs. FastAPI's routing (it
+walks its included routers on every request), dependency solving and exception middleware were
+almost half of it: 248 against 136 µs of CPU per request at 16 concurrent single-text clients
+(benchmarks/bench_gateway_overhead.py, docs/BATCHING.md section 6). `DirectRoutes` sits inside the
+access middleware, so a request it serves has been authenticated, rate-limited, given its deadline
+and logged like any other. For a POST to one of its paths whose body is a JSON object that validates
+against the route's body model, it calls the route's FastAPI endpoint itself and answers with the
+`Response` the endpoint returns; everything else — another path or method, a body that is not JSON
+or not valid — goes on to FastAPI, with the body it has read, and gets FastAPI's own handling and
+error messages. Errors the endpoint raises are answered by the application's exception handlers, as
+FastAPI would.
 
 A route served here stays declared on its FastAPI router (the OpenAPI document lists it) and must
 take `(body, request)` and return a `Response`.
