@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from concurrent import futures
 
 import grpc
 import pytest
@@ -22,7 +21,7 @@ from modelplane.gateway.routes import chat
 from modelplane.gateway.settings import GatewaySettings
 from modelplane.inference.v1 import inference_service_pb2 as pb
 from modelplane.inference.v1 import inference_service_pb2_grpc as pb_grpc
-from tests.conftest import free_port
+from tests.gateway.scripted import serving
 
 USAGE = usage_pb2.Usage(prompt_tokens=7, completion_tokens=3, total_tokens=10)
 
@@ -58,13 +57,8 @@ class ScriptedInference(pb_grpc.InferenceServiceServicer):
 @pytest.fixture
 def inference() -> Iterator[tuple[ScriptedInference, str]]:
     servicer = ScriptedInference()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
-    address = f"127.0.0.1:{free_port()}"
-    server.add_insecure_port(address)
-    server.start()
-    yield servicer, address
-    server.stop(0)
+    with serving(servicer) as address:
+        yield servicer, address
 
 
 @pytest.fixture

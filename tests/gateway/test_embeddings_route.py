@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterator
-from concurrent import futures
 
 import grpc
 import numpy as np
@@ -24,7 +23,7 @@ from modelplane.gateway.backends import Backends
 from modelplane.gateway.settings import GatewaySettings
 from modelplane.inference.v1 import inference_service_pb2 as pb
 from modelplane.inference.v1 import inference_service_pb2_grpc as pb_grpc
-from tests.conftest import free_port
+from tests.gateway.scripted import serving
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -60,13 +59,8 @@ class ScriptedEmbeddings(pb_grpc.InferenceServiceServicer):
 @pytest.fixture
 def inference() -> Iterator[tuple[ScriptedEmbeddings, str]]:
     servicer = ScriptedEmbeddings()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
-    address = f"127.0.0.1:{free_port()}"
-    server.add_insecure_port(address)
-    server.start()
-    yield servicer, address
-    server.stop(0)
+    with serving(servicer) as address:
+        yield servicer, address
 
 
 def _client(address: str, *, direct_routes: bool) -> TestClient:
