@@ -179,3 +179,24 @@ async def test_the_next_call_goes_out_before_the_finished_calls_callers_resume()
     triton.release.set()
     await asyncio.gather(first, second)
     assert seen_when_resumed[0] == ["a", "b"], "the first caller resumed before the next call was sent"
+
+
+async def test_a_second_call_starts_only_once_it_is_as_big_as_the_one_under_way() -> None:
+    """With two calls allowed, the second goes out while the first runs (queued at the callee,
+    ready when it is free) but no smaller than the first: the calls do not shrink for it."""
+    triton = HeldTriton()
+    calls = EncoderCalls(triton, calls_in_flight=2)  # type: ignore[arg-type]
+    first = asyncio.create_task(calls.run(MODEL, _chunk([1], [1]), request_id="a"))
+    await _settle()
+    assert len(triton.calls) == 1, "with nothing under way a call starts at once"
+    waiting = [asyncio.create_task(calls.run(MODEL, _chunk([2]), request_id="b"))]
+    await _settle()
+    assert len(triton.calls) == 1, "one waiting row is smaller than the two-row call under way"
+    waiting.append(asyncio.create_task(calls.run(MODEL, _chunk([3]), request_id="c")))
+    await _settle()
+    assert len(triton.calls) == 2
+    assert triton.calls[1]["input_ids"].tolist() == [[2], [3]]
+    triton.release.set()
+    assert [(await task).tolist() for task in (first, *waiting)] == [[[1], [1]], [[2]], [[3]]]
+    # Nothing under way again: a lone request is sent at once.
+    assert (await calls.run(MODEL, _chunk([4]), request_id="d")).tolist() == [[4]]

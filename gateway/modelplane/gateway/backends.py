@@ -62,7 +62,7 @@ class Backends:
         registry_address: str,
         timeout_seconds: float,
         *,
-        embed_calls_in_flight: int = 1,
+        embed_calls_in_flight: int = 2,
         embed_coalesce_inputs: int = 32,
     ) -> None:
         self.timeout = timeout_seconds

@@ -56,11 +56,12 @@ class GatewaySettings(BaseSettings):
     sent concurrently and joined in order. Keep it at or below MODELPLANE_INFERENCE_MAX_INPUTS_PER_REQUEST."""
     inference_concurrency: int = 4
     """Calls of one split batch in flight at once."""
-    embed_calls_in_flight: int = 1
+    embed_calls_in_flight: int = 2
     """Most embedding calls per model at a time for small requests (up to `embed_coalesce_inputs`
-    texts). Small requests that arrive while that many are running go to the inference service
-    together in the next call, which saves each its own call's cost (docs/BATCHING.md measures 1
-    against 2). With several inference replicas behind one address, raise it to the replica count;
+    texts). Small requests that arrive while calls are running go to the inference service
+    together, which saves each its own call's cost; a call beside one under way starts only once it
+    is as big as that one, so the inference service has the next call ready when the last returns
+    (docs/BATCHING.md measures 1 against 2). With N inference replicas behind one address, 2 × N;
     0 sends every request as its own call."""
     embed_coalesce_inputs: int = 32
     """Requests of up to this many texts are coalesced; larger ones are sent as they come."""

@@ -5,10 +5,13 @@ request that crosses a process boundary on its own pays that hop's whole cost (a
 log line, the callee's handling), which at 16 concurrent clients was a quarter of the CPU spent
 on each text (docs/BATCHING.md). A `Coalescer` keeps at most `calls_in_flight` calls per key (a
 model) under way. An item that arrives while that many are running waits; when one finishes,
-every waiting item, up to the call's size limit, goes as one call. Nothing is held back while a
-slot is free, so a lone client's latency does not change. Items are never split, each caller gets
-its own result, and a caller that gives up (deadline, disconnect) before its item is sent takes
-the item out of the queue.
+every waiting item, up to the call's size limit, goes as one call. With no call under way nothing
+is held back, so a lone client's latency does not change. A call beside others under way starts
+only once the waiting items make a call as big as the smallest of them (or a full one): it is then
+queued at the callee while the callee works, ready the moment it is free, and the calls do not
+get smaller for it (greedy second calls carried 5.3 requests instead of 8 at 16 clients). Items
+are never split, each caller gets its own result, and a caller that gives up (deadline,
+disconnect) before its item is sent takes the item out of the queue.
 
 The gateway coalesces Embed calls to the inference service, and the inference service coalesces
 encoder calls to Triton, each with its own `send` that joins the items into one call and splits
@@ -72,7 +75,7 @@ class _Waiting(Generic[ItemT, ResultT]):
 @dataclass
 class _KeyCalls(Generic[ItemT, ResultT]):
     waiting: collections.deque[_Waiting[ItemT, ResultT]] = field(default_factory=collections.deque)
-    in_flight: int = 0
+    in_flight: list[int] = field(default_factory=list)  # the size of each call under way
 
 
 class Coalescer(Generic[KeyT, ItemT, ResultT]):
@@ -120,7 +123,9 @@ class Coalescer(Generic[KeyT, ItemT, ResultT]):
         """Starts calls while a slot is free, each with every waiting item that fits; whether it
         started any."""
         started = False
-        while calls.waiting and calls.in_flight < self.calls_in_flight and not self._closed:
+        while calls.waiting and len(calls.in_flight) < self.calls_in_flight and not self._closed:
+            if calls.in_flight and _waiting_size(calls.waiting) < min(min(calls.in_flight), limit):
+                return started  # a call beside one under way waits to be as big as it (see above)
             batch: list[_Waiting[ItemT, ResultT]] = []
             total = 0
             while calls.waiting and (not batch or total + calls.waiting[0].size <= limit):
@@ -131,15 +136,22 @@ class Coalescer(Generic[KeyT, ItemT, ResultT]):
                 total += waiting.size
             if not batch:
                 return started
-            calls.in_flight += 1
+            calls.in_flight.append(total)
             started = True
-            task = asyncio.create_task(self._call(key, calls, batch, limit), name=f"coalesced-call-{self.label(key)}")
+            task = asyncio.create_task(
+                self._call(key, calls, batch, total, limit), name=f"coalesced-call-{self.label(key)}"
+            )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return started
 
     async def _call(
-        self, key: KeyT, calls: _KeyCalls[ItemT, ResultT], batch: list[_Waiting[ItemT, ResultT]], limit: int
+        self,
+        key: KeyT,
+        calls: _KeyCalls[ItemT, ResultT],
+        batch: list[_Waiting[ItemT, ResultT]],
+        size: int,
+        limit: int,
     ) -> None:
         label = self.label(key)
         started = time.monotonic()
@@ -156,7 +168,7 @@ class Coalescer(Generic[KeyT, ItemT, ResultT]):
         except Exception as error:  # noqa: BLE001 - every caller in the call gets its failure
             results = [copy.copy(error) for _ in batch]
         finally:
-            calls.in_flight -= 1
+            calls.in_flight.remove(size)
             sent_next = self._dispatch(key, calls, limit)
         if sent_next:
             # One turn of the loop for the next call to go out before this call's callers wake
@@ -169,3 +181,7 @@ class Coalescer(Generic[KeyT, ItemT, ResultT]):
                 waiting.result.set_exception(result)
             else:
                 waiting.result.set_result(result)
+
+
+def _waiting_size(waiting: collections.deque[_Waiting[ItemT, ResultT]]) -> int:
+    return sum(item.size for item in waiting if not item.result.done())
