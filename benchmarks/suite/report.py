@@ -190,7 +190,7 @@ def markdown(results: dict, plots: dict[str, str]) -> str:
         "",
         "## Reproduce",
         "",
-        "`make bench` (about 30 minutes on 2 cores; the first run on a machine also creates infinity-emb's and "
+        "`make bench` (about 16 minutes on 2 cores; the first run on a machine also creates infinity-emb's and "
         "llama-cpp-python's environments under `~/.cache/modelplane/bench/`). `BENCH_ARGS='--only embeddings,"
         "overhead'` runs a subset; `.venv/bin/python -m benchmarks.suite --help` lists the options. Versions: "
         + ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items())
