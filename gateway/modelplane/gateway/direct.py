@@ -23,13 +23,10 @@ import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
-import structlog
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-log = structlog.get_logger()
 
 Endpoint = Callable[[BaseModel, Request], Awaitable[Response]]
 
