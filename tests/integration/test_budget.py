@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -26,7 +27,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from modelplane.common.errors import Cancelled, DeadlineExceeded, ResourceExhausted
+from modelplane.common.errors import Cancelled, DeadlineExceeded, ModelplaneError, ResourceExhausted
 from modelplane.common.types import DesiredState, ModelSpec, ModelState, Priority, Task
 from modelplane.inference.v1 import inference_service_pb2 as pb
 from modelplane.inference.v1 import inference_service_pb2_grpc as pb_grpc
@@ -299,6 +300,34 @@ async def test_cancel_load_leaves_the_model_as_its_files_allow(tight: RunningSta
     assert model.state in (ModelState.REGISTERED, ModelState.STAGED)
     assert model.desired_state == DesiredState.UNLOADED
     assert "enc-7" not in await triton_ready(tight)
+
+
+async def test_a_caller_that_joins_a_superseded_load_gets_the_new_version_loaded(
+    tight: RunningStack, minilm_path: Path, tmp_path: Path
+) -> None:
+    """`modelplane up` from a checkout at another path registers the bundled model anew (a new
+    version) while reconciliation is still loading the old one; its load request must end with
+    the new version loaded, not with the old load's stale transition."""
+    first = save_tiny_bert(tmp_path / "here", minilm_path, seed=21)  # new weights: a cold conversion
+    moved = tmp_path / "moved"
+    shutil.copytree(first, moved)
+    await register(tight, "enc-moved", first)
+    async with LoaderClient(tight.loader) as loader:
+        old = asyncio.create_task(loader.ensure_loaded("enc-moved", reason="test", timeout_seconds=300))
+        # Converting, which takes seconds: the old load is still running when the caller below joins it.
+        await until(lambda: model_state(tight, "enc-moved"), lambda state: state == ModelState.CONVERTING, 60)
+        await register(tight, "enc-moved", moved)
+        loaded = await loader.ensure_loaded("enc-moved", reason="test", timeout_seconds=300)
+        with pytest.raises(ModelplaneError) as superseded:
+            await old
+    assert superseded.value.reason == "STALE_TRANSITION"
+    assert (loaded.version, loaded.state) == (2, ModelState.READY)
+    assert loaded.spec.source_uri == str(moved)
+    assert embed(tight, "enc-moved").status_code == 200
+    await unload_all(tight)
+    async with LoaderClient(tight.loader) as loader:
+        [cpu] = (await loader.budget()).devices
+    assert (cpu.used_bytes, [h.model_name for h in cpu.holders]) == (0, [])  # the superseded load holds nothing
 
 
 async def test_a_load_past_its_timeout_is_undone_and_failed(tight: RunningStack, encoders: dict[str, Path]) -> None:

@@ -34,6 +34,7 @@ from modelplane.loader.triton_control import TritonControl
 from modelplane.loader.triton_repo import ModelRepository
 from modelplane.loader.types import LoadUpdate
 from modelplane.registry.client import RegistryClient
+from modelplane.registry.errors import StaleTransition
 from modelplane.registry.watch import ChangeType
 
 log = structlog.get_logger()
@@ -58,9 +59,10 @@ class ReconcileResult:
 class LoadJob:
     """A load in flight. Every caller asking for the same model follows this one job."""
 
-    def __init__(self, name: str, reason: str) -> None:
+    def __init__(self, name: str, reason: str, version: int) -> None:
         self.name = name
         self.reason = reason
+        self.version = version  # the model version the load started with
         self.task: asyncio.Task[Model] | None = None
         self.last = LoadProgress(phase=ModelState.REGISTERED, message="waiting for a load slot")
         self._followers: set[asyncio.Queue[object]] = set()
@@ -135,11 +137,22 @@ class LoaderHandler:
         if resident and model.state == ModelState.READY and not refresh and await self.triton.is_ready(name):
             yield LoadUpdate(LoadProgress(phase=ModelState.READY, message="already loaded"), done=True, model=model)
             return
-        job = self._start_job(model, timeout_seconds or self.settings.load_timeout_seconds, refresh, reason, request_id)
-        async for progress in job.follow():
-            yield LoadUpdate(progress)
-        assert job.task is not None
-        loaded = await asyncio.shield(job.task)
+        timeout = timeout_seconds or self.settings.load_timeout_seconds
+        job = self._start_job(model, timeout, refresh, reason, request_id)
+        while True:
+            async for progress in job.follow():
+                yield LoadUpdate(progress)
+            assert job.task is not None
+            try:
+                loaded = await asyncio.shield(job.task)
+                break
+            except ModelplaneError as error:
+                if error.reason != StaleTransition.reason or job.version >= model.version:
+                    raise
+                # The load this caller joined was of an older version, superseded by the one it read
+                # (registered while a reconciliation or preload loaded the old one): load that one.
+                log.info("load superseded; loading the new version", model=name, version=model.version)
+                job = self._start_job(model, timeout, refresh, reason, request_id)
         yield LoadUpdate(
             LoadProgress(phase=loaded.state, message=loaded.status.reason),
             done=True,
@@ -151,7 +164,7 @@ class LoaderHandler:
         job = self.jobs.get(model.name)
         if job is not None:
             return job
-        job = LoadJob(model.name, reason)
+        job = LoadJob(model.name, reason, model.version)
         self.jobs[model.name] = job
         job.task = asyncio.create_task(self._run_job(job, model, timeout, refresh, request_id))
         job.task.add_done_callback(lambda _: self._end_job(job))
