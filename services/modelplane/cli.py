@@ -176,6 +176,8 @@ def models_ls(registry: RegistryOption = "", loader: LoaderOption = "") -> None:
                     f"budget {d.device}: {_size(d.used_bytes)} used of {_size(d.capacity_bytes)} "
                     f"({_size(free)} free; device {_size(d.total_bytes)})"
                 )
+                if d.shared_bytes:
+                    line += f"; {_size(d.shared_bytes)} of it the runtime the models share"
                 if d.claimed_bytes:
                     line += f"; {_size(d.claimed_bytes)} claimed by waiting loads"
                 out.print(line)

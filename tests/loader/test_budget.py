@@ -84,3 +84,24 @@ def test_gpu_models_need_room_on_every_gpu_they_occupy() -> None:
     b.hold(Holder("big", 10 * 1024 * MIB, Priority.NORMAL, ("gpu:0", "gpu:1"), ModelState.READY, last_used=0))
     plan = b.plan("other", 6 * 1024 * MIB, Priority.NORMAL, ["gpu:0", "gpu:1"])
     assert [v.name for v in plan.victims] == ["big"]
+
+
+def test_the_shared_runtime_is_counted_once_and_only_while_a_model_holds_the_device(budget: MemoryBudget) -> None:
+    budget.set_shared("cpu", 200 * MIB)
+    assert budget.used("cpu") == 0  # nothing loaded: the runtime's pages are not held
+    # A first model brings the runtime along: 700 + 200 of 1000 fit, 900 + 200 do not.
+    assert budget.fits_physically(700 * MIB, ["cpu"])
+    assert not budget.fits_physically(900 * MIB, ["cpu"])
+    budget.hold(holder("a", 300, used=1.0))
+    budget.hold(holder("b", 300, used=2.0))
+    assert budget.used("cpu") == budget.committed("cpu") == 800 * MIB  # 300 + 300 + 200 once
+    # A third of 300 needs only its own bytes (deficit 100): one eviction, not two.
+    assert [v.name for v in budget.plan("c", 300 * MIB, Priority.NORMAL, ["cpu"]).victims] == ["a"]
+    budget.set_device("cpu", 1100 * MIB, 1000 * MIB)  # devices refreshed: the measurement stays
+    assert budget.shared("cpu") == 200 * MIB
+
+
+def test_a_model_that_fits_only_without_the_shared_runtime_is_refused(budget: MemoryBudget) -> None:
+    budget.set_shared("cpu", 200 * MIB)
+    with pytest.raises(BudgetExceeded, match="needs 900 MiB but the whole budget"):
+        budget.plan("big", 900 * MIB, Priority.NORMAL, ["cpu"])

@@ -9,6 +9,10 @@ loading, unloading and waiting. Two views of a device:
 - **physical**: loading, loaded *and unloading* models. A load starts only when its bytes fit
   here, i.e. once the memory it claimed is actually free.
 
+Both views add the device's shared runtime (the backend's shared libraries, which every model
+maps: see footprint.py) once while any model holds the device, and a load onto an empty device
+brings it along.
+
 Eviction order: never a pinned model, never a model of a higher class than the load; the lowest
 class first (low, normal, high), the least recently used first within a class.
 """
@@ -58,6 +62,7 @@ class Device:
     name: str
     total_bytes: int
     capacity_bytes: int
+    shared_bytes: int = 0  # the runtime every model on the device shares, counted once
 
 
 @dataclass(frozen=True)
@@ -97,19 +102,33 @@ class MemoryBudget:
     # Devices --------------------------------------------------------------------------------
 
     def set_device(self, name: str, total_bytes: int, capacity_bytes: int) -> None:
-        self.devices[name] = Device(name, total_bytes, capacity_bytes)
+        shared = self.devices[name].shared_bytes if name in self.devices else 0
+        self.devices[name] = Device(name, total_bytes, capacity_bytes, shared)
+
+    def set_shared(self, device: str, nbytes: int) -> None:
+        """The shared runtime's bytes on a device, as last measured."""
+        if device in self.devices:
+            self.devices[device].shared_bytes = nbytes
 
     def _on(self, device: str, items: Iterable[Holder | Claim]) -> list[Holder | Claim]:
         return [item for item in items if device in item.devices]
 
-    def used(self, device: str) -> int:
-        """Physical view: every holder, unloading ones included."""
-        return sum(h.bytes for h in self._on(device, self.holders.values()))
+    def shared(self, device: str, *, adding: bool = False) -> int:
+        """The shared runtime, counted while any model holds or claims the device, or when
+        `adding` one."""
+        occupied = adding or bool(self._on(device, [*self.holders.values(), *self.claims.values()]))
+        return self.devices[device].shared_bytes if occupied else 0
 
-    def committed(self, device: str) -> int:
-        """Committed view: holders not being unloaded, plus waiting claims."""
+    def used(self, device: str, *, adding: bool = False) -> int:
+        """Physical view: every holder, unloading ones included, and the shared runtime."""
+        holding = sum(h.bytes for h in self._on(device, self.holders.values()))
+        return holding + self.shared(device, adding=adding)
+
+    def committed(self, device: str, *, adding: bool = False) -> int:
+        """Committed view: holders not being unloaded, plus waiting claims, and the shared runtime."""
         holding = sum(h.bytes for h in self._on(device, self.holders.values()) if h.state != ModelState.UNLOADING)
-        return holding + sum(c.bytes for c in self._on(device, self.claims.values()))
+        claimed = sum(c.bytes for c in self._on(device, self.claims.values()))
+        return holding + claimed + self.shared(device, adding=adding)
 
     def claimed(self, device: str) -> int:
         return sum(c.bytes for c in self._on(device, self.claims.values()))
@@ -118,7 +137,7 @@ class MemoryBudget:
         return self.devices[device].capacity_bytes - self.used(device)
 
     def fits_physically(self, nbytes: int, devices: Sequence[str]) -> bool:
-        return all(self.used(d) + nbytes <= self.devices[d].capacity_bytes for d in devices)
+        return all(self.used(d, adding=True) + nbytes <= self.devices[d].capacity_bytes for d in devices)
 
     # Planning -------------------------------------------------------------------------------
 
@@ -138,7 +157,7 @@ class MemoryBudget:
         BudgetExceeded, naming what holds the memory, when no eviction can make room."""
         for device in devices:
             capacity = self.devices[device].capacity_bytes
-            if nbytes > capacity:
+            if nbytes + self.devices[device].shared_bytes > capacity:
                 total = self.devices[device].total_bytes
                 raise BudgetExceeded(
                     f"Model '{name}' needs {mib(nbytes)} but the whole budget of device {device} is "
@@ -147,7 +166,7 @@ class MemoryBudget:
                     "memory_estimate_bytes if the estimate is wrong.",
                     metadata={"model": name, "needed_bytes": str(nbytes), "capacity_bytes": str(capacity)},
                 )
-        deficit = {d: self.committed(d) + nbytes - self.devices[d].capacity_bytes for d in devices}
+        deficit = {d: self.committed(d, adding=True) + nbytes - self.devices[d].capacity_bytes for d in devices}
         if all(v <= 0 for v in deficit.values()):
             return Plan(victims=[])
         evictable = [
@@ -182,7 +201,7 @@ class MemoryBudget:
 
     def refusal(self, name: str, nbytes: int, priority: Priority, devices: Sequence[str]) -> BudgetExceeded:
         """The error for a load that cannot fit without evicting models it may not evict."""
-        device = max(devices, key=lambda d: self.committed(d) + nbytes - self.devices[d].capacity_bytes)
+        device = max(devices, key=lambda d: self.committed(d, adding=True) + nbytes - self.devices[d].capacity_bytes)
         capacity = self.devices[device].capacity_bytes
         free = max(0, capacity - self.committed(device))
         holders = sorted(self._on(device, self.holders.values()), key=lambda h: (int(effective(h.priority)), -h.bytes))

@@ -56,6 +56,7 @@ class DeviceReport:
     total_bytes: int
     capacity_bytes: int
     used_bytes: int
+    shared_bytes: int
     claimed_bytes: int
     observed_used_bytes: int
     holders: list[HolderReport] = field(default_factory=list)
@@ -87,6 +88,7 @@ class MemoryManager:
             settings.preload_protect_seconds,
         )
         self.waiting = 0
+        self._runtime_measured = False  # the shared runtime's bytes, measured once a stub runs
         # Set by the handler, which runs every load and unload.
         self.start_unload: StartUnload = lambda name, reason, detail: None
         self.start_preload: StartPreload = lambda name: None
@@ -99,6 +101,8 @@ class MemoryManager:
         self.observed[HOST] = host
         total = self.settings.host_memory_bytes or host.total_bytes
         self.budget.set_device(HOST, total, int(total * margin))
+        if self.processes is not None and not self._runtime_measured:
+            self.budget.set_shared(HOST, self.settings.estimate_runtime_bytes)
         for gpu in await self.gpus.read() if self.gpus else []:
             self.observed[gpu.device] = gpu
             total = self.settings.gpu_memory_bytes or gpu.total_bytes
@@ -234,14 +238,27 @@ class MemoryManager:
     async def measure(self, holder: Holder, model: Model) -> int:
         """The footprint of a model just loaded; refuses it when over its quota. 0 when the
         model's processes are not visible (an external Triton): the estimate stays."""
-        measured = (await self.processes.resident_bytes()).get(model.name) if self.processes else None
+        if self.processes is None:
+            return 0
+        resident = await self.processes.measure()
+        measured = resident.own.get(model.name)
         if measured is None:
             return 0
         async with self.changed:
             holder.bytes, holder.measured = measured, True
+            self._note_shared(resident.shared_bytes)
             self.changed.notify_all()
         self._check_quota(holder)
         return measured
+
+    def _note_shared(self, nbytes: int) -> None:
+        """The backend runtime's shared pages on the host: the first measurement replaces the
+        estimate; then they stay counted (once) at their largest, since models touch different
+        pages of the libraries and a load onto an emptied device brings them back."""
+        if HOST in self.budget.devices and nbytes:
+            known = self.budget.devices[HOST].shared_bytes if self._runtime_measured else 0
+            self.budget.set_shared(HOST, max(nbytes, known))
+            self._runtime_measured = True
 
     def _check_quota(self, holder: Holder) -> None:
         if holder.quota_bytes and holder.bytes > holder.quota_bytes:
@@ -338,9 +355,11 @@ class MemoryManager:
     async def _remeasure(self) -> None:
         if self.processes is None:
             return
-        resident = await self.processes.resident_bytes()
+        resident = await self.processes.measure()
+        if resident.own:
+            self._note_shared(resident.shared_bytes)
         for holder in [h for h in self.budget.holders.values() if h.state == ModelState.READY]:
-            measured = resident.get(holder.name)
+            measured = resident.own.get(holder.name)
             if measured is None:
                 continue
             holder.bytes, holder.measured = measured, True
@@ -425,6 +444,7 @@ class MemoryManager:
             metrics.BUDGET_BYTES.labels(name, "used").set(used)
             metrics.BUDGET_BYTES.labels(name, "free").set(max(0, device.capacity_bytes - used))
             metrics.BUDGET_BYTES.labels(name, "claimed").set(self.budget.claimed(name))
+            metrics.BUDGET_BYTES.labels(name, "shared").set(self.budget.shared(name))
 
     def report(self) -> list[DeviceReport]:
         now = self.clock()
@@ -444,6 +464,7 @@ class MemoryManager:
                     total_bytes=device.total_bytes,
                     capacity_bytes=device.capacity_bytes,
                     used_bytes=self.budget.used(name),
+                    shared_bytes=self.budget.shared(name),
                     claimed_bytes=self.budget.claimed(name),
                     observed_used_bytes=observed.used_bytes if observed else 0,
                     holders=holders,

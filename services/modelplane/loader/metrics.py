@@ -38,7 +38,8 @@ CACHE_LOOKUPS = Counter(
 BUDGET_BYTES = Gauge(
     "modelplane_loader_budget_bytes",
     "Memory budget per device: capacity (after the safety margin), used (loaded, loading and unloading "
-    "models), free, and claimed (by loads waiting for memory).",
+    "models, and the runtime they share), free, claimed (by loads waiting for memory), and shared (the backend "
+    "runtime's shared libraries, which every model maps and the budget counts once).",
     ["device", "kind"],
 )
 MODEL_FOOTPRINT_BYTES = Gauge(

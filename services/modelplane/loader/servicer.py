@@ -63,6 +63,7 @@ def _device_to_proto(device: DeviceReport) -> pb.DeviceBudget:
         device=device.device,
         capacity_bytes=device.capacity_bytes,
         used_bytes=device.used_bytes,
+        shared_bytes=device.shared_bytes,
         total_bytes=device.total_bytes,
         claimed_bytes=device.claimed_bytes,
         observed_used_bytes=device.observed_used_bytes,

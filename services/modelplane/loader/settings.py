@@ -134,9 +134,14 @@ class LoaderSettings(ServerSettings):
     eviction_grace_seconds: float = 1.0
     """Time between marking a model UNLOADING (the inference service stops routing to it) and
     unloading it from Triton, so requests already on their way are served."""
-    estimate_overhead_bytes: int = 40 * 2**20
-    """Memory a model's backend process needs besides its weights (interpreter, runtime); part of
-    the estimate before a model's first load."""
+    estimate_overhead_bytes: int = 32 * 2**20
+    """Memory a model's backend process holds of its own besides its weights (the interpreter's
+    heap, the runtime's state; 28 MiB measured for an ONNX encoder); part of the estimate before
+    a model's first load."""
+    estimate_runtime_bytes: int = 32 * 2**20
+    """Memory of the backend runtime's shared libraries (libpython, onnxruntime: 23-29 MiB
+    measured), which every model's process maps and the budget counts once per device; counted
+    at this estimate until the first load on the embedded Triton measures it."""
     idle_ttl_seconds: float = 1800.0
     """A loaded model not used for this long is unloaded even without memory pressure, unless its
     spec sets its own idle TTL or it is pinned; 0 means never."""

@@ -274,12 +274,15 @@ class DeviceBudget(_message.Message):
     TOTAL_BYTES_FIELD_NUMBER: _builtins.int
     CLAIMED_BYTES_FIELD_NUMBER: _builtins.int
     OBSERVED_USED_BYTES_FIELD_NUMBER: _builtins.int
+    SHARED_BYTES_FIELD_NUMBER: _builtins.int
     device: _builtins.str
     """"cpu" for host memory, "gpu:<index>" for a GPU."""
     capacity_bytes: _builtins.int
     """Bytes models may use on this device, after the safety margin."""
     used_bytes: _builtins.int
-    """Bytes held by loaded, loading and unloading models."""
+    """Bytes held by loaded, loading and unloading models, and by the runtime
+    they share (shared_bytes).
+    """
     total_bytes: _builtins.int
     """Memory of the device as it reports it, before the safety margin."""
     claimed_bytes: _builtins.int
@@ -289,6 +292,11 @@ class DeviceBudget(_message.Message):
     observed_used_bytes: _builtins.int
     """Bytes in use on the device as the device itself reports it (models and
     everything else), when it can be read; 0 when unknown.
+    """
+    shared_bytes: _builtins.int
+    """Bytes of the backend runtime every model on the device maps (its shared
+    libraries), counted once while any model holds the device; included in
+    used_bytes. 0 where they cannot be measured (an external Triton).
     """
     @_builtins.property
     def holders(self) -> _containers.RepeatedCompositeFieldContainer[Global___BudgetHolder]:
@@ -304,10 +312,11 @@ class DeviceBudget(_message.Message):
         total_bytes: _builtins.int = ...,
         claimed_bytes: _builtins.int = ...,
         observed_used_bytes: _builtins.int = ...,
+        shared_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity_bytes", b"capacity_bytes", "claimed_bytes", b"claimed_bytes", "device", b"device", "holders", b"holders", "observed_used_bytes", b"observed_used_bytes", "total_bytes", b"total_bytes", "used_bytes", b"used_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity_bytes", b"capacity_bytes", "claimed_bytes", b"claimed_bytes", "device", b"device", "holders", b"holders", "observed_used_bytes", b"observed_used_bytes", "shared_bytes", b"shared_bytes", "total_bytes", b"total_bytes", "used_bytes", b"used_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
