@@ -77,6 +77,9 @@ def is_runtime_library(path: str) -> bool:
     return name.endswith(".so") or ".so." in name or name == STUB_PROCESS
 
 
+_MAPPING = re.compile(r"^[0-9a-f]+-[0-9a-f]+ ")
+
+
 def parse_smaps(text: str) -> tuple[int, int]:
     """(own, shared) bytes from a /proc/<pid>/smaps: the proportional set size of every mapping,
     the shared libraries' file pages counted as shared, and everything else (anonymous memory, the
@@ -99,9 +102,6 @@ def parse_smaps(text: str) -> tuple[int, int]:
             shared -= copied
             own += copied
     return own, shared
-
-
-_MAPPING = re.compile(r"^[0-9a-f]+-[0-9a-f]+ ")
 
 
 def _split(stub: psutil.Process) -> tuple[int, int]:

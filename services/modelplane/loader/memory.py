@@ -356,8 +356,7 @@ class MemoryManager:
         if self.processes is None:
             return
         resident = await self.processes.measure()
-        if resident.own:
-            self._note_shared(resident.shared_bytes)
+        self._note_shared(resident.shared_bytes)
         for holder in [h for h in self.budget.holders.values() if h.state == ModelState.READY]:
             measured = resident.own.get(holder.name)
             if measured is None:
