@@ -47,7 +47,9 @@ CMAKE_ARGS_FULL="$FLAVOUR_ARGS -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_BLAS=OFF 
 # the file name says nothing about the Python, the C library it was linked against, or how it
 # was compiled. The cache folder name carries what does matter: flavour, CMake arguments, glibc.
 ARCH="$(uname -m)"
-GLIBC="$(ldd --version 2>/dev/null | head -1 | awk '{print $NF}')"
+# getconf, not `ldd --version | head -1`: under pipefail that pipe dies of SIGPIPE about one run in
+# two (ldd writes in pieces, head closes early), and the script then ends without a word.
+GLIBC="$(getconf GNU_LIBC_VERSION | awk '{print $2}')"
 ARGS_HASH="$(printf '%s' "$CMAKE_ARGS_FULL" | sha256sum | cut -c1-12)"
 DEST="$CACHE_ROOT/llama-cpp-python/$FLAVOUR-$ARGS_HASH-glibc$GLIBC-$ARCH"
 mkdir -p "$DEST"
