@@ -118,3 +118,31 @@ async def test_watchers_resync_when_the_listen_connection_drops(
         await writer_side.register(ModelSpec(name="after", task=Task.EMBEDDING, source_uri="/m/after"))
         change = await asyncio.wait_for(anext(stream), timeout=10)
         assert (change.change_type, change.model.name) == (ChangeType.REGISTERED, "after")
+
+
+async def test_registrations_through_both_replicas_at_once_number_versions_without_gaps_or_doubles(
+    replicas: tuple[RegistryService, RegistryService],
+) -> None:
+    first, second = replicas
+    async with (
+        RegistryClient(f"127.0.0.1:{first.port}") as one,
+        RegistryClient(f"127.0.0.1:{second.port}") as other,
+    ):
+        # 16 new packages of one model, and one new model registered twice with the same package,
+        # all at the same moment, half through each replica.
+        clients = [one, other] * 8
+        results = await asyncio.gather(
+            *(
+                client.register(ModelSpec(name="busy", task=Task.EMBEDDING, source_uri=f"/m/busy-{index}"))
+                for index, client in enumerate(clients)
+            ),
+            one.register(ModelSpec(name="fresh", task=Task.EMBEDDING, source_uri="/m/fresh")),
+            other.register(ModelSpec(name="fresh", task=Task.EMBEDDING, source_uri="/m/fresh")),
+        )
+        busy, fresh = results[:16], results[16:]
+        assert sorted(model.version for model, created in busy if created) == list(range(1, 17))
+        assert (await other.get_model("busy")).version == 16
+        events = await one.events("busy")
+        assert sorted(e.version for e in events) == list(range(1, 17))
+        assert sorted(created for _, created in fresh) == [False, True]
+        assert {model.version for model, _ in fresh} == {1}

@@ -157,35 +157,38 @@ class RegistryHandler:
 
     async def register(self, spec: ModelSpec, *, load: bool, request_id: str = "") -> tuple[Model, bool]:
         spec = validate_spec(spec)
-        existing = await self.store.get_model(spec.name)
-        desired = DesiredState.LOADED if load else (existing.desired_state if existing else DesiredState.UNLOADED)
-        if existing and _identity(existing.spec) == _identity(spec):
-            # The same package again: keep its version and state, take the new mutable fields.
-            updated = existing.model_copy(update={"spec": spec, "desired_state": desired or DesiredState.UNLOADED})
-            if updated != existing:
-                updated, _ = await self.store.put_model(
-                    updated, new_version=False, event=None, change=ChangeType.UPDATED
-                )
-            return updated, False
-        version = existing.version + 1 if existing else 1
-        model = Model(
-            spec=spec,
-            version=version,
-            desired_state=desired,
-            status=ModelStatus(state=ModelState.REGISTERED, update_time=datetime.now(UTC)),
-            create_time=existing.create_time if existing else None,
-        )
-        event = ModelEvent(
-            model_name=spec.name,
-            version=version,
-            from_state=existing.state if existing else ModelState.UNSPECIFIED,
-            to_state=ModelState.REGISTERED,
-            message=f"registered version {version} from {redact_uri(spec.source_uri)}",
-            request_id=request_id,
-        )
-        model, event = await self.store.put_model(model, new_version=True, event=event, change=ChangeType.REGISTERED)
-        log.info("model registered", model=spec.name, version=version)
-        return model, True
+        now = datetime.now(UTC)
+
+        def decide(existing: Model | None) -> tuple[Model, bool, ModelEvent | None, ChangeType] | None:
+            # Runs inside the store's transaction, serialised per name across replicas: the version
+            # read here is the one the new version follows, whoever registers at the same time.
+            desired = DesiredState.LOADED if load else (existing.desired_state if existing else DesiredState.UNLOADED)
+            if existing and _identity(existing.spec) == _identity(spec):
+                # The same package again: keep its version and state, take the new mutable fields.
+                updated = existing.model_copy(update={"spec": spec, "desired_state": desired or DesiredState.UNLOADED})
+                return None if updated == existing else (updated, False, None, ChangeType.UPDATED)
+            version = existing.version + 1 if existing else 1
+            model = Model(
+                spec=spec,
+                version=version,
+                desired_state=desired,
+                status=ModelStatus(state=ModelState.REGISTERED, update_time=now),
+            )
+            event = ModelEvent(
+                model_name=spec.name,
+                version=version,
+                from_state=existing.state if existing else ModelState.UNSPECIFIED,
+                to_state=ModelState.REGISTERED,
+                message=f"registered version {version} from {redact_uri(spec.source_uri)}",
+                request_id=request_id,
+            )
+            return model, True, event, ChangeType.REGISTERED
+
+        model, event, written = await self.store.register_model(spec.name, decide)
+        created = event is not None
+        if created:
+            log.info("model registered", model=spec.name, version=model.version)
+        return model, created and written
 
     async def update(self, spec: ModelSpec, fields: Sequence[str]) -> Model:
         unknown = set(fields) - MUTABLE_SPEC_FIELDS

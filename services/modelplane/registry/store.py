@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -53,6 +54,9 @@ _PRUNE_INTERVAL_SECONDS = 60.0
 Mutation = Callable[[Model | None], Model]
 # Makes the event that records a change, from the model before and after it.
 Describe = Callable[[Model, Model], ModelEvent | None]
+# Decides a registration from the model as it is (None when new): the model to store, whether it
+# is a new version, its event and the change to announce; or None to leave the model as it is.
+Registration = Callable[[Model | None], tuple[Model, bool, ModelEvent | None, ChangeType] | None]
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -104,6 +108,11 @@ def _event_from_row(row: sa.Row) -> ModelEvent:
         request_id=row.request_id,
         create_time=_utc(row.create_time),
     )
+
+
+def _lock_key(namespace: str, key: str) -> int:
+    """A signed 64-bit advisory lock key for one name (PostgreSQL's pg_advisory_xact_lock)."""
+    return int.from_bytes(hashlib.sha256(f"{namespace}:{key}".encode()).digest()[:8], "big", signed=True)
 
 
 class RegistryStore:
@@ -166,6 +175,13 @@ class RegistryStore:
                 for change in write.changes:
                     self.changes.publish(change)
 
+    async def lock(self, connection: AsyncConnection, namespace: str, key: str) -> None:
+        """Serialises transactions over one name until this one ends, even while no row exists for
+        it yet (a first registration): PostgreSQL's transaction-level advisory lock. SQLite's
+        writes are serialised already."""
+        if self.postgres:
+            await connection.execute(sa.select(sa.func.pg_advisory_xact_lock(_lock_key(namespace, key))))
+
     async def _announce(self, connection: AsyncConnection, change: ModelChange) -> None:
         """Records a change and NOTIFYs its id inside the writing transaction: PostgreSQL delivers
         the notification to every replica when, and only if, the transaction commits."""
@@ -215,45 +231,49 @@ class RegistryStore:
             rows = (await connection.execute(query)).all()
         return [_model_from_row(row) for row in rows]
 
-    async def put_model(
-        self, model: Model, *, new_version: bool, event: ModelEvent | None, change: ChangeType
-    ) -> tuple[Model, ModelEvent | None]:
-        """Inserts or replaces a model row, records its version when new, and its event, and
-        announces it to watchers as `change`."""
-        now = datetime.now(UTC)
-        values = {
-            "version": model.version,
-            "task": int(model.spec.task),
-            "state": int(model.status.state),
-            "desired_state": int(model.desired_state),
-            "spec_json": model.spec.model_dump_json(),
-            "status_json": model.status.model_dump_json(),
-            "update_time": now,
-        }
+    async def register_model(self, name: str, decide: Registration) -> tuple[Model, ModelEvent | None, bool]:
+        """Reads a model and applies `decide` to it, and writes what it decides (the model, its
+        version row, its event) in one transaction, serialised per name across every replica, so
+        two registrations never both take the same version number. Returns the model as stored,
+        its event, and whether anything was written."""
         async with self._write() as write:
             connection = write.connection
-            exists = (
-                await connection.execute(
-                    sa.select(schema.models.c.name).where(schema.models.c.name == model.name).with_for_update()
-                )
+            await self.lock(connection, "model", name)
+            row = (
+                await connection.execute(sa.select(schema.models).where(schema.models.c.name == name).with_for_update())
             ).first()
-            if exists:
-                await connection.execute(
-                    sa.update(schema.models).where(schema.models.c.name == model.name).values(**values)
-                )
+            current = _model_from_row(row) if row else None
+            decision = decide(current)
+            if decision is None:
+                assert current is not None
+                return current, None, False
+            model, new_version, event, change = decision
+            now = datetime.now(UTC)
+            values = {
+                "version": model.version,
+                "task": int(model.spec.task),
+                "state": int(model.status.state),
+                "desired_state": int(model.desired_state),
+                "spec_json": model.spec.model_dump_json(),
+                "status_json": model.status.model_dump_json(),
+                "update_time": now,
+            }
+            if current is not None:
+                model = model.model_copy(update={"create_time": current.create_time})
+                await connection.execute(sa.update(schema.models).where(schema.models.c.name == name).values(**values))
             else:
                 model = model.model_copy(update={"create_time": now})
-                await connection.execute(sa.insert(schema.models).values(name=model.name, create_time=now, **values))
+                await connection.execute(sa.insert(schema.models).values(name=name, create_time=now, **values))
             if new_version:
                 await connection.execute(
                     sa.insert(schema.model_versions).values(
-                        model_name=model.name, version=model.version, spec_json=values["spec_json"], create_time=now
+                        model_name=name, version=model.version, spec_json=values["spec_json"], create_time=now
                     )
                 )
             if event is not None:
                 event = await self._insert_event(connection, event, now)
             write.changes.append(ModelChange(change, model, event))
-        return model, event
+        return model, event, True
 
     async def transition(
         self,
