@@ -234,7 +234,7 @@ async def test_the_placer_places_and_generations_grow_only_when_it_asks_again(
         "placed on node node-0 (version 1, generation 1): spread",
         "asked node node-0 again (version 1, generation 2): spread",
         "asked node node-0 again (version 2, generation 3): spread",
-        "removed from node node-0 by the placer",
+        "removed from node node-0: the placer removed it",
     ]
 
 

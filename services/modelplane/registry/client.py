@@ -117,14 +117,7 @@ class RegistryClient:
             begins_operation=begins_operation,
             request_id=request_id,
         )
-        if progress is not None:
-            request.progress.CopyFrom(to_proto(progress, model_pb2.LoadProgress))
-        if manifest is not None:
-            request.manifest.CopyFrom(to_proto(manifest, model_pb2.PackageManifest))
-        if profile is not None:
-            request.profile.CopyFrom(to_proto(profile, model_pb2.ServingProfile))
-        if assets:
-            request.assets.extend(to_proto(a, model_pb2.ModelAsset) for a in assets)
+        _add_load_facts(request, progress, manifest, profile, assets)
         response = await self._call("TransitionModel", request)
         return from_proto(response.model, Model)
 
@@ -300,18 +293,29 @@ class RegistryClient:
             begins_operation=begins_operation,
             request_id=request_id,
         )
-        if progress is not None:
-            request.progress.CopyFrom(to_proto(progress, model_pb2.LoadProgress))
         if last_used_time is not None:
             request.last_used_time.FromDatetime(last_used_time)
-        if manifest is not None:
-            request.manifest.CopyFrom(to_proto(manifest, model_pb2.PackageManifest))
-        if profile is not None:
-            request.profile.CopyFrom(to_proto(profile, model_pb2.ServingProfile))
-        if assets:
-            request.assets.extend(to_proto(a, model_pb2.ModelAsset) for a in assets)
+        _add_load_facts(request, progress, manifest, profile, assets)
         response = await self._call("TransitionPlacement", request)
         return from_proto(response.placement, Placement), from_proto(response.model, Model)
+
+
+def _add_load_facts(
+    request: pb.TransitionModelRequest | pb.TransitionPlacementRequest,
+    progress: LoadProgress | None,
+    manifest: PackageManifest | None,
+    profile: ServingProfile | None,
+    assets: Sequence[ModelAsset] | None,
+) -> None:
+    """Sets what a transition reports of a load (both transition requests carry the same fields)."""
+    if progress is not None:
+        request.progress.CopyFrom(to_proto(progress, model_pb2.LoadProgress))
+    if manifest is not None:
+        request.manifest.CopyFrom(to_proto(manifest, model_pb2.PackageManifest))
+    if profile is not None:
+        request.profile.CopyFrom(to_proto(profile, model_pb2.ServingProfile))
+    if assets:
+        request.assets.extend(to_proto(a, model_pb2.ModelAsset) for a in assets)
 
 
 def _duration(value: timedelta) -> duration_pb2.Duration:

@@ -288,6 +288,18 @@ def _summary(current: list[Placement], leader: Placement) -> str:
     return text
 
 
+def removal_event(placement: Placement, why: str) -> ModelEvent:
+    """The event that records a placement's removal, in the model's history."""
+    return ModelEvent(
+        model_name=placement.model_name,
+        version=placement.version,
+        from_state=placement.status.state,
+        to_state=ModelState.UNSPECIFIED,
+        message=f"removed from node {placement.node_id}: {why}",
+        node_id=placement.node_id,
+    )
+
+
 # What a batch of the placer's writes sees and decides (SetPlacements) ----------------------------
 
 

@@ -47,6 +47,7 @@ from modelplane.registry.fleet import (
     device_problems,
     missing_labels,
     node_problems,
+    removal_event,
 )
 from modelplane.registry.lifecycle import advance, check_step, with_package_facts
 from modelplane.registry.store import RegistryStore
@@ -253,16 +254,7 @@ class FleetHandler:
                 removed = scope.placements.get(key)
                 if removed is not None:
                     writes.removals.append(removed)
-                    writes.events.append(
-                        ModelEvent(
-                            model_name=removed.model_name,
-                            version=removed.version,
-                            from_state=removed.status.state,
-                            to_state=ModelState.UNSPECIFIED,
-                            message=f"removed from node {removed.node_id} by the placer",
-                            node_id=removed.node_id,
-                        )
-                    )
+                    writes.events.append(removal_event(removed, "the placer removed it"))
             for target in targets:
                 placement, event = _place(target, scope)
                 if placement is not None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from modelplane.common.types import Model, ModelAsset, ModelEvent, ModelState
+from modelplane.common.types import Model, ModelAsset, ModelEvent
 from modelplane.registry import schema
 from modelplane.registry.errors import NotPlacerLeader
 from modelplane.registry.fleet import (
@@ -29,6 +29,7 @@ from modelplane.registry.fleet import (
     PlacementScope,
     PlacementWrites,
     derive_status,
+    removal_event,
 )
 from modelplane.registry.rows import (
     model_from_row,
@@ -312,15 +313,7 @@ class FleetStore:
             await write.connection.execute(_where_key(sa.delete(schema.placements), placement))
             write.changes.append(PlacementChange(ChangeType.DELETED, placement))
             if why:
-                event = ModelEvent(
-                    model_name=placement.model_name,
-                    version=placement.version,
-                    from_state=placement.status.state,
-                    to_state=ModelState.UNSPECIFIED,
-                    message=f"removed from node {placement.node_id}: {why}",
-                    node_id=placement.node_id,
-                )
-                await self._store.insert_event(write.connection, event, now)
+                await self._store.insert_event(write.connection, removal_event(placement, why), now)
 
     async def _derive(
         self,
