@@ -150,16 +150,22 @@ class FleetStore:
         """Records as LOST every node whose lease has lapsed since the last sweep, announces it, and
         derives again the status of the models with copies on it. Every replica may sweep: a row
         another replica is recording is skipped, and one already recorded is not found again."""
+        table = schema.nodes
+        lapsed = (table.c.state != int(NodeState.LOST), table.c.lease_expire_time <= sa.bindparam("now"))
+        # Every replica sweeps every second and almost always finds nothing: a read says whether a
+        # write transaction is needed at all.
+        async with self._store.engine.connect() as connection:
+            now = await self._store.now(connection)
+            count = sa.select(sa.func.count()).select_from(table).where(*lapsed)
+            if not (await connection.execute(count, {"now": now})).scalar_one():
+                return []
         async with self._store.write() as write:
             connection = write.connection
             now = await self._store.now(connection)
-            table = schema.nodes
             rows = (
                 await connection.execute(
-                    sa.select(table)
-                    .where(table.c.state != int(NodeState.LOST), table.c.lease_expire_time <= now)
-                    .order_by(table.c.node_id)
-                    .with_for_update(skip_locked=True)
+                    sa.select(table).where(*lapsed).order_by(table.c.node_id).with_for_update(skip_locked=True),
+                    {"now": now},
                 )
             ).all()
             lost = [node_from_row(row).observed(now) for row in rows]
