@@ -143,6 +143,14 @@ class RuntimeHints(Record):
     parity_tolerance: float = 0.0
 
 
+class PlacementPolicy(Record):
+    """Where and in how many copies the placer may hold a model across a fleet's nodes."""
+
+    min_copies: int = 0
+    max_copies: int = 0
+    node_selector: dict[str, str] = Field(default_factory=dict)
+
+
 class ModelSpec(Record):
     name: str
     task: Task = Task.UNSPECIFIED
@@ -157,6 +165,7 @@ class ModelSpec(Record):
     idle_ttl: ProtoDuration | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     description: str = ""
+    placement: PlacementPolicy | None = None
 
     @property
     def effective_priority(self) -> Priority:
@@ -237,6 +246,7 @@ class ModelEvent(Record):
     message: str = ""
     create_time: datetime | None = None
     request_id: str = ""
+    node_id: str = ""
 
 
 class RequestCount(Record):

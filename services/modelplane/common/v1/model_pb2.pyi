@@ -495,6 +495,7 @@ class ModelSpec(_message.Message):
     IDLE_TTL_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    PLACEMENT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name clients use; lowercase letters, digits, '.', '_' and '-', at
     most 64 characters, starting with a letter or digit.
@@ -540,6 +541,14 @@ class ModelSpec(_message.Message):
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form labels for operators."""
 
+    @_builtins.property
+    def placement(self) -> Global___PlacementPolicy:
+        """How many copies of the model the placer keeps, and on which nodes. Absent
+        means the defaults of PlacementPolicy: one copy while the model is wanted,
+        as many as its traffic needs, on any node. It can change without a new
+        version (UpdateModel, field "placement").
+        """
+
     def __init__(
         self,
         *,
@@ -556,14 +565,77 @@ class ModelSpec(_message.Message):
         idle_ttl: _duration_pb2.Duration | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         description: _builtins.str = ...,
+        placement: Global___PlacementPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["idle_ttl", b"idle_ttl", "manifest", b"manifest", "runtime_hints", b"runtime_hints"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["idle_ttl", b"idle_ttl", "manifest", b"manifest", "placement", b"placement", "runtime_hints", b"runtime_hints"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "expected_sha256", b"expected_sha256", "format", b"format", "idle_ttl", b"idle_ttl", "labels", b"labels", "manifest", b"manifest", "memory_estimate_bytes", b"memory_estimate_bytes", "memory_quota_bytes", b"memory_quota_bytes", "name", b"name", "priority", b"priority", "runtime_hints", b"runtime_hints", "source_uri", b"source_uri", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "expected_sha256", b"expected_sha256", "format", b"format", "idle_ttl", b"idle_ttl", "labels", b"labels", "manifest", b"manifest", "memory_estimate_bytes", b"memory_estimate_bytes", "memory_quota_bytes", b"memory_quota_bytes", "name", b"name", "placement", b"placement", "priority", b"priority", "runtime_hints", b"runtime_hints", "source_uri", b"source_uri", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelSpec: _TypeAlias = ModelSpec  # noqa: Y015
+
+@_typing.final
+class PlacementPolicy(_message.Message):
+    """Where and in how many copies the placer may hold a model across the nodes
+    of a fleet. Every field is optional. A single-node install ignores it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class NodeSelectorEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    MIN_COPIES_FIELD_NUMBER: _builtins.int
+    MAX_COPIES_FIELD_NUMBER: _builtins.int
+    NODE_SELECTOR_FIELD_NUMBER: _builtins.int
+    min_copies: _builtins.int
+    """Fewest copies, on distinct nodes, the placer keeps while the model's
+    desired state is LOADED. 0 means 1. Must not exceed max_copies when that
+    is set, nor 1000.
+    """
+    max_copies: _builtins.int
+    """Most copies, on distinct nodes, the placer makes however busy the model
+    is. 0 means no limit but the number of nodes that fit it. At most 1000.
+    """
+    @_builtins.property
+    def node_selector(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Labels a node must carry, each with exactly this value, to hold the model
+        (for example {"gpu": "h100", "zone": "a"}). Empty means any node. Keys and
+        values follow Kubernetes label syntax.
+        """
+
+    def __init__(
+        self,
+        *,
+        min_copies: _builtins.int = ...,
+        max_copies: _builtins.int = ...,
+        node_selector: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_copies", b"max_copies", "min_copies", b"min_copies", "node_selector", b"node_selector"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlacementPolicy: _TypeAlias = PlacementPolicy  # noqa: Y015
 
 @_typing.final
 class LoadProgress(_message.Message):
@@ -905,6 +977,7 @@ class ModelEvent(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Monotonic id of the event across all models."""
     model_name: _builtins.str
@@ -919,6 +992,10 @@ class ModelEvent(_message.Message):
     """What happened, for people."""
     request_id: _builtins.str
     """The request that caused the transition, when there was one."""
+    node_id: _builtins.str
+    """The node whose copy of the model made the transition (or was placed or
+    removed); empty for a transition of the model as a whole.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When it happened."""
@@ -934,10 +1011,11 @@ class ModelEvent(_message.Message):
         message: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         request_id: _builtins.str = ...,
+        node_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "from_state", b"from_state", "id", b"id", "message", b"message", "model_name", b"model_name", "request_id", b"request_id", "to_state", b"to_state", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "from_state", b"from_state", "id", b"id", "message", b"message", "model_name", b"model_name", "node_id", b"node_id", "request_id", b"request_id", "to_state", b"to_state", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
