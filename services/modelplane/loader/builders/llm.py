@@ -1,4 +1,4 @@
-"""Causal language models for chat and completion: GGUF files served by llama.cpp, and Hugging Face
+"""Causal language models for chat and completion: GGUF files served by llama.cpp (xllamacpp), and Hugging Face
 causal LMs exported to ONNX with a KV cache and served by onnxruntime-genai. Both run in Triton as
 decoupled python-backend models with the tensors of Triton's own LLM backends (`text_input`,
 `sampling_parameters` in; `text_output` streamed out with token counts), so the inference service
@@ -64,15 +64,16 @@ class GgufBuilder(ArtifactBuilder):
             context = min(context, trained)
         # llama.cpp rounds a context up to a multiple of 256 tokens; the profile says what it really holds.
         context = -(-context // _LLAMA_CONTEXT_STEP) * _LLAMA_CONTEXT_STEP
-        config = _llm_config(
-            model.name,
-            {
-                "gguf_path": report["gguf_file"],
-                "n_ctx": str(context),
-                "engine_slots": str(settings.llm_engine_slots),
-                "max_queue_size": str(settings.llm_max_queue_size),
-            },
-        )
+        parameters = {
+            "gguf_path": report["gguf_file"],
+            "n_ctx": str(context),
+            "engine_slots": str(settings.llm_engine_slots),
+            "max_queue_size": str(settings.llm_max_queue_size),
+        }
+        if report.get("adds_bos_token", True) and report.get("bos_token"):
+            # llama.cpp adds the BOS token itself; a template that writes it too would give two.
+            parameters["strip_prefix"] = report["bos_token"]
+        config = _llm_config(model.name, parameters)
         files = {**_model_files("llamacpp", "llama_text.py"), report["gguf_file"]: package / report["gguf_file"]}
         profile = ServingProfile(
             triton_model_name=model.name,
