@@ -18,7 +18,7 @@ from rich.table import Table
 from modelplane.common.errors import ModelplaneError
 from modelplane.common.logging import configure_logging
 from modelplane.common.tls import set_identity
-from modelplane.common.types import FileDigest, ModelSpec, ModelState, Priority, Task
+from modelplane.common.types import FileDigest, Model, ModelSpec, ModelState, Priority, Task
 
 app = typer.Typer(help="modelplane: serve your own models to a private Dify deployment.", no_args_is_help=True)
 models_app = typer.Typer(help="Register, load, unload and inspect models.", no_args_is_help=True)
@@ -130,9 +130,19 @@ def _default_loader() -> str:
     return os.environ.get("MODELPLANE_CLI_LOADER") or f"localhost:{os.environ.get('MODELPLANE_LOADER_PORT', '50052')}"
 
 
+def _capabilities(model: Model) -> str:
+    """A generation model's context and capabilities, once the loader has staged it."""
+    profile = model.status.profile
+    if model.spec.task != Task.GENERATION or profile is None:
+        return "-"
+    caps = profile.capabilities
+    names = [n for n in ("tools", "json_schema", "reasoning", "vision") if caps is not None and getattr(caps, n)]
+    return f"ctx {profile.context_length}" + (f"; {', '.join(names)}" if names else "")
+
+
 @models_app.command("ls")
 def models_ls(registry: RegistryOption = "", loader: LoaderOption = "") -> None:
-    """List models with their state, priority, footprint and last use, then the memory budget."""
+    """List models with their state, priority, footprint, last use and capabilities, then the memory budget."""
     from modelplane.loader.client import LoaderClient  # noqa: PLC0415
     from modelplane.registry.client import RegistryClient  # noqa: PLC0415
 
@@ -148,7 +158,9 @@ def models_ls(registry: RegistryOption = "", loader: LoaderOption = "") -> None:
             console.print(f"[yellow]budget unavailable:[/yellow] {error.message}")
         held = {h.model_name: h for d in budget.devices for h in d.holders} if budget else {}
         now = datetime.now(UTC)
-        table = Table("NAME", "TASK", "STATE", "PRIORITY", "FOOTPRINT", "LAST USED", "REQUESTS", "REASON")
+        table = Table(
+            "NAME", "TASK", "STATE", "PRIORITY", "FOOTPRINT", "LAST USED", "REQUESTS", "CAPABILITIES", "REASON"
+        )
         for m in models:
             holder = held.get(m.name)
             if holder is not None:
@@ -165,6 +177,7 @@ def models_ls(registry: RegistryOption = "", loader: LoaderOption = "") -> None:
                 footprint,
                 _ago(now - last) if last else "never",
                 str(stats.total_requests) if stats else "0",
+                _capabilities(m),
                 m.status.reason[:60],
             )
         out = Console()

@@ -75,9 +75,12 @@ class GgufBuilder(ArtifactBuilder):
             parameters["strip_prefix"] = report["bos_token"]
         config = _llm_config(model.name, parameters)
         files = {**_model_files("llamacpp", "llama_text.py"), report["gguf_file"]: package / report["gguf_file"]}
+        template = _template(model, report.get("chat_template", ""), report.get("architecture", ""))
         profile = ServingProfile(
             triton_model_name=model.name,
-            chat_template=_template(model, report.get("chat_template", ""), report.get("architecture", "")),
+            chat_template=template,
+            # llama.cpp constrains decoding to JSON schemas (LLGuidance).
+            capabilities=chat_templates.capabilities(template, constrained_decoding=True),
             context_length=context,
             special_tokens={"bos_token": report.get("bos_token", ""), "eos_token": report.get("eos_token", "")},
             # Each slot allocates its KV cache for the whole context when it is created.
@@ -145,9 +148,12 @@ class CausalLmBuilder(ArtifactBuilder):
         tokenizer_config = artifact / "tokenizer_config.json"
         special = json.loads(tokenizer_config.read_text()) if tokenizer_config.is_file() else {}
         context = min(model.spec.runtime_hints.context_length or report["context_length"], report["context_length"])
+        template = _template(model, chat_templates.from_tokenizer_files(artifact), report["model_type"])
         profile = ServingProfile(
             triton_model_name=model.name,
-            chat_template=_template(model, chat_templates.from_tokenizer_files(artifact), report["model_type"]),
+            chat_template=template,
+            # onnxruntime-genai's generator is not constrained here: no tools, no response_format.
+            capabilities=chat_templates.capabilities(template, constrained_decoding=False),
             context_length=context,
             special_tokens={key: _special_token(special.get(key)) for key in ("bos_token", "eos_token")},
             runtime_memory_bytes=_genai_kv_bytes(artifact, settings.llm_engine_slots),
