@@ -9,14 +9,11 @@ the same request (target: faster)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import time
-from pathlib import Path
 
 import httpx
 
-from benchmarks.bench_embed_concurrency import Server, free_port, wait_for
+from benchmarks.suite.chat import start_llama_server
 from benchmarks.suite.context import Context, llama_python
 from benchmarks.suite.measure import fmt, fmt_ratio, median, ratio_per_round
 
@@ -40,8 +37,8 @@ TOOL = {
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
     },
 }
+CITIES = ["Paris", "Lisbon", "Oslo", "Rome", "Vienna", "Dublin", "Prague", "Madrid", "Berlin", "Athens"]
 TOOL_REQUEST = {
-    "messages": [{"role": "user", "content": "What is the weather in Paris right now?"}],
     "tools": [TOOL],
     "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
     "temperature": 0,
@@ -80,35 +77,19 @@ async def _decode_rate(client: httpx.AsyncClient, url: str, constrained: bool, m
     return {"tokens": tokens, "tokens_per_s": (tokens - 1) / decode if decode > 0 else 0.0}
 
 
-async def _tool_call_latency(client: httpx.AsyncClient, url: str, model: str) -> float:
+async def _tool_call_latency(client: httpx.AsyncClient, url: str, model: str, city: str = "Paris") -> float:
+    # Each request asks about another city: a server that keeps the last prompt's KV cache
+    # (llama-cpp-python's does) would otherwise skip the whole prompt of a repeated request. The
+    # shared prefix (the tools' description) it still reuses; modelplane does not (prefix_cache off).
+    messages = [{"role": "user", "content": f"What is the weather in {city} right now?"}]
     started = time.perf_counter()
-    response = await client.post(url, json={"model": model, **TOOL_REQUEST})
+    response = await client.post(url, json={"model": model, "messages": messages, **TOOL_REQUEST})
     elapsed = time.perf_counter() - started
     calls = response.json()["choices"][0]["message"].get("tool_calls") if response.status_code == 200 else None
     if not calls:
         raise RuntimeError(f"{url}: no tool call: {response.status_code} {response.text[:300]}")
     json.loads(calls[0]["function"]["arguments"])
     return elapsed
-
-
-def _start_server(python: Path, gguf: str, ctx: Context) -> Server:
-    port = free_port()
-    log = ctx.work / "llama-server-tools.log"
-    command = [
-        str(python), "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port", str(port),
-        "--n_ctx", "4096", "--chat_format", "chatml-function-calling", "--interrupt_requests", "false",
-    ]  # fmt: skip
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            command,
-            env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    server = Server(SERVER, port, process, log)
-    wait_for(server, "Uvicorn running", 300)
-    return server
 
 
 async def run(ctx: Context) -> dict:
@@ -124,7 +105,7 @@ async def run(ctx: Context) -> dict:
     gguf = next(spec.source_uri for spec in bundled_models() if spec.name == MODEL)
     python, why = llama_python(ctx)
     notes = [] if python is not None else [f"llama-cpp-python's server was not measured: {why}."]
-    server = _start_server(python, gguf, ctx) if python is not None else None
+    server = start_llama_server(python, gguf, ctx, "chatml-function-calling") if python is not None else None
     max_tokens = ctx.sizes.chat_max_tokens * 2
     rates: dict[str, list[list[float]]] = {CONSTRAINED: [], FREE: []}
     latencies: dict[str, list[list[float]]] = {GATEWAY: [], SERVER: []}
@@ -137,10 +118,11 @@ async def run(ctx: Context) -> dict:
                 for name, constrained in ((CONSTRAINED, True), (FREE, False)):
                     runs = [await _decode_rate(client, gateway, constrained, max_tokens) for _ in range(3)]
                     rates[name].append([r["tokens_per_s"] for r in runs])
-                latencies[GATEWAY].append([await _tool_call_latency(client, gateway, MODEL) for _ in range(3)])
+                cities = [CITIES[(3 * len(latencies[GATEWAY]) + i) % len(CITIES)] for i in range(3)]
+                latencies[GATEWAY].append([await _tool_call_latency(client, gateway, MODEL, c) for c in cities])
                 if server is not None:
                     url = f"http://127.0.0.1:{server.port}/v1/chat/completions"
-                    latencies[SERVER].append([await _tool_call_latency(client, url, MODEL) for _ in range(3)])
+                    latencies[SERVER].append([await _tool_call_latency(client, url, MODEL, c) for c in cities])
     finally:
         if server is not None:
             server.stop()
