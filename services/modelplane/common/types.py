@@ -141,6 +141,7 @@ class RuntimeHints(Record):
     chat_template: str = ""
     rerank_scoring: RerankScoring = RerankScoring.UNSPECIFIED
     parity_tolerance: float = 0.0
+    default_max_tokens: int = 0
 
 
 class PlacementPolicy(Record):
@@ -187,6 +188,13 @@ class PhaseDuration(Record):
     duration: ProtoDuration
 
 
+class ModelCapabilities(Record):
+    tools: bool = False
+    json_schema: bool = False
+    reasoning: bool = False
+    vision: bool = False
+
+
 class ServingProfile(Record):
     triton_model_name: str = ""
     embedding_dimension: int = 0
@@ -201,6 +209,7 @@ class ServingProfile(Record):
     max_batch_size: int = 0
     special_tokens: dict[str, str] = Field(default_factory=dict)
     runtime_memory_bytes: int = 0
+    capabilities: ModelCapabilities | None = None
 
 
 class ModelAsset(Record):

@@ -50,6 +50,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             request.model,
             request.prompt,
             converters.sampling_from_proto(request.parameters),
+            response_format=converters.response_format_from_proto(request.response_format),
             deadline_seconds=_deadline(context),
         )
         async for chunk in chunks:
@@ -60,6 +61,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             request.model,
             converters.chat_messages_from_proto(request),
             converters.sampling_from_proto(request.parameters),
+            tools=converters.tools_from_proto(request),
+            tool_choice=converters.tool_choice_from_proto(request),
+            response_format=converters.response_format_from_proto(request.response_format),
             deadline_seconds=_deadline(context),
         )
         async for chunk in chunks:

@@ -24,6 +24,20 @@ _TASKS = {
 }
 
 
+_CAPABILITIES = ("tools", "json_schema", "reasoning", "vision")
+
+
+def _generation_facts(model: model_pb2.Model) -> dict[str, object]:
+    """Context length and capabilities of a generation model whose profile the loader has written."""
+    if model.spec.task != model_pb2.TASK_GENERATION or not model.status.HasField("profile"):
+        return {}
+    profile = model.status.profile
+    return {
+        "context_length": profile.context_length or None,
+        "capabilities": [name for name in _CAPABILITIES if getattr(profile.capabilities, name)],
+    }
+
+
 @router.get("/models", response_model=schemas.ModelList, responses=schemas.error_responses(401, 429, 500, 503, 504))
 async def list_models(request: Request) -> schemas.ModelList:
     """Models that are ready, or that a request loads on demand, which the caller's API key may use."""
@@ -43,6 +57,7 @@ async def list_models(request: Request) -> schemas.ModelList:
                 created=m.create_time.seconds,
                 task=_TASKS.get(m.spec.task, "unknown"),
                 state=model_pb2.ModelState.Name(m.status.state).removeprefix("MODEL_STATE_"),
+                **_generation_facts(m),
             )
             for m in page.models
             if caller is None or caller.may_use(m.spec.name)

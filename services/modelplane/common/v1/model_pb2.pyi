@@ -338,6 +338,7 @@ class RuntimeHints(_message.Message):
     CHAT_TEMPLATE_FIELD_NUMBER: _builtins.int
     RERANK_SCORING_FIELD_NUMBER: _builtins.int
     PARITY_TOLERANCE_FIELD_NUMBER: _builtins.int
+    DEFAULT_MAX_TOKENS_FIELD_NUMBER: _builtins.int
     target: Global___RuntimeTarget.ValueType
     """Which Triton the repository entry is written for."""
     precision: Global___Precision.ValueType
@@ -364,6 +365,11 @@ class RuntimeHints(_message.Message):
     """Largest absolute difference allowed between the converted model's outputs
     and PyTorch's on the parity check. 0 means the loader default.
     """
+    default_max_tokens: _builtins.int
+    """Most tokens a generation request that sets no max_tokens may generate. For
+    a model that does not end its turns (a base model), so that no such request
+    runs to the end of the context by accident. 0 means up to the context.
+    """
     @_builtins.property
     def preferred_batch_sizes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Batch sizes the dynamic batcher prefers to form."""
@@ -382,10 +388,11 @@ class RuntimeHints(_message.Message):
         chat_template: _builtins.str = ...,
         rerank_scoring: Global___RerankScoring.ValueType = ...,
         parity_tolerance: _builtins.float = ...,
+        default_max_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_queue_delay_microseconds", b"_max_queue_delay_microseconds", "max_queue_delay_microseconds", b"max_queue_delay_microseconds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_queue_delay_microseconds", b"_max_queue_delay_microseconds", "chat_template", b"chat_template", "context_length", b"context_length", "instance_count", b"instance_count", "max_batch_size", b"max_batch_size", "max_queue_delay_microseconds", b"max_queue_delay_microseconds", "max_sequence_length", b"max_sequence_length", "parity_tolerance", b"parity_tolerance", "precision", b"precision", "preferred_batch_sizes", b"preferred_batch_sizes", "rerank_scoring", b"rerank_scoring", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_queue_delay_microseconds", b"_max_queue_delay_microseconds", "chat_template", b"chat_template", "context_length", b"context_length", "default_max_tokens", b"default_max_tokens", "instance_count", b"instance_count", "max_batch_size", b"max_batch_size", "max_queue_delay_microseconds", b"max_queue_delay_microseconds", "max_sequence_length", b"max_sequence_length", "parity_tolerance", b"parity_tolerance", "precision", b"precision", "preferred_batch_sizes", b"preferred_batch_sizes", "rerank_scoring", b"rerank_scoring", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_queue_delay_microseconds: _TypeAlias = _typing.Literal["max_queue_delay_microseconds"]  # noqa: Y015
     _WhichOneofArgType__max_queue_delay_microseconds: _TypeAlias = _typing.Literal["_max_queue_delay_microseconds", b"_max_queue_delay_microseconds"]  # noqa: Y015
@@ -752,6 +759,7 @@ class ServingProfile(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     SPECIAL_TOKENS_FIELD_NUMBER: _builtins.int
     RUNTIME_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    CAPABILITIES_FIELD_NUMBER: _builtins.int
     triton_model_name: _builtins.str
     """Name of the model in Triton's repository."""
     embedding_dimension: _builtins.int
@@ -790,6 +798,10 @@ class ServingProfile(_message.Message):
         "eos_token" and so on.
         """
 
+    @_builtins.property
+    def capabilities(self) -> Global___ModelCapabilities:
+        """What a generation model can do besides plain text; absent for other tasks."""
+
     def __init__(
         self,
         *,
@@ -806,14 +818,57 @@ class ServingProfile(_message.Message):
         max_batch_size: _builtins.int = ...,
         special_tokens: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         runtime_memory_bytes: _builtins.int = ...,
+        capabilities: Global___ModelCapabilities | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat_template", b"chat_template", "context_length", b"context_length", "embedding_dimension", b"embedding_dimension", "input_names", b"input_names", "max_batch_size", b"max_batch_size", "max_input_tokens", b"max_input_tokens", "normalize_embeddings", b"normalize_embeddings", "output_name", b"output_name", "rerank_scoring", b"rerank_scoring", "runtime_memory_bytes", b"runtime_memory_bytes", "special_tokens", b"special_tokens", "tokenizer_sha256", b"tokenizer_sha256", "triton_model_name", b"triton_model_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "chat_template", b"chat_template", "context_length", b"context_length", "embedding_dimension", b"embedding_dimension", "input_names", b"input_names", "max_batch_size", b"max_batch_size", "max_input_tokens", b"max_input_tokens", "normalize_embeddings", b"normalize_embeddings", "output_name", b"output_name", "rerank_scoring", b"rerank_scoring", "runtime_memory_bytes", b"runtime_memory_bytes", "special_tokens", b"special_tokens", "tokenizer_sha256", b"tokenizer_sha256", "triton_model_name", b"triton_model_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ServingProfile: _TypeAlias = ServingProfile  # noqa: Y015
+
+@_typing.final
+class ModelCapabilities(_message.Message):
+    """What a generation model can do besides plain text, decided by the loader
+    from the model's chat template and the engine that serves it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOOLS_FIELD_NUMBER: _builtins.int
+    JSON_SCHEMA_FIELD_NUMBER: _builtins.int
+    REASONING_FIELD_NUMBER: _builtins.int
+    VISION_FIELD_NUMBER: _builtins.int
+    tools: _builtins.bool
+    """Calls tools (OpenAI `tools`): the tools are described in the system
+    message and the answer is one JSON object, {"tool_calls": [{"name",
+    "arguments"}]} or {"response": "..."}, constrained while it is generated,
+    so the arguments always validate against the tool's parameter schema.
+    """
+    json_schema: _builtins.bool
+    """Constrains its output to a JSON schema (`response_format`)."""
+    reasoning: _builtins.bool
+    """Thinks in <think>...</think> before answering; the thought is returned
+    apart from the answer.
+    """
+    vision: _builtins.bool
+    """Reads images in messages."""
+    def __init__(
+        self,
+        *,
+        tools: _builtins.bool = ...,
+        json_schema: _builtins.bool = ...,
+        reasoning: _builtins.bool = ...,
+        vision: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["json_schema", b"json_schema", "reasoning", b"reasoning", "tools", b"tools", "vision", b"vision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelCapabilities: _TypeAlias = ModelCapabilities  # noqa: Y015
 
 @_typing.final
 class ModelAsset(_message.Message):
