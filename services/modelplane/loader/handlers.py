@@ -2,8 +2,8 @@
 memory budget, cancellation, timeouts, unloads that count until their memory is back, and
 reconciliation of the registry's desired state with what Triton holds.
 
-What to evict, what to preload and when memory is free is decided in `memory.py`; every load and
-every unload runs here.
+Admission (`memory.py`) and the periodic budget work (`maintenance.py`) return their decisions
+(evict these, preload that); `carry_out` acts on them, so every load and every unload runs here.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import structlog
@@ -26,7 +26,9 @@ from modelplane.common.types import (
 )
 from modelplane.loader import metrics
 from modelplane.loader.budget import effective
+from modelplane.loader.decisions import Decision, Preload, Unload
 from modelplane.loader.errors import BudgetExceeded, LoadCancelled, LoadTimedOut, TritonUnavailable
+from modelplane.loader.maintenance import BudgetMaintenance
 from modelplane.loader.memory import DeviceReport, MemoryManager
 from modelplane.loader.pipeline import LoadPipeline, ModelTracker
 from modelplane.loader.settings import LoaderSettings
@@ -111,8 +113,7 @@ class LoaderHandler:
         self.repository = repository
         # Without a way to see the backends' processes or GPUs: host memory, estimated footprints.
         self.memory = memory = memory or MemoryManager(settings, repository, processes=None, gpus=None)
-        memory.start_unload = self._start_unload
-        memory.start_preload = self._start_preload
+        self.maintenance = BudgetMaintenance(settings, memory)
         self.jobs: dict[str, LoadJob] = {}
         self.unloads: dict[str, asyncio.Task[Model]] = {}
         self._slots = asyncio.Semaphore(settings.max_concurrent_loads)
@@ -267,7 +268,9 @@ class LoaderHandler:
                 await asyncio.shield(unloading)
         tracker.model = await self.registry.get_model(name)
         await self.pipeline.stage(tracker, refresh=refresh)
-        holder = await self.memory.admit(tracker.model, job.say)
+        reservation = await self.memory.reserve(tracker.model, job.say)
+        self.carry_out(reservation.evictions)
+        holder = await self.memory.admit(reservation, tracker.model, job.say)
         try:
             await self.pipeline.load(tracker, measure=lambda model: self.memory.measure(holder, model))
         except BaseException:
@@ -319,6 +322,14 @@ class LoaderHandler:
             await self.registry.set_desired_state(name, DesiredState.UNLOADED)
         return True
 
+    def carry_out(self, decisions: Sequence[Decision]) -> None:
+        """Starts what admission or the periodic budget work decided."""
+        for decision in decisions:
+            if isinstance(decision, Unload):
+                self._start_unload(decision.name, decision.reason, decision.detail)
+            elif isinstance(decision, Preload):
+                self._start_preload(decision.name)
+
     # Unloading ----------------------------------------------------------------------------
 
     async def unload(self, name: str, *, reason: str = "operator") -> Model:
@@ -330,9 +341,7 @@ class LoaderHandler:
         task = self.unloads.get(name)
         if task is not None and not task.done():
             return task
-        holder = self.memory.budget.holders.get(name)
-        if holder is not None:
-            holder.state = ModelState.UNLOADING
+        self.memory.unloading(name)
         task = asyncio.create_task(self._unload(name, reason, detail), name=f"unload-{name}")
         self.unloads[name] = task
         task.add_done_callback(lambda t: self.unloads.pop(name, None) if self.unloads.get(name) is t else None)
@@ -442,12 +451,13 @@ class LoaderHandler:
             try:
                 statistics = await self.registry.statistics()
                 models = await self.registry.list_models() if self.settings.preload else []
-                await self.memory.maintain(
+                decisions = await self.maintenance.decide(
                     statistics,
                     models,
                     loads_running=len(self.jobs),
                     preloading=any(job.reason == "preload" for job in self.jobs.values()),
                 )
+                self.carry_out(decisions)
             except ModelplaneError as error:
                 log.warning("budget maintenance postponed", error=error.message)
 
