@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -22,8 +22,10 @@ from modelplane.common.types import (
     WORKING_STATES,
     LoadProgress,
     Model,
+    ModelAsset,
     ModelState,
     PackageManifest,
+    ServingProfile,
 )
 from modelplane.loader.builders import RepositoryEntry, select_builder
 from modelplane.loader.cache import PackageCache
@@ -46,11 +48,33 @@ Measure = Callable[[Model], Awaitable[int]]
 _PROGRESS_INTERVAL_SECONDS = 0.5
 
 
-class ModelTracker:
-    """Holds a model's latest registry view during a load and records its transitions."""
+class Transitions(Protocol):
+    """Where a load's transitions are recorded: the node's state writer (residency.py), which
+    the registry client also is."""
 
-    def __init__(self, registry: RegistryClient, model: Model, request_id: str, listener: ProgressListener) -> None:
-        self.registry = registry
+    async def transition(
+        self,
+        model: Model,
+        to_state: ModelState,
+        message: str = "",
+        *,
+        expected_from_state: ModelState = ModelState.UNSPECIFIED,
+        progress: LoadProgress | None = None,
+        manifest: PackageManifest | None = None,
+        profile: ServingProfile | None = None,
+        assets: Sequence[ModelAsset] | None = None,
+        footprint_bytes: int = 0,
+        progress_only: bool = False,
+        begins_operation: bool = False,
+        request_id: str = "",
+    ) -> Model: ...
+
+
+class ModelTracker:
+    """Holds a model's latest recorded view during a load and records its transitions."""
+
+    def __init__(self, states: Transitions, model: Model, request_id: str, listener: ProgressListener) -> None:
+        self.states = states
         self.model = model
         self.request_id = request_id
         self.listener = listener
@@ -60,7 +84,7 @@ class ModelTracker:
 
     async def enter(self, state: ModelState, message: str, **fields: Any) -> None:
         progress = LoadProgress(phase=state, message=message)
-        self.model = await self.registry.transition(
+        self.model = await self.states.transition(
             self.model,
             state,
             message,
@@ -84,7 +108,7 @@ class ModelTracker:
 
     async def _write_progress(self, progress: LoadProgress) -> None:
         try:
-            await self.registry.transition(self.model, progress.phase, progress=progress, progress_only=True)
+            await self.states.transition(self.model, progress.phase, progress=progress, progress_only=True)
         except ModelplaneError as error:
             log.debug("progress not recorded", error=error.message)
 
