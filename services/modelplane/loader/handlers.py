@@ -1,26 +1,25 @@
 """The loader's core behind its gRPC edge: this node's residency, its reconciliation and its
 periodic budget work, wired together, and the background loops that drive them.
 
-Every load, unload and state write runs in `NodeResidency` (residency.py). Reconciliation, the
-periodic budget work (maintenance.py) and the registry watch decide, and hand their decisions to
-the residency to carry out; memory.py admits loads into the budget and measures.
+Every load, unload and state write runs in `NodeResidency` (residency.py). Reconciliation
+(reconcile.py), the periodic budget work (maintenance.py) and the registry watch decide, and hand
+their decisions to the residency to carry out; memory.py admits loads into the budget and measures.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import structlog
 
 from modelplane.common.errors import ModelplaneError
-from modelplane.common.types import WORKING_STATES, DesiredState, Model, ModelState
-from modelplane.loader.budget import effective
-from modelplane.loader.decisions import Decision, Discard, Load, Reset, Unload
+from modelplane.common.types import DesiredState, Model, ModelState
+from modelplane.loader.decisions import Decision, Discard, Load
 from modelplane.loader.maintenance import BudgetMaintenance
 from modelplane.loader.memory import DeviceReport, MemoryManager
 from modelplane.loader.pipeline import LoadPipeline
+from modelplane.loader.reconcile import CatalogueDesire, Reconciler, ReconcileResult
 from modelplane.loader.residency import NodeResidency, RegistryStates
 from modelplane.loader.settings import LoaderSettings
 from modelplane.loader.triton_control import TritonControl
@@ -30,13 +29,6 @@ from modelplane.registry.client import RegistryClient
 from modelplane.registry.watch import ChangeType
 
 log = structlog.get_logger()
-
-
-@dataclass(frozen=True)
-class ReconcileResult:
-    loaded: list[str] = field(default_factory=list)
-    unloaded: list[str] = field(default_factory=list)
-    failed: list[str] = field(default_factory=list)
 
 
 class LoaderHandler:
@@ -58,6 +50,7 @@ class LoaderHandler:
         self.residency = NodeResidency(
             settings, registry, RegistryStates(registry), pipeline, triton, repository, memory
         )
+        self.reconciler = Reconciler(CatalogueDesire(registry), triton, memory)
         self.maintenance = BudgetMaintenance(settings, memory)
         self._background: list[asyncio.Task[None]] = []
 
@@ -90,55 +83,17 @@ class LoaderHandler:
     # Reconciliation ------------------------------------------------------------------------
 
     async def reconcile(self) -> ReconcileResult:
-        """Converges Triton with the registry: loads what is wanted, unloads what is not, corrects
+        """Converges this node: loads what it should hold, unloads what it should not, corrects
         states a crash or a Triton restart left untrue, and rebuilds the budget from Triton."""
-        in_triton = {m.name: m for m in await self.triton.index()}
-        models = {m.name: m for m in await self.registry.list_models()}
-        ready = {n: models[n] for n, s in in_triton.items() if s.state == "READY" and n in models}
-        busy = self.residency.busy()
-        await self.memory.sync_with_triton(ready, busy=busy)
-        resets: list[Decision] = []
-        to_load: list[Model] = []
-        for name, model in models.items():
-            if name in busy:
-                continue
-            stale = model.state in WORKING_STATES or (model.state == ModelState.READY and name not in ready)
-            wanted = model.desired_state == DesiredState.LOADED
-            after = model.state
-            if model.state in WORKING_STATES or (stale and not wanted):
-                # Work that no job of this loader is doing was cut off (this loader or Triton was
-                # killed): back to where its files allow, so a new load starts from a true state.
-                after = ModelState.STAGED if model.status.profile is not None else ModelState.REGISTERED
-                cut = f"{model.state.name.lower()} was interrupted" if model.state in WORKING_STATES else ""
-                resets.append(Reset(model, after, f"{cut or 'not loaded in Triton'} (found by reconciliation)"))
-            if wanted and (after != ModelState.READY or stale) and after != ModelState.FAILED:
-                to_load.append(model)  # a FAILED model needs a person; an explicit load retries it
-        # Most important first, so a smaller budget after a restart keeps what matters.
-        loads: list[Decision] = [Load(m, "reconcile") for m in sorted(to_load, key=self._restore_order)]
-        unloads: list[Decision] = []
-        for name, state in in_triton.items():
-            known = models.get(name)
-            unwanted = known is None or known.desired_state != DesiredState.LOADED
-            ready_here = state.state == "READY" and unwanted and name not in busy
-            if known is not None and ready_here:
-                unloads.append(Unload(name, "reconcile"))
-            elif known is None:  # not in the catalogue at all: nothing to record
-                unloads.append(Discard(name, unload=ready_here))
-        await self.residency.carry_out([*resets, *loads])
-        for unload in unloads:
+        plan = await self.reconciler.plan(self.residency.busy)
+        await self.residency.carry_out([*plan.resets, *plan.loads])
+        for unload in plan.unloads:
             for task in await self.residency.carry_out([unload]):
                 await task
-        result = ReconcileResult(
-            loaded=[d.model.name for d in loads if isinstance(d, Load)],
-            unloaded=[d.name for d in unloads if isinstance(d, Unload) or (isinstance(d, Discard) and d.unload)],
-        )
+        result = plan.result
         if result.loaded or result.unloaded:
             log.info("reconciled", loaded=result.loaded, unloaded=result.unloaded)
         return result
-
-    def _restore_order(self, model: Model) -> tuple[int, float]:
-        last = self.memory.last_request(model.name) or 0.0
-        return (int(effective(model.spec.priority)), -last)
 
     async def _reconcile_quietly(self) -> None:
         try:
