@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 import structlog
 
-from modelplane.common.types import Model, ModelState, Priority
+from modelplane.common.types import DesiredState, Model, ModelState, Priority
 from modelplane.loader.budget import Claim, Holder, effective, eviction_order
 from modelplane.loader.decisions import Decision, Preload, Unload
 from modelplane.loader.memory import MemoryManager
@@ -113,7 +113,10 @@ class BudgetMaintenance:
                 idle_ttl_seconds=memory.idle_ttl(m),
             )
             for m in models
-            if m.state == ModelState.STAGED and m.name not in memory.budget.holders and m.name in rates
+            if m.state == ModelState.STAGED
+            and m.desired_state != DesiredState.HELD_UNLOADED  # an operator's unload holds
+            and m.name not in memory.budget.holders
+            and m.name in rates
         ]
         async with memory.changed:
             choice = self.preloader.choose(rates, candidates, memory.budget, now)

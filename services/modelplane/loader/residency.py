@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import Any, Protocol
 
 import structlog
@@ -25,7 +25,13 @@ from modelplane.common.errors import Internal, ModelplaneError
 from modelplane.common.types import DesiredState, LoadProgress, Model, ModelState
 from modelplane.loader import metrics
 from modelplane.loader.decisions import Decision, Discard, Load, Preload, Reset, Unload
-from modelplane.loader.errors import BudgetExceeded, LoadCancelled, LoadTimedOut, TritonUnavailable
+from modelplane.loader.errors import (
+    BudgetExceeded,
+    LoadCancelled,
+    LoadTimedOut,
+    PreloadStoodDown,
+    TritonUnavailable,
+)
 from modelplane.loader.memory import MemoryManager
 from modelplane.loader.pipeline import LoadPipeline, ModelTracker, Transitions
 from modelplane.loader.settings import LoaderSettings
@@ -76,7 +82,7 @@ class RegistryStates:
         return await self.registry.set_desired_state(name, desired)
 
     async def release(self, model: Model, reason: str) -> Model:
-        if model.desired_state == DesiredState.UNLOADED:
+        if model.desired_state in (DesiredState.UNLOADED, DesiredState.HELD_UNLOADED):
             return model
         return await self.registry.set_desired_state(model.name, DesiredState.UNLOADED)
 
@@ -84,10 +90,11 @@ class RegistryStates:
 class LoadJob:
     """A load in flight. Every caller asking for the same model follows this one job."""
 
-    def __init__(self, name: str, reason: str, version: int) -> None:
+    def __init__(self, name: str, reason: str, version: int, *, refresh: bool = False) -> None:
         self.name = name
         self.reason = reason
         self.version = version  # the model version the load started with
+        self.refresh = refresh  # it fetches and verifies again, whatever the cache holds
         self.task: asyncio.Task[Model] | None = None
         self.last = LoadProgress(phase=ModelState.REGISTERED, message="waiting for a load slot")
         self._followers: set[asyncio.Queue[object]] = set()
@@ -140,7 +147,7 @@ class NodeResidency:
         self.jobs: dict[str, LoadJob] = {}
         self.unloads: dict[str, asyncio.Task[Model]] = {}
         self._slots = asyncio.Semaphore(settings.max_concurrent_loads)
-        self._preloads: set[asyncio.Task[None]] = set()
+        self._chores: set[asyncio.Task[None]] = set()
 
     def busy(self) -> set[str]:
         """The models with a load or an unload in flight."""
@@ -209,8 +216,16 @@ class NodeResidency:
             yield LoadUpdate(LoadProgress(phase=ModelState.READY, message="already loaded"), done=True, model=model)
             return
         timeout = timeout_seconds or self.settings.load_timeout_seconds
-        job = self._start_job(model, timeout, refresh, reason, request_id)
         while True:
+            under_way = self.jobs.get(name)
+            if refresh and under_way is not None and not under_way.refresh:
+                # A refresh fetches again: it never rides on a load that takes the cached package.
+                message = "waiting for the load under way to end, then refreshing"
+                yield LoadUpdate(under_way.last.model_copy(update={"message": message}))
+                assert under_way.task is not None
+                await asyncio.wait([under_way.task])
+                continue
+            job = self._start_job(model, timeout, refresh, reason, request_id)
             async for progress in job.follow():
                 yield LoadUpdate(progress)
             assert job.task is not None
@@ -218,12 +233,13 @@ class NodeResidency:
                 loaded = await asyncio.shield(job.task)
                 break
             except ModelplaneError as error:
+                if error.reason == PreloadStoodDown.reason and reason != "preload":
+                    continue  # the preload this caller joined stood down; this caller's load goes on
                 if error.reason != StaleTransition.reason or job.version >= model.version:
                     raise
                 # The load this caller joined was of an older version, superseded by the one it read
                 # (registered while a reconciliation or preload loaded the old one): load that one.
                 log.info("load superseded; loading the new version", model=name, version=model.version)
-                job = self._start_job(model, timeout, refresh, reason, request_id)
         yield LoadUpdate(
             LoadProgress(phase=loaded.state, message=loaded.status.reason),
             done=True,
@@ -235,25 +251,48 @@ class NodeResidency:
         job = self.jobs.get(model.name)
         if job is not None:
             return job
-        job = LoadJob(model.name, reason, model.version)
-        self.jobs[model.name] = job
-        job.task = asyncio.create_task(self._run_job(job, model, timeout, refresh, request_id))
-        job.task.add_done_callback(lambda _: self._end_job(job))
+        job = LoadJob(model.name, reason, model.version, refresh=refresh)
+        self._begin(job, self._run_job(job, model, timeout, refresh, request_id))
         return job
 
-    def _start_preload(self, name: str) -> None:
-        async def preload() -> None:
-            try:
-                async for _ in self.load(name, reason="preload"):
-                    pass
-            except ModelplaneError as error:
-                log.info("preload not done", model=name, error=error.message)
-            finally:
-                await self.memory.drop_claim(name)
+    def _begin(self, job: LoadJob, work: Coroutine[object, object, Model]) -> None:
+        """Registers the job at once, so that every operation on the model sees it, then runs it."""
+        self.jobs[job.name] = job
+        job.task = asyncio.create_task(work, name=f"{job.reason}-{job.name}")
+        job.task.add_done_callback(lambda _: self._end_job(job))
 
-        task = asyncio.create_task(preload(), name=f"preload-{name}")
-        self._preloads.add(task)
-        task.add_done_callback(self._preloads.discard)
+    def _start_preload(self, name: str) -> None:
+        """A preload only takes an idle moment: it stands down for any load or unload of the model
+        under way (an operator's unload among them), and for a model an operator holds unloaded."""
+        if name in self.busy():
+            self._chore(self.memory.drop_claim(name))
+            return
+        job = LoadJob(name, "preload", 0)
+        self._begin(job, self._run_preload(job))
+
+    async def _run_preload(self, job: LoadJob) -> Model:
+        try:
+            model = await self.registry.get_model(job.name)
+            if model.desired_state == DesiredState.HELD_UNLOADED:
+                raise PreloadStoodDown(
+                    f"Model '{job.name}' was unloaded by an operator; it is not preloaded until an operator or a "
+                    "request loads it again.",
+                    metadata={"model": job.name},
+                )
+            if model.desired_state != DesiredState.LOADED:
+                model = await self.states.wish(job.name, DesiredState.LOADED)
+            job.version = model.version
+            return await self._run_job(job, model, self.settings.load_timeout_seconds, False, "")
+        except ModelplaneError as error:
+            log.info("preload not done", model=job.name, error=error.message)
+            raise
+        finally:
+            await self.memory.drop_claim(job.name)
+
+    def _chore(self, work: Coroutine[object, object, None]) -> None:
+        task = asyncio.create_task(work)
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
 
     def _end_job(self, job: LoadJob) -> None:
         if self.jobs.get(job.name) is job:
@@ -418,8 +457,9 @@ class NodeResidency:
             # Whatever unloaded it, the loader no longer keeps it resident: reconciliation must not
             # load it back; a request or a preload may.
             if reason == "operator":
-                if model.desired_state != DesiredState.UNLOADED:
-                    model = await self.states.wish(name, DesiredState.UNLOADED)
+                if model.desired_state != DesiredState.HELD_UNLOADED:
+                    # The operator's word holds: no preload brings it back (a request or a load may).
+                    model = await self.states.wish(name, DesiredState.HELD_UNLOADED)
             else:
                 model = await self.states.release(model, reason)
             if model.state in (ModelState.READY, ModelState.LOADING):
@@ -445,7 +485,7 @@ class NodeResidency:
         return model
 
     async def stop(self) -> None:
-        tasks = [*self._preloads, *(j.task for j in self.jobs.values() if j.task), *self.unloads.values()]
+        tasks = [*self._chores, *(j.task for j in self.jobs.values() if j.task), *self.unloads.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
