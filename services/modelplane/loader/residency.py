@@ -17,12 +17,23 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Coroutine, Sequence
+from datetime import timedelta
 from typing import Any, Protocol
 
 import structlog
 
 from modelplane.common.errors import Internal, ModelplaneError
-from modelplane.common.types import DesiredState, LoadProgress, Model, ModelState
+from modelplane.common.types import (
+    WORKING_STATES,
+    DesiredState,
+    LoadProgress,
+    Model,
+    ModelAsset,
+    ModelState,
+    PackageManifest,
+    PhaseDuration,
+    ServingProfile,
+)
 from modelplane.loader import metrics
 from modelplane.loader.decisions import Decision, Discard, Load, Preload, Reset, Unload
 from modelplane.loader.errors import (
@@ -87,6 +98,47 @@ class RegistryStates:
         return await self.registry.set_desired_state(model.name, DesiredState.UNLOADED)
 
 
+class ShadowStates:
+    """The state writer of a refresh beside a served copy: its transitions apply to a copy of the
+    model, so the registry keeps the served model READY while the new copy is fetched, verified and
+    converted; what staging recorded (manifest, profile, assets) waits here for the switch."""
+
+    def __init__(self) -> None:
+        self.assets: list[ModelAsset] | None = None
+        self.phase_durations: list[PhaseDuration] = []
+        self._since = time.monotonic()
+
+    async def transition(
+        self,
+        model: Model,
+        to_state: ModelState,
+        message: str = "",
+        *,
+        manifest: PackageManifest | None = None,
+        profile: ServingProfile | None = None,
+        assets: Sequence[ModelAsset] | None = None,
+        progress_only: bool = False,
+        **_: Any,
+    ) -> Model:
+        if progress_only:
+            return model
+        now = time.monotonic()
+        if to_state != model.state:
+            if model.state in WORKING_STATES:
+                self.phase_durations.append(
+                    PhaseDuration(phase=model.state, duration=timedelta(seconds=now - self._since))
+                )
+            self._since = now
+        status = model.status.model_copy(update={"state": to_state, "reason": message})
+        if manifest is not None:
+            status.manifest = manifest
+        if profile is not None:
+            status.profile = profile
+        if assets is not None:
+            self.assets = list(assets)
+        return model.model_copy(update={"status": status})
+
+
 class LoadJob:
     """A load in flight. Every caller asking for the same model follows this one job."""
 
@@ -95,6 +147,10 @@ class LoadJob:
         self.reason = reason
         self.version = version  # the model version the load started with
         self.refresh = refresh  # it fetches and verifies again, whatever the cache holds
+        # The served model a refresh replaces while it stays in service (set once the job finds
+        # Triton serving it): failures leave it as it is rather than reset it.
+        self.served: Model | None = None
+        self.phase_durations: list[PhaseDuration] = []  # of this load, when not the registry's
         self.task: asyncio.Task[Model] | None = None
         self.last = LoadProgress(phase=ModelState.REGISTERED, message="waiting for a load slot")
         self._followers: set[asyncio.Queue[object]] = set()
@@ -244,7 +300,7 @@ class NodeResidency:
             LoadProgress(phase=loaded.state, message=loaded.status.reason),
             done=True,
             model=loaded,
-            phase_durations=loaded.status.phase_durations,
+            phase_durations=job.phase_durations or loaded.status.phase_durations,
         )
 
     def _start_job(self, model: Model, timeout: float, refresh: bool, reason: str, request_id: str) -> LoadJob:
@@ -310,15 +366,26 @@ class NodeResidency:
             result = "loaded"
         except asyncio.CancelledError:
             result = "cancelled"
+            if job.served is not None:
+                await self._refresh_not_applied(job, "the refresh was cancelled")
+                raise LoadCancelled(
+                    f"The refresh of '{model.name}' was cancelled before it switched; the served copy was not "
+                    "replaced.",
+                    metadata={"model": model.name},
+                ) from None
             await self._settle(tracker, "load cancelled")
             raise LoadCancelled(f"The load of '{model.name}' was cancelled.", metadata={"model": model.name}) from None
         except (TritonUnavailable, BudgetExceeded) as transient:
             # Not the package's fault: leave the model where it was; a later request, preload or
             # reconciliation tries again.
             result = "refused" if isinstance(transient, BudgetExceeded) else "failed"
+            if job.served is not None:
+                raise await self._refresh_not_applied(job, transient) from None
             await self._settle(tracker, f"load stopped: {transient.message}")
             raise transient from None
         except ModelplaneError as refused:
+            if job.served is not None:
+                raise await self._refresh_not_applied(job, refused) from None
             await self._record_failure(tracker, refused)
             raise
         except Exception as crash:
@@ -326,11 +393,13 @@ class NodeResidency:
             error = Internal(
                 f"Loading '{model.name}' failed unexpectedly ({type(crash).__name__}); see the loader log."
             )
+            if job.served is not None:
+                raise await self._refresh_not_applied(job, error) from crash
             await self._record_failure(tracker, error)
             raise error from crash
         finally:
             metrics.LOADS.labels(job.reason, result).inc()
-        _observe_phases(loaded)
+        _observe_phases(job.phase_durations or loaded.status.phase_durations)
         log.info("load finished", model=model.name, state=loaded.state.name)
         return loaded
 
@@ -376,6 +445,13 @@ class NodeResidency:
             with contextlib.suppress(ModelplaneError):
                 await asyncio.shield(unloading)
         tracker.model = await self.registry.get_model(name)
+        if refresh and tracker.model.state == ModelState.READY:
+            if await self.triton.is_ready(name):
+                return await self._refresh_beside(job, tracker)
+            # Recorded READY but not in Triton: from the true state, a refresh is a load.
+            tracker.model = await self.states.transition(
+                tracker.model, ModelState.STAGED, "not loaded in Triton (found by a refresh)"
+            )
         await self.pipeline.stage(tracker, refresh=refresh)
         reservation = await self.memory.reserve(tracker.model, job.say)
         await self.carry_out(reservation.evictions)
@@ -389,6 +465,75 @@ class NodeResidency:
             raise
         await self.memory.loaded(holder)
         return tracker.model
+
+    async def _refresh_beside(self, job: LoadJob, tracker: ModelTracker) -> Model:
+        """A refresh of a model Triton serves, which stays in service and stays READY throughout:
+        the package is fetched and verified again, converted where the cache lacks it, and its
+        entry built beside the served one; then, with room in the budget for both copies, the entry
+        is swapped in and Triton reloads the model, which keeps serving the old copy until the new
+        one is READY (and keeps it when the new one fails, its entry put back)."""
+        name = job.name
+        job.served = await self.states.transition(
+            tracker.model,
+            ModelState.READY,
+            "refreshing: fetching and verifying a new copy beside the served one",
+            request_id=tracker.request_id,
+        )
+        shadow = ShadowStates()
+        beside = ModelTracker(shadow, job.served, tracker.request_id, job.publish)
+        built = await self.pipeline.stage(beside, refresh=True, beside=True)
+        assert built is not None
+        switching = time.monotonic()
+        try:
+            reservation = await self.memory.reserve(beside.model, job.say)  # the second copy, while both run
+            await self.carry_out(reservation.evictions)
+            try:
+                await self.memory.wait_for_room(reservation, job.say)
+                job.publish(LoadProgress(phase=ModelState.LOADING, message="switching Triton to the new copy"))
+                retired = await asyncio.to_thread(self.repository.swap_in, built)
+                try:
+                    await self.triton.load(name, timeout_seconds=self.settings.triton_load_timeout_seconds)
+                except BaseException:
+                    await asyncio.shield(asyncio.to_thread(self.repository.restore, name, retired))
+                    raise
+                await asyncio.to_thread(self.repository.discard, retired)
+            finally:
+                await self.memory.drop_claim(name)
+        finally:
+            await asyncio.to_thread(self.repository.discard, built.path)
+        took = time.monotonic() - switching
+        job.phase_durations = [
+            *shadow.phase_durations,
+            PhaseDuration(phase=ModelState.LOADING, duration=timedelta(seconds=took)),
+        ]
+        staged = beside.model.status
+        files = len(staged.manifest.files) if staged.manifest else 0
+        return await self.states.transition(
+            job.served,
+            ModelState.READY,
+            f"refreshed: {files} files fetched and verified again; Triton switched to the new copy in {took:.1f} s",
+            manifest=staged.manifest,
+            profile=staged.profile,
+            assets=shadow.assets,
+            request_id=tracker.request_id,
+        )
+
+    async def _refresh_not_applied(self, job: LoadJob, why: ModelplaneError | str) -> ModelplaneError:
+        """Records why a refresh left the served copy as it was; returns the caller's error."""
+        assert job.served is not None
+        message = why if isinstance(why, str) else why.message
+        log.warning("refresh not applied", model=job.name, error=message)
+        with contextlib.suppress(ModelplaneError):
+            await self.states.transition(
+                job.served, ModelState.READY, f"refresh not applied: {message} The served copy is untouched."
+            )
+        if isinstance(why, str):
+            return Internal(message)
+        why.message = (
+            f"Refreshing '{job.name}' was not applied; the served copy is untouched and still serving. {why.message}"
+        )
+        why.args = (why.message,)
+        return why
 
     async def _release_after_exit(self, name: str) -> None:
         await self.memory.wait_released(name)
@@ -420,16 +565,25 @@ class NodeResidency:
             tracker.model = await self.states.transition(model, target, message)
 
     async def cancel(self, name: str) -> bool:
+        job = await self._stop_job(name)
+        if job is None:
+            return False
+        if job.served is None:
+            # A cancelled load is not wanted now: reconciliation must not start it again. (A
+            # cancelled refresh leaves the served model as it was: wanted.)
+            with contextlib.suppress(ModelplaneError):
+                await self.states.wish(name, DesiredState.UNLOADED)
+        return True
+
+    async def _stop_job(self, name: str) -> LoadJob | None:
+        """Cancels the model's load in flight and waits for it to have stopped."""
         job = self.jobs.get(name)
         if job is None or job.task is None or job.task.done():
-            return False
+            return None
         job.task.cancel()
         with contextlib.suppress(BaseException):
             await job.task
-        # A cancelled load is not wanted now: reconciliation must not start it again.
-        with contextlib.suppress(ModelplaneError):
-            await self.states.wish(name, DesiredState.UNLOADED)
-        return True
+        return job
 
     # Unloading ----------------------------------------------------------------------------
 
@@ -453,6 +607,9 @@ class NodeResidency:
         message = _UNLOAD_MESSAGES.get(reason, reason).format(detail=detail)
         holder = self.memory.budget.holders.get(name)
         try:
+            refreshing = self.jobs.get(name)
+            if refreshing is not None and refreshing.served is not None:
+                await self._stop_job(name)  # no copy to switch from once the served one is gone
             model = await self.registry.get_model(name)
             # Whatever unloaded it, the loader no longer keeps it resident: reconciliation must not
             # load it back; a request or a preload may.
@@ -491,9 +648,9 @@ class NodeResidency:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _observe_phases(model: Model) -> None:
-    phases = {d.phase for d in model.status.phase_durations}
-    for duration in model.status.phase_durations:
+def _observe_phases(durations: Sequence[PhaseDuration]) -> None:
+    phases = {d.phase for d in durations}
+    for duration in durations:
         metrics.PHASE_SECONDS.labels(duration.phase.name.lower()).observe(duration.duration.total_seconds())
     metrics.CACHE_LOOKUPS.labels("package", "miss" if ModelState.FETCHING in phases else "hit").inc()
     metrics.CACHE_LOOKUPS.labels("artifact", "miss" if ModelState.CONVERTING in phases else "hit").inc()
