@@ -20,8 +20,9 @@ from modelplane.loader.maintenance import BudgetMaintenance
 from modelplane.loader.memory import DeviceReport, MemoryManager
 from modelplane.loader.pipeline import LoadPipeline
 from modelplane.loader.reconcile import CatalogueDesire, Reconciler, ReconcileResult
-from modelplane.loader.residency import NodeResidency, RegistryStates
+from modelplane.loader.residency import NodeResidency
 from modelplane.loader.settings import LoaderSettings
+from modelplane.loader.states import RegistryStates
 from modelplane.loader.triton_control import TritonControl
 from modelplane.loader.triton_repo import ModelRepository
 from modelplane.loader.types import LoadUpdate

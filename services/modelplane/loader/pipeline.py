@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
@@ -22,10 +22,8 @@ from modelplane.common.types import (
     WORKING_STATES,
     LoadProgress,
     Model,
-    ModelAsset,
     ModelState,
     PackageManifest,
-    ServingProfile,
 )
 from modelplane.loader.builders import RepositoryEntry, select_builder
 from modelplane.loader.cache import PackageCache
@@ -35,6 +33,7 @@ from modelplane.loader.formats import detect_format
 from modelplane.loader.settings import LoaderSettings
 from modelplane.loader.signing import trusted_keys
 from modelplane.loader.sources import PackageSource, SourceFile, open_source
+from modelplane.loader.states import Transitions
 from modelplane.loader.triton_control import TritonControl
 from modelplane.loader.triton_repo import BuiltEntry, ModelRepository
 from modelplane.loader.verification import ExpectedPackage, check_listing, expected_package, verify
@@ -46,28 +45,6 @@ ProgressListener = Callable[[LoadProgress], None]
 # Measures a model just loaded into Triton and returns its footprint in bytes.
 Measure = Callable[[Model], Awaitable[int]]
 _PROGRESS_INTERVAL_SECONDS = 0.5
-
-
-class Transitions(Protocol):
-    """Where a load's transitions are recorded: the node's state writer (residency.py), which
-    the registry client also is."""
-
-    async def transition(
-        self,
-        model: Model,
-        to_state: ModelState,
-        message: str = "",
-        *,
-        expected_from_state: ModelState = ModelState.UNSPECIFIED,
-        progress: LoadProgress | None = None,
-        manifest: PackageManifest | None = None,
-        profile: ServingProfile | None = None,
-        assets: Sequence[ModelAsset] | None = None,
-        footprint_bytes: int = 0,
-        progress_only: bool = False,
-        begins_operation: bool = False,
-        request_id: str = "",
-    ) -> Model: ...
 
 
 class ModelTracker:

@@ -4,8 +4,8 @@
 loads within a bounded number of slots, each admitted into the memory budget (the evictions that
 admission names are carried out here too), with cancellation and timeouts, and unloads whose
 memory counts until it is really back. It is the only writer of this node's model states, and it
-writes them through one narrow interface, `StateWriter`: today the registry's model transition
-(`RegistryStates`); with placements (issue 17), this node's placement transition.
+writes them through one narrow interface, `StateWriter` (states.py): today the registry's model
+transition; with placements (issue 17), this node's placement transition.
 
 What the other parts decide (admission's evictions, the periodic budget work, reconciliation, the
 registry watch) reaches it as decisions (decisions.py), carried out by `carry_out`.
@@ -18,21 +18,16 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from datetime import timedelta
-from typing import Any, Protocol
 
 import structlog
 
 from modelplane.common.errors import Internal, ModelplaneError
 from modelplane.common.types import (
-    WORKING_STATES,
     DesiredState,
     LoadProgress,
     Model,
-    ModelAsset,
     ModelState,
-    PackageManifest,
     PhaseDuration,
-    ServingProfile,
 )
 from modelplane.loader import metrics
 from modelplane.loader.decisions import Decision, Discard, Load, Preload, Reset, Unload
@@ -44,8 +39,9 @@ from modelplane.loader.errors import (
     TritonUnavailable,
 )
 from modelplane.loader.memory import MemoryManager
-from modelplane.loader.pipeline import LoadPipeline, ModelTracker, Transitions
+from modelplane.loader.pipeline import LoadPipeline, ModelTracker
 from modelplane.loader.settings import LoaderSettings
+from modelplane.loader.states import ShadowStates, StateWriter
 from modelplane.loader.triton_control import TritonControl
 from modelplane.loader.triton_repo import ModelRepository
 from modelplane.loader.types import LoadUpdate
@@ -62,81 +58,6 @@ _UNLOAD_MESSAGES = {
     "quota": "unloaded: {detail}",
     "reconcile": "unloaded by reconciliation",
 }
-
-
-class StateWriter(Transitions, Protocol):
-    """Every write the residency makes. `transition` (from `Transitions`) records the state of
-    this node's copy of a model; `wish` relays what an operator or a request asked for;
-    `release` records that this node let a model go on its own account."""
-
-    async def wish(self, name: str, desired: DesiredState) -> Model:
-        """Records the desired state an operator or a request asked for."""
-        ...
-
-    async def release(self, model: Model, reason: str) -> Model:
-        """Records that this node unloaded the model on its own account (`reason`: eviction, idle,
-        quota, reconcile), so that reconciliation does not load it back; a request, a preload or
-        an operator may."""
-        ...
-
-
-class RegistryStates:
-    """The state writer of one node holding every model: the registry's model records it all."""
-
-    def __init__(self, registry: RegistryClient) -> None:
-        self.registry = registry
-
-    async def transition(self, model: Model, to_state: ModelState, message: str = "", **fields: Any) -> Model:
-        return await self.registry.transition(model, to_state, message, **fields)
-
-    async def wish(self, name: str, desired: DesiredState) -> Model:
-        return await self.registry.set_desired_state(name, desired)
-
-    async def release(self, model: Model, reason: str) -> Model:
-        if model.desired_state in (DesiredState.UNLOADED, DesiredState.HELD_UNLOADED):
-            return model
-        return await self.registry.set_desired_state(model.name, DesiredState.UNLOADED)
-
-
-class ShadowStates:
-    """The state writer of a refresh beside a served copy: its transitions apply to a copy of the
-    model, so the registry keeps the served model READY while the new copy is fetched, verified and
-    converted; what staging recorded (manifest, profile, assets) waits here for the switch."""
-
-    def __init__(self) -> None:
-        self.assets: list[ModelAsset] | None = None
-        self.phase_durations: list[PhaseDuration] = []
-        self._since = time.monotonic()
-
-    async def transition(
-        self,
-        model: Model,
-        to_state: ModelState,
-        message: str = "",
-        *,
-        manifest: PackageManifest | None = None,
-        profile: ServingProfile | None = None,
-        assets: Sequence[ModelAsset] | None = None,
-        progress_only: bool = False,
-        **_: Any,
-    ) -> Model:
-        if progress_only:
-            return model
-        now = time.monotonic()
-        if to_state != model.state:
-            if model.state in WORKING_STATES:
-                self.phase_durations.append(
-                    PhaseDuration(phase=model.state, duration=timedelta(seconds=now - self._since))
-                )
-            self._since = now
-        status = model.status.model_copy(update={"state": to_state, "reason": message})
-        if manifest is not None:
-            status.manifest = manifest
-        if profile is not None:
-            status.profile = profile
-        if assets is not None:
-            self.assets = list(assets)
-        return model.model_copy(update={"status": status})
 
 
 class LoadJob:
