@@ -43,7 +43,7 @@ from modelplane.loader.pipeline import LoadPipeline, ModelTracker
 from modelplane.loader.settings import LoaderSettings
 from modelplane.loader.states import ShadowStates, StateWriter
 from modelplane.loader.triton_control import TritonControl
-from modelplane.loader.triton_repo import ModelRepository
+from modelplane.loader.triton_repo import BuiltEntry, ModelRepository
 from modelplane.loader.types import LoadUpdate
 from modelplane.registry.client import RegistryClient
 from modelplane.registry.errors import StaleTransition
@@ -288,7 +288,7 @@ class NodeResidency:
         except asyncio.CancelledError:
             result = "cancelled"
             if job.served is not None:
-                await self._refresh_not_applied(job, "the refresh was cancelled")
+                await self._refresh_not_applied(job, "the refresh was cancelled before it switched.")
                 raise LoadCancelled(
                     f"The refresh of '{model.name}' was cancelled before it switched; the served copy was not "
                     "replaced.",
@@ -301,12 +301,14 @@ class NodeResidency:
             # reconciliation tries again.
             result = "refused" if isinstance(transient, BudgetExceeded) else "failed"
             if job.served is not None:
-                raise await self._refresh_not_applied(job, transient) from None
+                await self._refresh_not_applied(job, transient.message)
+                raise _untouched(job.name, transient) from None
             await self._settle(tracker, f"load stopped: {transient.message}")
             raise transient from None
         except ModelplaneError as refused:
             if job.served is not None:
-                raise await self._refresh_not_applied(job, refused) from None
+                await self._refresh_not_applied(job, refused.message)
+                raise _untouched(job.name, refused) from None
             await self._record_failure(tracker, refused)
             raise
         except Exception as crash:
@@ -315,7 +317,8 @@ class NodeResidency:
                 f"Loading '{model.name}' failed unexpectedly ({type(crash).__name__}); see the loader log."
             )
             if job.served is not None:
-                raise await self._refresh_not_applied(job, error) from crash
+                await self._refresh_not_applied(job, error.message)
+                raise _untouched(job.name, error) from crash
             await self._record_failure(tracker, error)
             raise error from crash
         finally:
@@ -406,21 +409,25 @@ class NodeResidency:
         assert built is not None
         switching = time.monotonic()
         try:
-            reservation = await self.memory.reserve(beside.model, job.say)  # the second copy, while both run
-            await self.carry_out(reservation.evictions)
             try:
+                # Room for the second copy, which runs beside the served one while Triton switches.
+                reservation = await self.memory.reserve(beside.model, job.say)
+                await self.carry_out(reservation.evictions)
                 await self.memory.wait_for_room(reservation, job.say)
-                job.publish(LoadProgress(phase=ModelState.LOADING, message="switching Triton to the new copy"))
-                retired = await asyncio.to_thread(self.repository.swap_in, built)
-                try:
-                    await self.triton.load(name, timeout_seconds=self.settings.triton_load_timeout_seconds)
-                except BaseException:
-                    await asyncio.shield(asyncio.to_thread(self.repository.restore, name, retired))
-                    raise
-                await asyncio.to_thread(self.repository.discard, retired)
-            finally:
-                await self.memory.drop_claim(name)
+            except BudgetExceeded as short:
+                short.message = f"Triton runs both copies while it switches, and the budget lacks room: {short.message}"
+                short.args = (short.message,)
+                raise
+            job.publish(LoadProgress(phase=ModelState.LOADING, message="switching Triton to the new copy"))
+            switch = asyncio.ensure_future(self._switch(name, built))
+            try:
+                await asyncio.shield(switch)
+            except asyncio.CancelledError:
+                # Triton finishes a reload it has begun whatever this caller does: the records
+                # follow what Triton did.
+                await switch
         finally:
+            await self.memory.drop_claim(name)
             await asyncio.to_thread(self.repository.discard, built.path)
         took = time.monotonic() - switching
         job.phase_durations = [
@@ -439,22 +446,25 @@ class NodeResidency:
             request_id=tracker.request_id,
         )
 
-    async def _refresh_not_applied(self, job: LoadJob, why: ModelplaneError | str) -> ModelplaneError:
-        """Records why a refresh left the served copy as it was; returns the caller's error."""
+    async def _switch(self, name: str, built: BuiltEntry) -> None:
+        """Puts the new entry in place and has Triton reload the model; puts the served entry back
+        when Triton refuses the new one (it then keeps serving the old copy)."""
+        retired = await asyncio.to_thread(self.repository.swap_in, built)
+        try:
+            await self.triton.load(name, timeout_seconds=self.settings.triton_load_timeout_seconds)
+        except BaseException:
+            await asyncio.to_thread(self.repository.restore, name, retired)
+            raise
+        await asyncio.to_thread(self.repository.discard, retired)
+
+    async def _refresh_not_applied(self, job: LoadJob, why: str) -> None:
+        """Records why a refresh left the served copy as it was (the model stays READY)."""
         assert job.served is not None
-        message = why if isinstance(why, str) else why.message
-        log.warning("refresh not applied", model=job.name, error=message)
+        log.warning("refresh not applied", model=job.name, error=why)
         with contextlib.suppress(ModelplaneError):
             await self.states.transition(
-                job.served, ModelState.READY, f"refresh not applied: {message} The served copy is untouched."
+                job.served, ModelState.READY, f"refresh not applied: {why} The served copy is untouched."
             )
-        if isinstance(why, str):
-            return Internal(message)
-        why.message = (
-            f"Refreshing '{job.name}' was not applied; the served copy is untouched and still serving. {why.message}"
-        )
-        why.args = (why.message,)
-        return why
 
     async def _release_after_exit(self, name: str) -> None:
         await self.memory.wait_released(name)
@@ -567,6 +577,15 @@ class NodeResidency:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _untouched(name: str, error: ModelplaneError) -> ModelplaneError:
+    """The caller's error of a refresh that was not applied."""
+    error.message = (
+        f"Refreshing '{name}' was not applied; the served copy is untouched and still serving. {error.message}"
+    )
+    error.args = (error.message,)
+    return error
 
 
 def _observe_phases(durations: Sequence[PhaseDuration]) -> None:
