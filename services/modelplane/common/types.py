@@ -59,6 +59,7 @@ class DesiredState(enum.IntEnum):
     UNSPECIFIED = 0
     LOADED = 1
     UNLOADED = 2
+    HELD_UNLOADED = 3  # an operator unloaded it: no preload brings it back
 
 
 class Priority(enum.IntEnum):

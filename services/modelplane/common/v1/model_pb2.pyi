@@ -171,6 +171,11 @@ class _DesiredStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DesiredS
     """Keep the model loaded; reconciliation reloads it after any restart."""
     DESIRED_STATE_UNLOADED: _DesiredState.ValueType  # 2
     """The model need not be resident; a request for it loads it on demand."""
+    DESIRED_STATE_HELD_UNLOADED: _DesiredState.ValueType  # 3
+    """An operator unloaded the model: it stays out of Triton until an operator
+    or a request loads it again (which makes it DESIRED_STATE_LOADED); the
+    predictive preloader leaves it alone.
+    """
 
 class DesiredState(_DesiredState, metaclass=_DesiredStateEnumTypeWrapper):
     """Whether the operator wants a model resident in Triton."""
@@ -181,6 +186,11 @@ DESIRED_STATE_LOADED: DesiredState.ValueType  # 1
 """Keep the model loaded; reconciliation reloads it after any restart."""
 DESIRED_STATE_UNLOADED: DesiredState.ValueType  # 2
 """The model need not be resident; a request for it loads it on demand."""
+DESIRED_STATE_HELD_UNLOADED: DesiredState.ValueType  # 3
+"""An operator unloaded the model: it stays out of Triton until an operator
+or a request loads it again (which makes it DESIRED_STATE_LOADED); the
+predictive preloader leaves it alone.
+"""
 Global___DesiredState: _TypeAlias = DesiredState  # noqa: Y015
 
 class _Priority:
