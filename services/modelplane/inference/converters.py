@@ -9,6 +9,7 @@ from modelplane.common.v1 import usage_pb2
 from modelplane.inference.generation import ChatMessage, GenerationChunk, SamplingParameters
 from modelplane.inference.handlers import EmbedInput, EmbedResult
 from modelplane.inference.rerank import RerankResult
+from modelplane.inference.speech import SpeechPiece, Transcript
 from modelplane.inference.v1 import inference_service_pb2 as pb
 
 
@@ -87,3 +88,29 @@ def generate_chunk_to_proto(chunk: GenerationChunk) -> pb.GenerateResponse:
 def chat_chunk_to_proto(chunk: GenerationChunk) -> pb.ChatResponse:
     usage = usage_to_proto(chunk.usage) if chunk.usage is not None else None
     return pb.ChatResponse(text=chunk.text, finish_reason=int(chunk.finish_reason), usage=usage)
+
+
+def transcript_to_proto(result: Transcript) -> pb.TranscribeResponse:
+    return pb.TranscribeResponse(
+        model=result.model,
+        text=result.text,
+        language=result.language,
+        duration_seconds=result.duration,
+        segments=[
+            pb.TranscriptionSegment(
+                id=s.id,
+                start_seconds=s.start,
+                end_seconds=s.end,
+                text=s.text,
+                avg_logprob=s.avg_logprob,
+                no_speech_prob=s.no_speech_prob,
+                compression_ratio=s.compression_ratio,
+                temperature=s.temperature,
+            )
+            for s in result.segments
+        ],
+    )
+
+
+def speech_piece_to_proto(piece: SpeechPiece) -> pb.SynthesizeResponse:
+    return pb.SynthesizeResponse(audio=piece.audio, media_type=piece.media_type, seconds=piece.seconds)

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from modelplane.inference import converters
+from modelplane.inference.audio import AudioFormat
 from modelplane.inference.handlers import InferenceHandler, Truncation
 from modelplane.inference.v1 import inference_service_pb2 as pb
 from modelplane.inference.v1 import inference_service_pb2_grpc as pb_grpc
@@ -64,3 +65,31 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         )
         async for chunk in chunks:
             yield converters.chat_chunk_to_proto(chunk)
+
+    async def Transcribe(
+        self, request: pb.TranscribeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TranscribeResponse:
+        result = await self.handler.transcribe(
+            request.model,
+            request.audio,
+            filename=request.filename,
+            language=request.language,
+            prompt=request.prompt,
+            temperature=request.temperature if request.HasField("temperature") else None,
+            deadline_seconds=_deadline(context),
+        )
+        return converters.transcript_to_proto(result)
+
+    async def Synthesize(
+        self, request: pb.SynthesizeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.SynthesizeResponse]:
+        pieces = self.handler.synthesize(
+            request.model,
+            request.input,
+            voice=request.voice,
+            audio_format=AudioFormat(request.format),
+            speed=request.speed if request.HasField("speed") else None,
+            deadline_seconds=_deadline(context),
+        )
+        async for piece in pieces:
+            yield converters.speech_piece_to_proto(piece)

@@ -111,6 +111,37 @@ class TritonInferer:
         finally:
             responses.cancel()
 
+    async def synthesize(
+        self, model: str, text: str, *, speaker: str, speed: float, request_id: str = ""
+    ) -> AsyncIterator[tuple[np.ndarray, int]]:
+        """Streams (int16 samples, sample rate) per sentence from a decoupled text-to-speech model.
+        Closing the iterator early cancels the request inside Triton."""
+        inputs = [_tensor("text_input", text.encode(), "BYTES")]
+        if speaker:
+            inputs.append(_tensor("speaker", speaker.encode(), "BYTES"))
+        speed_tensor = InferInput("speed", [1], "FP32")
+        speed_tensor.set_data_from_numpy(np.array([speed], dtype=np.float32))
+        inputs.append(speed_tensor)
+
+        async def requests() -> AsyncIterator[dict[str, Any]]:
+            yield {"model_name": model, "inputs": inputs, "request_id": request_id}
+
+        responses = self.client.stream_infer(requests())
+        try:
+            async for result, error in responses:
+                if error is not None:
+                    raise _translate_generation(model, error)
+                final = result.get_response().parameters.get("triton_final_response")
+                samples = result.as_numpy("audio")
+                if samples is not None and samples.size:
+                    yield samples.reshape(-1), int(result.as_numpy("sample_rate").reshape(-1)[0])
+                if final is not None and final.bool_param:
+                    return
+        except InferenceServerException as error:
+            raise _translate(model, error) from None
+        finally:
+            responses.cancel()
+
 
 def _chunk(result: Any) -> GeneratedChunk:
     def first(name: str) -> Any:
