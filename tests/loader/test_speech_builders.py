@@ -70,7 +70,7 @@ def test_a_piper_voice_is_built_for_text_to_speech(tmp_path: Path) -> None:
     settings = LoaderSettings()
     report = asyncio.run(builder.build(model, package, tmp_path / "artifact", settings))
     entry = builder.entry(model, package, tmp_path / "artifact", report, settings)
-    assert set(entry.files) == {"model.py", "en_US-joe-medium.onnx", "en_US-joe-medium.onnx.json"}
+    assert set(entry.files) == {"model.py", "llm_protocol.py", "en_US-joe-medium.onnx", "en_US-joe-medium.onnx.json"}
     speech = entry.profile.speech
     assert speech is not None
     assert (speech.voices, speech.default_voice, speech.sample_rate_hz, speech.languages) == (

@@ -124,8 +124,12 @@ class PiperBuilder(ArtifactBuilder):
             {"onnx_file": report["onnx_file"], "intra_op_threads": str(settings.onnx_intra_op_threads)},
         )
         onnx = report["onnx_file"]
+        # The decoupled-model plumbing the LLM models use is copied beside model.py, as for them.
+        source = python_model_source("piper")
+        shared = source.parent.with_name("llm_protocol.py")
         files = {
-            "model.py": python_model_source("piper"),
+            "model.py": source,
+            shared.name: shared,
             onnx: package / onnx,
             f"{onnx}.json": package / f"{onnx}.json",
         }

@@ -10,7 +10,8 @@ starts playing (or encoding) before the whole text is spoken.
            sample_rate (INT32 [1]): their sample rate, in hertz
 
 An error's message starts with its code (`[INVALID_ARG] ...`), as the LLM models' do: over a gRPC
-stream Triton delivers only the message of a response's error.
+stream Triton delivers only the message of a response's error. The plumbing of decoupled models
+(llm_protocol.py) is copied beside this file, as for the LLM models.
 
 Model configuration (config.pbtxt `parameters`, all string values):
   onnx_file      the voice's ONNX file (relative: the version folder); its config is <onnx_file>.json
@@ -28,50 +29,29 @@ import traceback
 import numpy as np
 import onnxruntime
 import triton_python_backend_utils as pb_utils
+from llm_protocol import RequestError, complete_config, scalar, send_error
 from piper import PiperVoice, SynthesisConfig
 from piper.config import PiperConfig
 
+INPUTS = [
+    {"name": "text_input", "data_type": "TYPE_STRING", "dims": [1]},
+    {"name": "speaker", "data_type": "TYPE_STRING", "dims": [1], "optional": True},
+    {"name": "speed", "data_type": "TYPE_FP32", "dims": [1], "optional": True},
+]
+OUTPUTS = [
+    {"name": "audio", "data_type": "TYPE_INT16", "dims": [-1]},
+    {"name": "sample_rate", "data_type": "TYPE_INT32", "dims": [1]},
+]
 
-def _scalar(request, name, default=None):
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    if tensor is None:
-        return default
-    value = tensor.as_numpy().reshape(-1)
-    if value.size == 0:
-        return default
-    value = value[0]
-    return value.decode("utf-8") if isinstance(value, bytes) else value
 
-
-def _error(message, code):
-    names = {getattr(pb_utils.TritonError, n): n for n in ("INVALID_ARG", "CANCELLED", "UNAVAILABLE", "INTERNAL")}
-    return pb_utils.TritonError(f"[{names.get(code, 'INTERNAL')}] {message}", code)
+def _text(value, default=None):
+    return value.decode("utf-8") if isinstance(value, bytes) else (default if value is None else value)
 
 
 class TritonPythonModel:
     @staticmethod
     def auto_complete_config(auto_complete_model_config):
-        config = auto_complete_model_config.as_dict()
-        inputs = [
-            {"name": "text_input", "data_type": "TYPE_STRING", "dims": [1]},
-            {"name": "speaker", "data_type": "TYPE_STRING", "dims": [1], "optional": True},
-            {"name": "speed", "data_type": "TYPE_FP32", "dims": [1], "optional": True},
-        ]
-        outputs = [
-            {"name": "audio", "data_type": "TYPE_INT16", "dims": [-1]},
-            {"name": "sample_rate", "data_type": "TYPE_INT32", "dims": [1]},
-        ]
-        have_inputs = {t["name"] for t in config.get("input", [])}
-        have_outputs = {t["name"] for t in config.get("output", [])}
-        for tensor in inputs:
-            if tensor["name"] not in have_inputs:
-                auto_complete_model_config.add_input(tensor)
-        for tensor in outputs:
-            if tensor["name"] not in have_outputs:
-                auto_complete_model_config.add_output(tensor)
-        auto_complete_model_config.set_model_transaction_policy({"decoupled": True})
-        auto_complete_model_config.set_max_batch_size(0)
-        return auto_complete_model_config
+        return complete_config(auto_complete_model_config, INPUTS, OUTPUTS)
 
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -103,39 +83,29 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 job = self._parse(request, sender)
-            except ValueError as err:
-                sender.send(
-                    pb_utils.InferenceResponse(error=_error(str(err), pb_utils.TritonError.INVALID_ARG)),
-                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
-                )
+            except (RequestError, UnicodeDecodeError) as err:
+                send_error(sender, str(err), pb_utils.TritonError.INVALID_ARG)
                 continue
             try:
                 self._jobs.put_nowait(job)
             except queue.Full:
-                sender.send(
-                    pb_utils.InferenceResponse(
-                        error=_error(
-                            f"{self._jobs.maxsize} requests are already waiting for this voice; retry later",
-                            pb_utils.TritonError.UNAVAILABLE,
-                        )
-                    ),
-                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
-                )
+                message = f"{self._jobs.maxsize} requests are already waiting for this voice; retry later"
+                send_error(sender, message, pb_utils.TritonError.UNAVAILABLE)
         return None
 
     def _parse(self, request, sender):
-        text = _scalar(request, "text_input")
-        if not text or not str(text).strip():
-            raise ValueError("text_input is empty")
-        speaker = _scalar(request, "speaker") or None
+        text = _text(scalar(request, "text_input"), "")
+        if not text.strip():
+            raise RequestError("text_input is empty")
+        speaker = _text(scalar(request, "speaker")) or None
         speaker_id = None
         if speaker is not None and self._speakers:
             if speaker not in self._speakers:
-                raise ValueError(f"unknown speaker '{speaker}'; this voice has {', '.join(sorted(self._speakers))}")
+                raise RequestError(f"unknown speaker '{speaker}'; this voice has {', '.join(sorted(self._speakers))}")
             speaker_id = self._speakers[speaker]
-        speed = float(_scalar(request, "speed", 1.0) or 1.0)
+        speed = float(scalar(request, "speed", 1.0) or 1.0)
         if not 0.25 <= speed <= 4.0:
-            raise ValueError(f"speed {speed} is outside [0.25, 4]")
+            raise RequestError(f"speed {speed} is outside [0.25, 4]")
         length_scale = (self._voice.config.length_scale or 1.0) / speed
         return request, sender, str(text), SynthesisConfig(speaker_id=speaker_id, length_scale=length_scale)
 
@@ -149,19 +119,13 @@ class TritonPythonModel:
                 self._synthesize(request, sender, text, syn_config)
             except Exception as err:  # noqa: BLE001 - a failure of one request must not stop the thread
                 pb_utils.Logger.log_error(f"[piper] synthesis failed: {traceback.format_exc()}")
-                sender.send(
-                    pb_utils.InferenceResponse(error=_error(f"synthesis failed: {err}", pb_utils.TritonError.INTERNAL)),
-                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
-                )
+                send_error(sender, f"synthesis failed: {err}", pb_utils.TritonError.INTERNAL)
 
     def _synthesize(self, request, sender, text, syn_config):
         rate = np.array([self._sample_rate], dtype=np.int32)
         for chunk in self._voice.synthesize(text, syn_config=syn_config):
             if request.is_cancelled():
-                sender.send(
-                    pb_utils.InferenceResponse(error=_error("request was cancelled", pb_utils.TritonError.CANCELLED)),
-                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
-                )
+                send_error(sender, "request was cancelled", pb_utils.TritonError.CANCELLED)
                 return
             samples = chunk.audio_int16_array.reshape(-1)
             tensors = [pb_utils.Tensor("audio", samples), pb_utils.Tensor("sample_rate", rate)]
