@@ -91,6 +91,25 @@ def test_a_file_cut_short_in_its_first_frame_is_refused() -> None:
         audio.decode(mp3[:200], sample_rate=16000, max_seconds=60)
 
 
+def _ffmpeg_mp3(seconds: float) -> bytes:
+    """An MP3 as FFmpeg (and LAME itself) writes one: with an Info frame that counts its frames."""
+    sink = io.BytesIO()
+    with av.open(sink, mode="w", format="mp3") as output:
+        stream = output.add_stream("libmp3lame", rate=RATE, layout="mono")
+        frame = av.AudioFrame.from_ndarray(_tone(seconds).reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = RATE
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            output.mux(packet)
+    return sink.getvalue()
+
+
+def test_an_mp3_cut_in_the_middle_is_refused_when_its_header_states_its_length() -> None:
+    whole = _ffmpeg_mp3(10.0)
+    assert audio.decode(whole, sample_rate=16000, max_seconds=60).seconds == pytest.approx(10.0, abs=0.1)
+    with pytest.raises(AudioUnreadable, match=r"cut short: its header says it lasts 10\.0 s, but it holds 5\.0 s"):
+        audio.decode(whole[: len(whole) // 2], sample_rate=16000, max_seconds=60)
+
+
 def test_audio_over_the_limit_is_refused_with_the_limit() -> None:
     with pytest.raises(AudioTooLong, match="at most 2 s"):
         audio.decode(_encode(AudioFormat.WAV, [_tone(3.0)]), sample_rate=16000, max_seconds=2)

@@ -66,6 +66,9 @@ def decode(data: bytes, *, sample_rate: int, max_seconds: float, filename: str =
                     f"{name} has no audio track (FFmpeg read it as {container.format.name}). Send a recording."
                 )
             declared = float(container.duration / av.time_base) if container.duration else 0.0
+            # An MP3 with a Xing/Info header states its length exactly; without one FFmpeg only
+            # estimates it from the size, which says nothing about a file cut short.
+            exact = container.format.name == "mp3" and _has_mp3_length_header(data)
             if declared > max_seconds + 1:
                 raise _too_long(name, declared, max_seconds)
             resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
@@ -90,7 +93,22 @@ def decode(data: bytes, *, sample_rate: int, max_seconds: float, filename: str =
             f"{name} holds no decodable audio (it may be cut short, or its audio frames damaged). Send the whole "
             "recording."
         )
-    return DecodedAudio(samples, sample_rate)
+    decoded = DecodedAudio(samples, sample_rate)
+    if exact and declared - decoded.seconds > max(1.0, 0.05 * declared):
+        raise AudioUnreadable(
+            f"{name} is cut short: its header says it lasts {declared:.1f} s, but it holds {decoded.seconds:.1f} s "
+            "of audio. Send the whole file (the upload may have been interrupted)."
+        )
+    return decoded
+
+
+def _has_mp3_length_header(data: bytes) -> bool:
+    """Whether the MP3's first frame is a Xing or Info frame (which counts the file's frames)."""
+    start = 0
+    if data[:3] == b"ID3" and len(data) >= 10:
+        start = 10 + ((data[6] & 0x7F) << 21 | (data[7] & 0x7F) << 14 | (data[8] & 0x7F) << 7 | (data[9] & 0x7F))
+    first_frame = data[start : start + 200]
+    return b"Xing" in first_frame or b"Info" in first_frame
 
 
 def _ffmpeg_reason(error: av.error.FFmpegError) -> str:
