@@ -114,12 +114,18 @@ class TritonPythonModel:
             job = self._jobs.get()
             if job is None:
                 return
-            request, sender, text, syn_config = job
-            try:
-                self._synthesize(request, sender, text, syn_config)
-            except Exception as err:  # noqa: BLE001 - a failure of one request must not stop the thread
-                pb_utils.Logger.log_error(f"[piper] synthesis failed: {traceback.format_exc()}")
-                send_error(sender, f"synthesis failed: {err}", pb_utils.TritonError.INTERNAL)
+            self._serve(*job)
+            # Triton releases a request (and can unload the model) only once nothing refers to its
+            # request and response sender: a job kept alive while this thread waits for the next
+            # would hold the model loaded, and its backend process alive, forever.
+            del job
+
+    def _serve(self, request, sender, text, syn_config):
+        try:
+            self._synthesize(request, sender, text, syn_config)
+        except Exception as err:  # noqa: BLE001 - a failure of one request must not stop the thread
+            pb_utils.Logger.log_error(f"[piper] synthesis failed: {traceback.format_exc()}")
+            send_error(sender, f"synthesis failed: {err}", pb_utils.TritonError.INTERNAL)
 
     def _synthesize(self, request, sender, text, syn_config):
         rate = np.array([self._sample_rate], dtype=np.int32)
@@ -140,3 +146,4 @@ class TritonPythonModel:
     def finalize(self):
         self._jobs.put(None)
         self._thread.join()
+        pb_utils.Logger.log_info("[piper] finalized")
