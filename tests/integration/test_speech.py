@@ -270,7 +270,9 @@ async def test_speech_models_count_in_the_budget_and_load_on_demand_after_an_unl
             model = await registry.get_model(name)
             assert model.state == ModelState.READY
             assert model.status.footprint_bytes > 50 * 2**20, (name, model.status.footprint_bytes)
-        async with LoaderClient(stack.loader) as loader:
+        # An unload returns once the backend process has exited; on a busy 2-core machine (load
+        # average 10) that took longer than the client's default 30 s in one run of three.
+        async with LoaderClient(stack.loader, timeout_seconds=120) as loader:
             unloaded = await loader.unload(TTS, reason="test")
         assert unloaded.state == ModelState.STAGED
         response = await asyncio.to_thread(
