@@ -6,6 +6,8 @@ import numpy as np
 
 from modelplane.common.types import Usage
 from modelplane.common.v1 import usage_pb2
+from modelplane.inference.audio import AudioFormat
+from modelplane.inference.errors import InvalidRequest
 from modelplane.inference.generation import ChatMessage, GenerationChunk, SamplingParameters
 from modelplane.inference.handlers import EmbedInput, EmbedResult
 from modelplane.inference.rerank import RerankResult
@@ -114,3 +116,11 @@ def transcript_to_proto(result: Transcript) -> pb.TranscribeResponse:
 
 def speech_piece_to_proto(piece: SpeechPiece) -> pb.SynthesizeResponse:
     return pb.SynthesizeResponse(audio=piece.audio, media_type=piece.media_type, seconds=piece.seconds)
+
+
+def audio_format_from_proto(value: int) -> AudioFormat:
+    try:
+        return AudioFormat(value)
+    except ValueError:
+        offered = ", ".join(f.name for f in AudioFormat if f != AudioFormat.UNSPECIFIED)
+        raise InvalidRequest(f"Audio format {value} is not one this service encodes; use {offered}.") from None

@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 import grpc
 
 from modelplane.inference import converters
-from modelplane.inference.audio import AudioFormat
 from modelplane.inference.handlers import InferenceHandler, Truncation
 from modelplane.inference.v1 import inference_service_pb2 as pb
 from modelplane.inference.v1 import inference_service_pb2_grpc as pb_grpc
@@ -87,7 +86,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             request.model,
             request.input,
             voice=request.voice,
-            audio_format=AudioFormat(request.format),
+            audio_format=converters.audio_format_from_proto(request.format),
             speed=request.speed if request.HasField("speed") else None,
             deadline_seconds=_deadline(context),
         )
