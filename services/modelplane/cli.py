@@ -390,7 +390,7 @@ def _ago(delta: timedelta) -> str:
 def models_register(
     name: Annotated[str, typer.Argument(help="Name clients will use.")],
     source: Annotated[str, typer.Option(help="Path, file://, s3:// or http(s):// URI of the package.")],
-    task: Annotated[str, typer.Option(help="embedding, rerank or generation.")],
+    task: Annotated[str, typer.Option(help="embedding, rerank, generation, speech2text or tts.")],
     sha256: Annotated[str, typer.Option(help="Expected SHA-256 (see `modelplane digest`).")] = "",
     priority: Annotated[str, typer.Option(help="pinned, high, normal or low.")] = "normal",
     load: Annotated[bool, typer.Option(help="Load it right away.")] = False,

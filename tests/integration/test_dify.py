@@ -9,12 +9,8 @@ dify/driver.py.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,27 +25,6 @@ from tests.integration.services import serve_gateway
 DIFY = Path(__file__).parent / "dify"
 EMBEDDER = "all-minilm-l6-v2"
 API_KEY = "sk-modelplane-dify-test-7c1d"
-
-
-@pytest.fixture(scope="session")
-def dify_python() -> Path:
-    requirements = DIFY / "requirements.txt"
-    version = hashlib.sha256(requirements.read_bytes()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "modelplane" / f"dify-env-{version}"
-    python = cache / "bin" / "python"
-    if not (cache / ".complete").exists():
-        shutil.rmtree(cache, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "venv", str(cache)], check=True, timeout=120)
-        installed = subprocess.run(
-            [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r", str(requirements)],
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        if installed.returncode != 0:
-            pytest.fail(f"could not install Dify's provider code (dify-plugin):\n{installed.stderr[-3000:]}")
-        (cache / ".complete").touch()
-    return python
 
 
 def _dify(python: Path, scenario: dict) -> dict:

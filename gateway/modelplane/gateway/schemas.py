@@ -105,7 +105,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "modelplane"
-    task: str = Field(description="embedding, rerank or generation.")
+    task: str = Field(description="embedding, rerank, generation, speech2text or tts.")
     state: str = Field(description="Lifecycle state: READY, or a state from which a request loads it.")
     context_length: int | None = Field(
         default=None, description="Tokens of context a generation model is served with (known once it is staged)."
@@ -318,3 +318,49 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: CompletionUsage
+
+
+# Audio -----------------------------------------------------------------------------------------
+
+
+class SpeechRequest(BaseModel):
+    """OpenAI's speech request, as Dify's OpenAI-API-compatible provider and OpenAI's clients send it."""
+
+    # Clients send fields this API does not use (instructions); they are accepted and ignored.
+    model_config = ConfigDict(extra="allow")
+
+    model: ModelName
+    input: str = Field(description="The text to speak.", examples=["Hello from modelplane."])
+    voice: str = Field(
+        default="",
+        description="One of the model's voices; OpenAI's names (alloy, echo, ...) speak with its default voice.",
+        examples=["alloy"],
+    )
+    response_format: str = Field(
+        default="mp3", description="`mp3`, `wav`, `opus`, `flac` or `pcm` (16-bit, 24 kHz, mono).", examples=["mp3"]
+    )
+    speed: float | None = Field(default=None, description="Speaking rate, 0.25 to 4; 1 is the voice's own.")
+    stream_format: str | None = Field(default=None, description="`audio` (the only one served).")
+
+
+class TranscriptionSegment(BaseModel):
+    id: int
+    seek: int
+    start: float
+    end: float
+    text: str
+    tokens: list[int]
+    temperature: float
+    avg_logprob: float
+    compression_ratio: float
+    no_speech_prob: float
+
+
+class TranscriptionResponse(BaseModel):
+    """`json` gives `text` alone; `verbose_json` adds the language, duration and segments."""
+
+    text: str
+    task: Literal["transcribe"] | None = None
+    language: str | None = None
+    duration: float | None = None
+    segments: list[TranscriptionSegment] | None = None

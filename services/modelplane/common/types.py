@@ -23,6 +23,8 @@ class Task(enum.IntEnum):
     EMBEDDING = 1
     RERANK = 2
     GENERATION = 3
+    SPEECH2TEXT = 4
+    TTS = 5
 
 
 class ModelFormat(enum.IntEnum):
@@ -32,6 +34,7 @@ class ModelFormat(enum.IntEnum):
     ONNX = 3
     TENSORRT_PLAN = 4
     GGUF = 5
+    CTRANSLATE2 = 6
 
 
 class ModelState(enum.IntEnum):
@@ -196,6 +199,13 @@ class ModelCapabilities(Record):
     vision: bool = False
 
 
+class SpeechProfile(Record):
+    sample_rate_hz: int = 0
+    voices: list[str] = Field(default_factory=list)
+    default_voice: str = ""
+    languages: list[str] = Field(default_factory=list)
+
+
 class ServingProfile(Record):
     triton_model_name: str = ""
     embedding_dimension: int = 0
@@ -211,6 +221,7 @@ class ServingProfile(Record):
     special_tokens: dict[str, str] = Field(default_factory=dict)
     runtime_memory_bytes: int = 0
     capabilities: ModelCapabilities | None = None
+    speech: SpeechProfile | None = None
 
 
 class ModelAsset(Record):

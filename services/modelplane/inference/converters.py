@@ -6,9 +6,12 @@ import numpy as np
 
 from modelplane.common.types import Usage
 from modelplane.common.v1 import usage_pb2
+from modelplane.inference.audio import AudioFormat
+from modelplane.inference.errors import InvalidRequest
 from modelplane.inference.generation import ChatMessage, GenerationChunk, SamplingParameters
 from modelplane.inference.handlers import EmbedInput, EmbedResult
 from modelplane.inference.rerank import RerankResult
+from modelplane.inference.speech import SpeechPiece, Transcript
 from modelplane.inference.structured import ResponseFormat, ResponseFormatType
 from modelplane.inference.tool_calls import Tool, ToolCall, ToolChoice, ToolChoiceMode
 from modelplane.inference.v1 import inference_service_pb2 as pb
@@ -124,3 +127,37 @@ def chat_chunk_to_proto(chunk: GenerationChunk) -> pb.ChatResponse:
         tool_calls=[pb.ToolCall(id=c.id, name=c.name, arguments_json=c.arguments_json) for c in chunk.tool_calls],
         reasoning_text=chunk.reasoning,
     )
+
+
+def transcript_to_proto(result: Transcript) -> pb.TranscribeResponse:
+    return pb.TranscribeResponse(
+        model=result.model,
+        text=result.text,
+        language=result.language,
+        duration_seconds=result.duration,
+        segments=[
+            pb.TranscriptionSegment(
+                id=s.id,
+                start_seconds=s.start,
+                end_seconds=s.end,
+                text=s.text,
+                avg_logprob=s.avg_logprob,
+                no_speech_prob=s.no_speech_prob,
+                compression_ratio=s.compression_ratio,
+                temperature=s.temperature,
+            )
+            for s in result.segments
+        ],
+    )
+
+
+def speech_piece_to_proto(piece: SpeechPiece) -> pb.SynthesizeResponse:
+    return pb.SynthesizeResponse(audio=piece.audio, media_type=piece.media_type, seconds=piece.seconds)
+
+
+def audio_format_from_proto(value: int) -> AudioFormat:
+    try:
+        return AudioFormat(value)
+    except ValueError:
+        offered = ", ".join(f.name for f in AudioFormat if f != AudioFormat.UNSPECIFIED)
+        raise InvalidRequest(f"Audio format {value} is not one this service encodes; use {offered}.") from None

@@ -17,8 +17,9 @@ import structlog
 
 from modelplane.common.request_context import current_request_id
 from modelplane.common.types import ModelCapabilities, Task, Usage
-from modelplane.inference import generation, structured, tool_calls
+from modelplane.inference import generation, speech, structured, tool_calls
 from modelplane.inference import rerank as reranking
+from modelplane.inference.audio import AudioFormat
 from modelplane.inference.catalog import ModelCatalog, ServingModel
 from modelplane.inference.coalescing import EncoderCalls, EncoderModel
 from modelplane.inference.errors import InputTooLong, InvalidRequest, WrongTask
@@ -232,6 +233,57 @@ class InferenceHandler:
         async with contextlib.aclosing(chunks):
             async for chunk in chunks:
                 yield chunk
+
+    async def transcribe(
+        self,
+        model: str,
+        data: bytes,
+        *,
+        filename: str = "",
+        language: str = "",
+        prompt: str = "",
+        temperature: float | None = None,
+        deadline_seconds: float | None = None,
+    ) -> speech.Transcript:
+        """The transcript of an audio file of any container FFmpeg reads, long ones in chunks."""
+        serving = await self._serving(model, Task.SPEECH2TEXT, deadline_seconds)
+        return await speech.transcribe(
+            self.triton,
+            serving,
+            data,
+            filename=filename,
+            language=language,
+            prompt=prompt,
+            temperature=temperature,
+            max_seconds=self.settings.max_audio_seconds,
+            chunk_seconds=self.settings.transcribe_chunk_seconds,
+            request_id=current_request_id.get(),
+            timeout_seconds=deadline_seconds,
+        )
+
+    async def synthesize(
+        self,
+        model: str,
+        text: str,
+        *,
+        voice: str = "",
+        audio_format: AudioFormat = AudioFormat.MP3,
+        speed: float | None = None,
+        deadline_seconds: float | None = None,
+    ) -> AsyncIterator[speech.SpeechPiece]:
+        """Speaks the text, streaming the encoded audio sentence by sentence."""
+        serving = await self._serving(model, Task.TTS, deadline_seconds)
+        async for piece in speech.synthesize(
+            self.triton,
+            serving,
+            text,
+            voice=voice,
+            audio_format=audio_format,
+            speed=speed,
+            max_chars=self.settings.max_speech_input_chars,
+            request_id=current_request_id.get(),
+        ):
+            yield piece
 
     async def _run_encoder(
         self, serving: ServingModel, sequences: list[tuple[list[int], list[int]]]

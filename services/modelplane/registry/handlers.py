@@ -92,7 +92,9 @@ def validate_spec(spec: ModelSpec) -> ModelSpec:
             "starting with a letter or digit."
         )
     if spec.task == Task.UNSPECIFIED:
-        raise InvalidModelSpec(f"Model '{spec.name}' has no task: say embedding, rerank or generation.")
+        raise InvalidModelSpec(
+            f"Model '{spec.name}' has no task: say embedding, rerank, generation, speech2text or tts."
+        )
     if not spec.source_uri.strip():
         raise InvalidModelSpec(f"Model '{spec.name}' has no source URI: give a path, s3:// or http(s):// URI.")
     expected = spec.expected_sha256.strip().lower()

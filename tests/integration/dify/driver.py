@@ -4,7 +4,8 @@ test_dify.py makes (never imported by the project's tests: dify-plugin gevent-pa
 
 Reads one JSON scenario on stdin, prints one JSON result on stdout:
 
-    {"model_type": "text-embedding" | "rerank" | "llm" | "agent", "model": ..., "credentials": {...}, ...}
+    {"model_type": "text-embedding" | "rerank" | "llm" | "agent" | "speech2text" | "tts", "model": ...,
+     "credentials": {...}, ...}
     → {"stage": "done", "result": {...}}
     → {"stage": "validate" | "invoke", "error": "<what Dify shows>", "error_type": "<exception class>"}
 """
@@ -15,7 +16,13 @@ import json
 import sys
 from collections.abc import Callable
 
-from dify_plugin import OAICompatEmbeddingModel, OAICompatLargeLanguageModel, OAICompatRerankModel
+from dify_plugin import (
+    OAICompatEmbeddingModel,
+    OAICompatLargeLanguageModel,
+    OAICompatRerankModel,
+    OAICompatSpeech2TextModel,
+    OAICompatText2SpeechModel,
+)
 from dify_plugin.entities.model.message import (
     AssistantPromptMessage,
     PromptMessageTool,
@@ -127,9 +134,42 @@ def _agent(scenario: dict) -> tuple[AIModel, Callable[[], dict]]:
     return model, invoke
 
 
+def _speech2text(scenario: dict) -> tuple[AIModel, Callable[[], dict]]:
+    """Dify's validation transcribes the SDK's own demo MP3; invocation, the recording a user made."""
+    model = OAICompatSpeech2TextModel(model_schemas=[])
+
+    def invoke() -> dict:
+        with open(scenario["audio_file"], "rb") as recording:
+            return {"text": model.invoke(scenario["model"], scenario["credentials"], recording)}
+
+    return model, invoke
+
+
+def _tts(scenario: dict) -> tuple[AIModel, Callable[[], dict]]:
+    """Dify's validation speaks "Test." with the first of the voices in the credentials; invocation
+    reads a text aloud with the voice the app chose, and Dify joins the streamed chunks."""
+    model = OAICompatText2SpeechModel(model_schemas=[])
+
+    def invoke() -> dict:
+        chunks = model.invoke(scenario["model"], "tenant", scenario["credentials"], scenario["text"], scenario["voice"])
+        audio = b"".join(chunks)
+        with open(scenario["output_file"], "wb") as output:
+            output.write(audio)
+        return {"bytes": len(audio)}
+
+    return model, invoke
+
+
 def main() -> int:
     scenario = json.load(sys.stdin)
-    kinds = {"text-embedding": _embedding, "rerank": _rerank, "llm": _llm, "agent": _agent}
+    kinds = {
+        "text-embedding": _embedding,
+        "rerank": _rerank,
+        "llm": _llm,
+        "agent": _agent,
+        "speech2text": _speech2text,
+        "tts": _tts,
+    }
     model, invoke = kinds[scenario["model_type"]](scenario)
     stage = "validate"
     try:

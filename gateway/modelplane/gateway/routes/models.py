@@ -21,6 +21,8 @@ _TASKS = {
     model_pb2.TASK_EMBEDDING: "embedding",
     model_pb2.TASK_RERANK: "rerank",
     model_pb2.TASK_GENERATION: "generation",
+    model_pb2.TASK_SPEECH2TEXT: "speech2text",
+    model_pb2.TASK_TTS: "tts",
 }
 
 

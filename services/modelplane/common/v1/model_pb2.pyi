@@ -37,6 +37,12 @@ class _TaskEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Task.ValueType],
     """
     TASK_GENERATION: _Task.ValueType  # 3
     """Causal text generation: completions and chat (Generate and Chat RPCs)."""
+    TASK_SPEECH2TEXT: _Task.ValueType  # 4
+    """Speech to text: audio in, its transcript out (Transcribe RPC)."""
+    TASK_TTS: _Task.ValueType  # 5
+    """Text to speech: text in, audio streamed out sentence by sentence
+    (Synthesize RPC).
+    """
 
 class Task(_Task, metaclass=_TaskEnumTypeWrapper):
     """What a model is served for. The task decides which inference RPCs accept the
@@ -53,6 +59,12 @@ cross-encoder or by an embedding model through cosine similarity.
 """
 TASK_GENERATION: Task.ValueType  # 3
 """Causal text generation: completions and chat (Generate and Chat RPCs)."""
+TASK_SPEECH2TEXT: Task.ValueType  # 4
+"""Speech to text: audio in, its transcript out (Transcribe RPC)."""
+TASK_TTS: Task.ValueType  # 5
+"""Text to speech: text in, audio streamed out sentence by sentence
+(Synthesize RPC).
+"""
 Global___Task: _TypeAlias = Task  # noqa: Y015
 
 class _ModelFormat:
@@ -77,6 +89,10 @@ class _ModelFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelForm
     """A serialized TensorRT engine, built for one GPU model and TensorRT version."""
     MODEL_FORMAT_GGUF: _ModelFormat.ValueType  # 5
     """A GGUF file, served by llama.cpp without conversion."""
+    MODEL_FORMAT_CTRANSLATE2: _ModelFormat.ValueType  # 6
+    """A CTranslate2 model directory (model.bin, config.json, vocabulary.*), as
+    faster-whisper serves Whisper speech-to-text models.
+    """
 
 class ModelFormat(_ModelFormat, metaclass=_ModelFormatEnumTypeWrapper):
     """The format of a model package as it is kept at its source."""
@@ -97,6 +113,10 @@ MODEL_FORMAT_TENSORRT_PLAN: ModelFormat.ValueType  # 4
 """A serialized TensorRT engine, built for one GPU model and TensorRT version."""
 MODEL_FORMAT_GGUF: ModelFormat.ValueType  # 5
 """A GGUF file, served by llama.cpp without conversion."""
+MODEL_FORMAT_CTRANSLATE2: ModelFormat.ValueType  # 6
+"""A CTranslate2 model directory (model.bin, config.json, vocabulary.*), as
+faster-whisper serves Whisper speech-to-text models.
+"""
 Global___ModelFormat: _TypeAlias = ModelFormat  # noqa: Y015
 
 class _ModelState:
@@ -770,6 +790,7 @@ class ServingProfile(_message.Message):
     SPECIAL_TOKENS_FIELD_NUMBER: _builtins.int
     RUNTIME_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     CAPABILITIES_FIELD_NUMBER: _builtins.int
+    SPEECH_FIELD_NUMBER: _builtins.int
     triton_model_name: _builtins.str
     """Name of the model in Triton's repository."""
     embedding_dimension: _builtins.int
@@ -812,6 +833,12 @@ class ServingProfile(_message.Message):
     def capabilities(self) -> Global___ModelCapabilities:
         """What a generation model can do besides plain text; absent for other tasks."""
 
+    @_builtins.property
+    def speech(self) -> Global___SpeechProfile:
+        """What a speech model (TASK_SPEECH2TEXT or TASK_TTS) hears or speaks; absent
+        for other tasks.
+        """
+
     def __init__(
         self,
         *,
@@ -829,10 +856,11 @@ class ServingProfile(_message.Message):
         special_tokens: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         runtime_memory_bytes: _builtins.int = ...,
         capabilities: Global___ModelCapabilities | None = ...,
+        speech: Global___SpeechProfile | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "speech", b"speech"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "chat_template", b"chat_template", "context_length", b"context_length", "embedding_dimension", b"embedding_dimension", "input_names", b"input_names", "max_batch_size", b"max_batch_size", "max_input_tokens", b"max_input_tokens", "normalize_embeddings", b"normalize_embeddings", "output_name", b"output_name", "rerank_scoring", b"rerank_scoring", "runtime_memory_bytes", b"runtime_memory_bytes", "special_tokens", b"special_tokens", "tokenizer_sha256", b"tokenizer_sha256", "triton_model_name", b"triton_model_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "chat_template", b"chat_template", "context_length", b"context_length", "embedding_dimension", b"embedding_dimension", "input_names", b"input_names", "max_batch_size", b"max_batch_size", "max_input_tokens", b"max_input_tokens", "normalize_embeddings", b"normalize_embeddings", "output_name", b"output_name", "rerank_scoring", b"rerank_scoring", "runtime_memory_bytes", b"runtime_memory_bytes", "special_tokens", b"special_tokens", "speech", b"speech", "tokenizer_sha256", b"tokenizer_sha256", "triton_model_name", b"triton_model_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -879,6 +907,50 @@ class ModelCapabilities(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelCapabilities: _TypeAlias = ModelCapabilities  # noqa: Y015
+
+@_typing.final
+class SpeechProfile(_message.Message):
+    """What the inference service needs to know about a speech model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAMPLE_RATE_HZ_FIELD_NUMBER: _builtins.int
+    VOICES_FIELD_NUMBER: _builtins.int
+    DEFAULT_VOICE_FIELD_NUMBER: _builtins.int
+    LANGUAGES_FIELD_NUMBER: _builtins.int
+    sample_rate_hz: _builtins.int
+    """Sample rate, in hertz, of the audio the model takes (speech to text) or
+    produces (text to speech).
+    """
+    default_voice: _builtins.str
+    """The voice used when a request names none, or names one of OpenAI's voices
+    (alloy, echo, ...) that the model does not have.
+    """
+    @_builtins.property
+    def voices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The voices a text-to-speech model speaks with, by the names requests use;
+        empty for speech-to-text models.
+        """
+
+    @_builtins.property
+    def languages(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Languages the model knows, as ISO 639-1 codes ("en"); empty when unknown."""
+
+    def __init__(
+        self,
+        *,
+        sample_rate_hz: _builtins.int = ...,
+        voices: _abc.Iterable[_builtins.str] | None = ...,
+        default_voice: _builtins.str = ...,
+        languages: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_voice", b"default_voice", "languages", b"languages", "sample_rate_hz", b"sample_rate_hz", "voices", b"voices"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpeechProfile: _TypeAlias = SpeechProfile  # noqa: Y015
 
 @_typing.final
 class ModelAsset(_message.Message):

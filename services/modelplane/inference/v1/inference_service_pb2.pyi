@@ -166,6 +166,46 @@ RESPONSE_FORMAT_TYPE_JSON_SCHEMA: ResponseFormatType.ValueType  # 3
 """JSON that validates against ResponseFormat.schema_json."""
 Global___ResponseFormatType: _TypeAlias = ResponseFormatType  # noqa: Y015
 
+class _AudioFormat:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AudioFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AudioFormat.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AUDIO_FORMAT_UNSPECIFIED: _AudioFormat.ValueType  # 0
+    """As AUDIO_FORMAT_MP3."""
+    AUDIO_FORMAT_MP3: _AudioFormat.ValueType  # 1
+    """MPEG-1 Layer III, mono, 64 kbit/s, at the model's sample rate."""
+    AUDIO_FORMAT_WAV: _AudioFormat.ValueType  # 2
+    """RIFF WAVE, 16-bit mono PCM at the model's sample rate. Streamed: the
+    header's sizes say "unknown" (0xFFFFFFFF), as OpenAI's do.
+    """
+    AUDIO_FORMAT_OPUS: _AudioFormat.ValueType  # 3
+    """Opus in an Ogg container, 48 kHz mono."""
+    AUDIO_FORMAT_FLAC: _AudioFormat.ValueType  # 4
+    """FLAC, 16-bit mono at the model's sample rate."""
+    AUDIO_FORMAT_PCM: _AudioFormat.ValueType  # 5
+    """Raw 16-bit little-endian mono samples at 24 kHz, as OpenAI's pcm."""
+
+class AudioFormat(_AudioFormat, metaclass=_AudioFormatEnumTypeWrapper):
+    """How synthesized audio is encoded."""
+
+AUDIO_FORMAT_UNSPECIFIED: AudioFormat.ValueType  # 0
+"""As AUDIO_FORMAT_MP3."""
+AUDIO_FORMAT_MP3: AudioFormat.ValueType  # 1
+"""MPEG-1 Layer III, mono, 64 kbit/s, at the model's sample rate."""
+AUDIO_FORMAT_WAV: AudioFormat.ValueType  # 2
+"""RIFF WAVE, 16-bit mono PCM at the model's sample rate. Streamed: the
+header's sizes say "unknown" (0xFFFFFFFF), as OpenAI's do.
+"""
+AUDIO_FORMAT_OPUS: AudioFormat.ValueType  # 3
+"""Opus in an Ogg container, 48 kHz mono."""
+AUDIO_FORMAT_FLAC: AudioFormat.ValueType  # 4
+"""FLAC, 16-bit mono at the model's sample rate."""
+AUDIO_FORMAT_PCM: AudioFormat.ValueType  # 5
+"""Raw 16-bit little-endian mono samples at 24 kHz, as OpenAI's pcm."""
+Global___AudioFormat: _TypeAlias = AudioFormat  # noqa: Y015
+
 @_typing.final
 class TokenIds(_message.Message):
     """A sequence of token ids, already tokenized by the caller with the model's
@@ -867,3 +907,220 @@ class ChatResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ChatResponse: _TypeAlias = ChatResponse  # noqa: Y015
+
+@_typing.final
+class TranscribeRequest(_message.Message):
+    """Request of InferenceService.Transcribe."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    AUDIO_FIELD_NUMBER: _builtins.int
+    FILENAME_FIELD_NUMBER: _builtins.int
+    LANGUAGE_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
+    TEMPERATURE_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model's name (a TASK_SPEECH2TEXT model)."""
+    audio: _builtins.bytes
+    """The audio file's bytes, in any container and codec FFmpeg decodes (MP3,
+    WAV, WebM/Opus, M4A, OGG, FLAC, ...).
+    """
+    filename: _builtins.str
+    """The file's name as the client sent it; used only in messages."""
+    language: _builtins.str
+    """The spoken language as an ISO 639-1 code ("en"); empty means detected."""
+    prompt: _builtins.str
+    """Text that the speech continues (names, spellings, the previous part);
+    it guides the transcript's style and vocabulary.
+    """
+    temperature: _builtins.float
+    """Sampling temperature; 0 (or absent) decodes greedily, with Whisper's
+    fallback to higher temperatures when a window's output is unreliable.
+    """
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        audio: _builtins.bytes = ...,
+        filename: _builtins.str = ...,
+        language: _builtins.str = ...,
+        prompt: _builtins.str = ...,
+        temperature: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "temperature", b"temperature"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "audio", b"audio", "filename", b"filename", "language", b"language", "model", b"model", "prompt", b"prompt", "temperature", b"temperature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
+    _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature) -> _WhichOneofReturnType__temperature | None: ...
+
+Global___TranscribeRequest: _TypeAlias = TranscribeRequest  # noqa: Y015
+
+@_typing.final
+class TranscriptionSegment(_message.Message):
+    """One stretch of a transcript, with its place in the audio."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    START_SECONDS_FIELD_NUMBER: _builtins.int
+    END_SECONDS_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    AVG_LOGPROB_FIELD_NUMBER: _builtins.int
+    NO_SPEECH_PROB_FIELD_NUMBER: _builtins.int
+    COMPRESSION_RATIO_FIELD_NUMBER: _builtins.int
+    TEMPERATURE_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Position of the segment in the transcript, from 0."""
+    start_seconds: _builtins.float
+    """Where the segment starts, in seconds from the start of the audio."""
+    end_seconds: _builtins.float
+    """Where the segment ends, in seconds from the start of the audio."""
+    text: _builtins.str
+    """The segment's text."""
+    avg_logprob: _builtins.float
+    """Average log probability of the segment's tokens."""
+    no_speech_prob: _builtins.float
+    """Probability that the segment holds no speech."""
+    compression_ratio: _builtins.float
+    """Compression ratio of the segment's text (high means repetitive)."""
+    temperature: _builtins.float
+    """The temperature the segment was decoded at."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        start_seconds: _builtins.float = ...,
+        end_seconds: _builtins.float = ...,
+        text: _builtins.str = ...,
+        avg_logprob: _builtins.float = ...,
+        no_speech_prob: _builtins.float = ...,
+        compression_ratio: _builtins.float = ...,
+        temperature: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["avg_logprob", b"avg_logprob", "compression_ratio", b"compression_ratio", "end_seconds", b"end_seconds", "id", b"id", "no_speech_prob", b"no_speech_prob", "start_seconds", b"start_seconds", "temperature", b"temperature", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TranscriptionSegment: _TypeAlias = TranscriptionSegment  # noqa: Y015
+
+@_typing.final
+class TranscribeResponse(_message.Message):
+    """Response of InferenceService.Transcribe."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    LANGUAGE_FIELD_NUMBER: _builtins.int
+    DURATION_SECONDS_FIELD_NUMBER: _builtins.int
+    SEGMENTS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model that served the request."""
+    text: _builtins.str
+    """The whole transcript."""
+    language: _builtins.str
+    """The language spoken, as an ISO 639-1 code: the request's, or detected."""
+    duration_seconds: _builtins.float
+    """Length of the audio, in seconds."""
+    @_builtins.property
+    def segments(self) -> _containers.RepeatedCompositeFieldContainer[Global___TranscriptionSegment]:
+        """The transcript's segments, in order."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        text: _builtins.str = ...,
+        language: _builtins.str = ...,
+        duration_seconds: _builtins.float = ...,
+        segments: _abc.Iterable[Global___TranscriptionSegment] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration_seconds", b"duration_seconds", "language", b"language", "model", b"model", "segments", b"segments", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TranscribeResponse: _TypeAlias = TranscribeResponse  # noqa: Y015
+
+@_typing.final
+class SynthesizeRequest(_message.Message):
+    """Request of InferenceService.Synthesize."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    INPUT_FIELD_NUMBER: _builtins.int
+    VOICE_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    SPEED_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model's name (a TASK_TTS model)."""
+    input: _builtins.str
+    """The text to speak; not empty, at most the service's limit in characters."""
+    voice: _builtins.str
+    """One of the model's voices (its ServingProfile.speech.voices), or one of
+    OpenAI's voice names, which map to the model's default voice; empty means
+    the default voice.
+    """
+    format: Global___AudioFormat.ValueType
+    """The encoding of the audio."""
+    speed: _builtins.float
+    """Speaking rate relative to the voice's own, in [0.25, 4]; absent means 1."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        input: _builtins.str = ...,
+        voice: _builtins.str = ...,
+        format: Global___AudioFormat.ValueType = ...,
+        speed: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_speed", b"_speed", "speed", b"speed"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_speed", b"_speed", "format", b"format", "input", b"input", "model", b"model", "speed", b"speed", "voice", b"voice"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__speed: _TypeAlias = _typing.Literal["speed"]  # noqa: Y015
+    _WhichOneofArgType__speed: _TypeAlias = _typing.Literal["_speed", b"_speed"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__speed) -> _WhichOneofReturnType__speed | None: ...
+
+Global___SynthesizeRequest: _TypeAlias = SynthesizeRequest  # noqa: Y015
+
+@_typing.final
+class SynthesizeResponse(_message.Message):
+    """One piece of InferenceService.Synthesize's stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUDIO_FIELD_NUMBER: _builtins.int
+    MEDIA_TYPE_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    audio: _builtins.bytes
+    """The next bytes of the encoded audio; the pieces joined in order are one
+    file of the requested format.
+    """
+    media_type: _builtins.str
+    """The media type of the audio (audio/mpeg, audio/wav, ...); set on the
+    first piece.
+    """
+    seconds: _builtins.float
+    """Seconds of speech synthesized so far."""
+    def __init__(
+        self,
+        *,
+        audio: _builtins.bytes = ...,
+        media_type: _builtins.str = ...,
+        seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio", "media_type", b"media_type", "seconds", b"seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SynthesizeResponse: _TypeAlias = SynthesizeResponse  # noqa: Y015
