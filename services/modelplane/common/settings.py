@@ -101,3 +101,15 @@ class TritonSettings(BaseSettings):
     """Triton's --log-verbose level."""
     restart_backoff_max_seconds: float = 30.0
     """Longest wait between restarts of an embedded Triton that keeps dying."""
+    tls_ca_file: Path | None = None
+    """PEM file of the CA that signed Triton's gRPC server certificate. Set (with `tls_cert_file`
+    and `tls_key_file`) to reach Triton over TLS: NVIDIA's container started with `--grpc-use-ssl`
+    (and `--grpc-use-ssl-mutual`). The embedded Triton then serves its gRPC port with TLS too,
+    presenting `tls_cert_file`, and accepts only clients whose certificate this CA signed."""
+    tls_cert_file: Path | None = None
+    """PEM certificate the inference service and the loader present to Triton (mutual TLS)."""
+    tls_key_file: Path | None = None
+    """PEM private key of `tls_cert_file`."""
+    tls_server_name: str = ""
+    """The name Triton's certificate must carry when it is not the host of the address dialled
+    (each node's address comes from the registry); empty checks the host dialled."""

@@ -11,7 +11,10 @@ __all__ = [
     "InvalidRequest",
     "ModelLoading",
     "ModelNotFound",
+    "ModelNotOnNode",
     "ModelNotServable",
+    "NodeUnreachable",
+    "StreamInterrupted",
     "TemplateMissing",
     "TritonUnavailable",
     "UnknownVoice",
@@ -45,6 +48,22 @@ class ModelLoading(Unavailable):
 
 class TritonUnavailable(Unavailable):
     reason = "TRITON_UNAVAILABLE"
+
+
+class NodeUnreachable(TritonUnavailable):
+    """A node's Triton could not be reached, or its connection broke during the call. The request
+    may go to another copy of the model unless its answer had started (routing.py)."""
+
+
+class ModelNotOnNode(ModelLoading):
+    """A node's Triton does not hold the model although the registry said it did (it was just
+    unloaded there, or Triton restarted): another copy may take the request."""
+
+
+class StreamInterrupted(Unavailable):
+    """The node answering a stream failed after part of the answer was sent; it is not replayed."""
+
+    reason = "STREAM_INTERRUPTED"
 
 
 class TemplateMissing(InvalidArgument):

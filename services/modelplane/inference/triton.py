@@ -9,14 +9,16 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 import numpy as np
 import structlog
 from tritonclient.grpc import InferInput, InferRequestedOutput
-from tritonclient.grpc import aio as triton_aio
+from tritonclient.grpc._utils import get_error_grpc
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from modelplane.common.errors import Cancelled, Internal
-from modelplane.inference.errors import InvalidRequest, ModelLoading, TritonUnavailable
+from modelplane.inference.errors import InvalidRequest, ModelNotOnNode, NodeUnreachable, TritonUnavailable
+from modelplane.triton.client import TritonTls, open_triton
 
 # Over a gRPC stream Triton delivers a decoupled model's error as a message only; modelplane's LLM
 # models lead it with the code ("[INVALID_ARG] the prompt has 5000 tokens; ...").
@@ -46,9 +48,11 @@ log = structlog.get_logger()
 
 
 class TritonInferer:
-    def __init__(self, address: str) -> None:
+    """Calls into one node's Triton; routing.py picks the node."""
+
+    def __init__(self, address: str, tls: TritonTls | None = None) -> None:
         self.address = address
-        self.client = triton_aio.InferenceServerClient(address)
+        self.client = open_triton(address, tls)
 
     async def close(self) -> None:
         await self.client.close()
@@ -137,6 +141,10 @@ class TritonInferer:
                 yield result
         except InferenceServerException as error:
             raise _translate(model, error) from None
+        except grpc.RpcError as error:
+            # tritonclient wraps the errors of starting a stream, not those of reading it: a Triton
+            # that dies mid-stream surfaces here as gRPC's own error.
+            raise _translate(model, get_error_grpc(error)) from None
         finally:
             responses.cancel()
 
@@ -184,13 +192,11 @@ def _translate(model: str, error: InferenceServerException) -> Exception:
     if "UNAVAILABLE" in status or "connect" in lowered or "socket closed" in lowered:
         # gRPC's words name Triton's internal address: the log keeps them, the caller does not need them.
         log.warning("triton unreachable", model=model, detail=message)
-        return TritonUnavailable(
-            "Triton is not reachable; it may be restarting. Retry shortly.", retry_after_seconds=2.0
-        )
+        return NodeUnreachable("Triton is not reachable; it may be restarting. Retry shortly.", retry_after_seconds=2.0)
     if "DEADLINE" in status:
         return TritonUnavailable(f"Triton did not answer in time for model '{model}'.", retry_after_seconds=1.0)
     if "unknown model" in lowered or "not ready" in lowered or "is not found" in lowered:
-        return ModelLoading(
+        return ModelNotOnNode(
             f"Model '{model}' is not loaded in Triton right now (Triton may have restarted); the loader is "
             "restoring it. Retry shortly.",
             retry_after_seconds=2.0,

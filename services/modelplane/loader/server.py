@@ -17,6 +17,7 @@ from modelplane.loader.triton_control import TritonControl
 from modelplane.loader.triton_repo import ModelRepository
 from modelplane.loader.v1 import loader_service_pb2, loader_service_pb2_grpc
 from modelplane.registry.client import RegistryClient
+from modelplane.triton.client import TritonTls
 
 SERVICE_FULL_NAME = loader_service_pb2.DESCRIPTOR.services_by_name["LoaderService"].full_name
 
@@ -34,7 +35,7 @@ class LoaderService(Service):
 
     async def start(self) -> None:
         registry = RegistryClient(self.settings.registry_address)
-        triton = TritonControl(self.triton_settings.grpc_address)
+        triton = TritonControl(self.triton_settings.grpc_address, TritonTls.from_settings(self.triton_settings))
         repository = ModelRepository(self.triton_settings.model_repository)
         cache = PackageCache(
             self.settings.cache_dir, self.settings.cache_budget_bytes, self.settings.quarantine_keep_seconds

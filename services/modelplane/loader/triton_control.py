@@ -6,10 +6,10 @@ import asyncio
 from dataclasses import dataclass
 
 import structlog
-from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
 from modelplane.loader.errors import TritonLoadFailed, TritonUnavailable
+from modelplane.triton.client import TritonTls, open_triton
 
 log = structlog.get_logger()
 
@@ -23,9 +23,9 @@ class TritonModelState:
 
 
 class TritonControl:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, tls: TritonTls | None = None) -> None:
         self.address = address
-        self.client = triton_aio.InferenceServerClient(address)
+        self.client = open_triton(address, tls)
 
     async def close(self) -> None:
         await self.client.close()

@@ -102,6 +102,24 @@ class EmbeddedTriton:
         return backend.parent
 
     def command(self) -> list[str]:
+        return [*self._base_command(), *self._tls_options()]
+
+    def _tls_options(self) -> list[str]:
+        """With Triton TLS configured, the gRPC port serves TLS with the certificate its clients
+        present (a `modelplane certs init` certificate serves both ends) and asks for theirs."""
+        s = self.settings
+        if s.tls_cert_file is None or s.tls_key_file is None:
+            return []
+        options = [
+            "--grpc-use-ssl=true",
+            f"--grpc-server-cert={s.tls_cert_file}",
+            f"--grpc-server-key={s.tls_key_file}",
+        ]
+        if s.tls_ca_file is not None:
+            options += [f"--grpc-root-cert={s.tls_ca_file}", "--grpc-use-ssl-mutual=true"]
+        return options
+
+    def _base_command(self) -> list[str]:
         s = self.settings
         return [
             str(self.distribution.binary),
