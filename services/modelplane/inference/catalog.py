@@ -1,8 +1,9 @@
-"""Which models exist, what state they are in, and how to serve them.
+"""Which models exist, where their copies are, and how to serve them.
 
-The catalogue follows the registry's WatchModels stream, so a request costs no registry call;
-tokenizers are fetched once per digest. A request for a model that is registered but not loaded
-asks the loader for it and waits, within its deadline, instead of failing.
+The catalogue follows the registry's WatchModels stream (models, nodes and placements, kept in the
+RoutingTable), so a request costs no registry call; tokenizers are fetched once per digest. A
+request for a model that has no READY copy asks for one (`OnDemand`) and waits, within its
+deadline, instead of failing.
 """
 
 from __future__ import annotations
@@ -10,17 +11,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import structlog
 
 from modelplane.common.errors import Cancelled, DeadlineExceeded, ModelplaneError
+from modelplane.common.request_context import current_request_id
 from modelplane.common.types import Model, ModelState, ServingProfile
 from modelplane.inference.errors import ModelLoading, ModelNotServable
+from modelplane.inference.routing import RoutingTable
 from modelplane.inference.tokenization import EncoderTokenizer
 from modelplane.loader.client import LoaderClient
 from modelplane.registry.client import RegistryClient
-from modelplane.registry.watch import ChangeType
+from modelplane.registry.watch import Change, ChangeType, ModelChange, NodeChange, PlacementChange
 
 log = structlog.get_logger()
 
@@ -29,6 +33,26 @@ log = structlog.get_logger()
 ANSWER_MARGIN_SECONDS = 1.0
 # What a first load is assumed to take when the model has never been loaded.
 _FIRST_LOAD_SECONDS = 30.0
+# Longest an on-demand load waits for a READY copy after asking; the next request asks again.
+COPY_WAIT_SECONDS = 600.0
+
+
+class OnDemand(Protocol):
+    """Asks for a copy of a model that has none READY: the one place the on-demand path lives."""
+
+    async def request_copy(self, name: str, request_id: str) -> Model | None:
+        """Returns once the copy is asked for, or made (then with the model as it now is)."""
+        ...
+
+
+class LoaderOnDemand:
+    """One node: the loader loads the model into its Triton and answers once it is READY."""
+
+    def __init__(self, loader: LoaderClient) -> None:
+        self.loader = loader
+
+    async def request_copy(self, name: str, request_id: str) -> Model | None:
+        return await self.loader.ensure_loaded(name, reason="on-demand", timeout_seconds=None)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -61,11 +85,37 @@ class ServingModel:
         return self.model.name
 
 
+@dataclass
+class _Snapshot:
+    """What the first changes of a (re)connected watch held, to forget what it no longer does."""
+
+    models: set[str] = field(default_factory=set)
+    nodes: set[str] = field(default_factory=set)
+    placements: set[tuple[str, str]] = field(default_factory=set)
+
+    def add(self, change: Change) -> None:
+        if isinstance(change, ModelChange):
+            self.models.add(change.model.name)
+        elif isinstance(change, NodeChange):
+            self.nodes.add(change.node.node_id)
+        elif isinstance(change, PlacementChange):
+            self.placements.add(change.placement.key)
+
+
 class ModelCatalog:
-    def __init__(self, registry: RegistryClient, loader: LoaderClient) -> None:
+    def __init__(
+        self,
+        registry: RegistryClient,
+        on_demand: OnDemand,
+        table: RoutingTable,
+        *,
+        copy_wait_seconds: float = COPY_WAIT_SECONDS,
+    ) -> None:
         self.registry = registry
-        self.loader = loader
-        self.models: dict[str, Model] = {}
+        self.on_demand = on_demand
+        self.table = table
+        self.models = table.models
+        self.copy_wait_seconds = copy_wait_seconds
         self._tokenizers: dict[str, EncoderTokenizer] = {}
         self._loads: dict[str, _OnDemandLoad] = {}
         self._watch: asyncio.Task[None] | None = None
@@ -85,13 +135,17 @@ class ModelCatalog:
     async def _follow_registry(self) -> None:
         backoff = 0.5
         while True:
+            snapshot: _Snapshot | None = _Snapshot()
             try:
-                async for change in self.registry.watch(include_initial=True):
+                async for change in self.registry.watch_fleet(include_initial=True):
                     backoff = 0.5
-                    if change.change_type == ChangeType.DELETED:
-                        self.models.pop(change.model.name, None)
-                    else:
-                        self._remember(change.model)
+                    if change.change_type == ChangeType.INITIAL and snapshot is not None:
+                        snapshot.add(change)
+                    elif snapshot is not None:
+                        # The snapshot is over: what it did not hold was removed while the watch was down.
+                        self.table.keep_only(snapshot.models, snapshot.nodes, snapshot.placements)
+                        snapshot = None
+                    self.table.apply(change)
                     self._synced.set()
             except ModelplaneError as error:
                 log.warning("registry watch interrupted; reconnecting", error=error.message, in_seconds=backoff)
@@ -103,21 +157,16 @@ class ModelCatalog:
         if self._synced.is_set() and name in self.models:
             return self.models[name]
         model = await self.registry.get_model(name)  # raises ModelNotFound
-        self.models[name] = model
-        return model
+        self.table.remember(model)
+        return self.models.get(name, model)
 
     async def acquire(self, name: str, *, wait_seconds: float) -> ServingModel:
         """The model ready to serve, loading it on demand within `wait_seconds` (the request's
         remaining deadline, or the service's bound on waiting for a load)."""
         model = await self._current(name)
         cold = False
-        if model.state != ModelState.READY:
-            if model.state == ModelState.FAILED:
-                raise ModelNotServable(
-                    f"Model '{name}' failed to load: {model.status.reason} Fix the cause, then load it again with "
-                    f"`modelplane models load {name}`.",
-                    metadata={"model": name, "state": model.state.name},
-                )
+        if not self.table.routes(name):
+            _refuse_failed(model)
             model = await self._wait_for_load(model, wait_seconds)
             cold = True
         profile = model.status.profile
@@ -126,14 +175,14 @@ class ModelCatalog:
         return ServingModel(model, profile, await self._tokenizer(name, profile), cold_start=cold)
 
     async def _wait_for_load(self, model: Model, wait_seconds: float) -> Model:
-        """Asks the loader for the model (one load shared by every request that waits for it) and
+        """Asks for a copy of the model (one load shared by every request that waits for it) and
         waits for it, giving up early enough to answer 503 with Retry-After before the deadline."""
         name = model.name
         load = self._loads.get(name)
         if load is None or load.task.done():
-            # The load is the loader's, not this request's: it goes on when the request gives up,
-            # so the retry finds the model ready.
-            task = asyncio.create_task(self.loader.ensure_loaded(name, reason="on-demand", timeout_seconds=None))
+            # The load is not this request's: it goes on when the request gives up, so the retry
+            # finds the model ready.
+            task = asyncio.create_task(self._copy(name, current_request_id.get()), name=f"on-demand-{name}")
             load = _OnDemandLoad(task, time.monotonic(), _expected_load_seconds(model))
             self._loads[name] = load
             task.add_done_callback(lambda _: self._loads.pop(name, None) if self._loads.get(name) is load else None)
@@ -153,18 +202,28 @@ class ModelCatalog:
             ) from None
         except (DeadlineExceeded, Cancelled) as error:
             raise ModelLoading(error.message, retry_after_seconds=5.0, metadata={"model": name}) from None
-        self._remember(loaded)
         return loaded
 
-    def _remember(self, model: Model) -> None:
-        """Keeps the newer of what a load returned and what the watch delivered."""
-        known = self.models.get(model.name)
-        newer = known is None or known.version < model.version
-        if not newer and known is not None:
-            known_time, new_time = known.status.update_time, model.status.update_time
-            newer = known_time is None or (new_time is not None and new_time >= known_time)
-        if newer:
-            self.models[model.name] = model
+    async def _copy(self, name: str, request_id: str) -> Model:
+        """Asks for a copy and waits until the watch (or the answer) shows one READY."""
+        made = await self.on_demand.request_copy(name, request_id)
+        if made is not None:
+            self.table.remember(made)
+        try:
+            async with asyncio.timeout(self.copy_wait_seconds):
+                while not self.table.routes(name):
+                    model = self.models.get(name)
+                    if model is not None:
+                        _refuse_failed(model)
+                    await self.table.changed(name)
+        except TimeoutError:
+            raise ModelLoading(
+                f"Model '{name}' has no ready copy {self.copy_wait_seconds:.0f} s after it was asked for; retry "
+                "shortly, and see `modelplane models ls` for where it is.",
+                retry_after_seconds=5.0,
+                metadata={"model": name},
+            ) from None
+        return self.models[name]
 
     async def _tokenizer(self, name: str, profile: ServingProfile) -> EncoderTokenizer | None:
         digest = profile.tokenizer_sha256
@@ -182,3 +241,13 @@ class ModelCatalog:
             )
             self._tokenizers[key] = tokenizer
         return tokenizer
+
+
+def _refuse_failed(model: Model) -> None:
+    """A model whose load failed everywhere needs a person, not a wait."""
+    if model.state == ModelState.FAILED:
+        raise ModelNotServable(
+            f"Model '{model.name}' failed to load: {model.status.reason} Fix the cause, then load it again with "
+            f"`modelplane models load {model.name}`.",
+            metadata={"model": model.name, "state": model.state.name},
+        )

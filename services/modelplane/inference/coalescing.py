@@ -3,18 +3,23 @@
 Triton's dynamic batcher already runs concurrent requests as one execution, but every request is
 still a call of its own: tritonclient builds and parses it here, Triton handles it, and the python
 model unpacks it. Here the chunks of concurrent requests for one model are padded together into
-one call, and each gets back exactly its own rows.
+one call, and each gets back exactly its own rows. With several nodes, each node's Triton has its
+own calls (`RoutedEncoderCalls`): a chunk is routed first, then coalesced with others bound there.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from modelplane.common.coalescing import Coalescer, coalescing_metrics
 from modelplane.inference.triton import TritonInferer
+
+if TYPE_CHECKING:
+    from modelplane.inference.routing import NodeLink, Router
 
 METRICS = coalescing_metrics("modelplane_inference_encoder", "request chunks for an encoder model in Triton")
 
@@ -64,6 +69,34 @@ class EncoderCalls:
             results.append(output[offset : offset + rows])
             offset += rows
         return results
+
+
+class RoutedEncoderCalls:
+    """Encoder calls to the nodes holding the model: each node its own `EncoderCalls` (so
+    `calls_in_flight` is per node's Triton), and a chunk whose node fails is sent once to another."""
+
+    def __init__(self, router: Router, calls_in_flight: int) -> None:
+        self.router = router
+        self.calls_in_flight = calls_in_flight
+        self._nodes: dict[NodeLink, EncoderCalls] = {}
+
+    async def run(self, model: EncoderModel, arrays: Mapping[str, np.ndarray], *, request_id: str = "") -> np.ndarray:
+        return await self.router.call(
+            model.triton_name, lambda link: self._calls(link).run(model, arrays, request_id=request_id)
+        )
+
+    def _calls(self, link: NodeLink) -> EncoderCalls:
+        calls = self._nodes.get(link)
+        if calls is None:
+            for gone in [node for node in self._nodes if node.retired]:
+                self._nodes.pop(gone)
+            calls = self._nodes[link] = EncoderCalls(link.triton, self.calls_in_flight)
+        return calls
+
+    async def close(self) -> None:
+        for calls in self._nodes.values():
+            await calls.close()
+        self._nodes.clear()
 
 
 def _joined(parts: list[Mapping[str, np.ndarray]], pad_id: int) -> dict[str, np.ndarray]:

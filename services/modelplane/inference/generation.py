@@ -23,9 +23,9 @@ from modelplane.common.types import Usage
 from modelplane.inference.catalog import ServingModel
 from modelplane.inference.errors import InvalidRequest, TemplateMissing
 from modelplane.inference.reasoning import ReasoningSplitter
+from modelplane.inference.routing import Router
 from modelplane.inference.structured import guided_decoding, validate_output
 from modelplane.inference.tool_calls import ToolCall, ToolPlan, render_history
-from modelplane.inference.triton import TritonInferer
 
 log = structlog.get_logger()
 
@@ -144,7 +144,7 @@ def render_chat(serving: ServingModel, messages: Sequence[ChatMessage], plan: To
 
 
 async def generate(
-    triton: TritonInferer,
+    triton: Router,
     serving: ServingModel,
     prompt: str,
     parameters: SamplingParameters,

@@ -21,12 +21,12 @@ from modelplane.inference import generation, speech, structured, tool_calls
 from modelplane.inference import rerank as reranking
 from modelplane.inference.audio import AudioFormat
 from modelplane.inference.catalog import ModelCatalog, ServingModel
-from modelplane.inference.coalescing import EncoderCalls, EncoderModel
+from modelplane.inference.coalescing import EncoderModel, RoutedEncoderCalls
 from modelplane.inference.errors import InputTooLong, InvalidRequest, WrongTask
+from modelplane.inference.routing import Router
 from modelplane.inference.settings import InferenceSettings
 from modelplane.inference.stats import RequestStatistics
 from modelplane.inference.tokenization import EncodedBatch, EncoderTokenizer
-from modelplane.inference.triton import TritonInferer
 
 log = structlog.get_logger()
 
@@ -62,13 +62,13 @@ class EmbedResult:
 
 class InferenceHandler:
     def __init__(
-        self, settings: InferenceSettings, catalog: ModelCatalog, triton: TritonInferer, stats: RequestStatistics
+        self, settings: InferenceSettings, catalog: ModelCatalog, triton: Router, stats: RequestStatistics
     ) -> None:
         self.settings = settings
         self.catalog = catalog
         self.triton = triton
         self.stats = stats
-        self.encoder_calls = EncoderCalls(triton, settings.encoder_calls_in_flight)
+        self.encoder_calls = RoutedEncoderCalls(triton, settings.encoder_calls_in_flight)
 
     def _wait_seconds(self, deadline_seconds: float | None) -> float:
         if deadline_seconds is None:

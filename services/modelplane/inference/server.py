@@ -5,15 +5,16 @@ from __future__ import annotations
 from modelplane.common.grpc_server import GrpcServer
 from modelplane.common.service import Service
 from modelplane.common.settings import TritonSettings
-from modelplane.inference.catalog import ModelCatalog
+from modelplane.inference.catalog import LoaderOnDemand, ModelCatalog
 from modelplane.inference.handlers import InferenceHandler
+from modelplane.inference.routing import Router, RoutingTable
 from modelplane.inference.servicer import InferenceServicer
 from modelplane.inference.settings import InferenceSettings
 from modelplane.inference.stats import RequestStatistics
-from modelplane.inference.triton import TritonInferer
 from modelplane.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
 from modelplane.loader.client import LoaderClient
 from modelplane.registry.client import RegistryClient
+from modelplane.triton.client import TritonTls
 
 SERVICE_FULL_NAME = inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 
@@ -31,10 +32,12 @@ class InferenceService(Service):
     async def start(self) -> None:
         registry = RegistryClient(self.settings.registry_address)
         loader = LoaderClient(self.settings.loader_address)
-        triton = TritonInferer(self.triton_settings.grpc_address)
-        self.catalog = ModelCatalog(registry, loader)
+        # Until the registry knows nodes, the configured Triton serves every model as node-0.
+        table = RoutingTable(self.triton_settings.grpc_address)
+        self.router = Router(table, TritonTls.from_settings(self.triton_settings))
+        self.catalog = ModelCatalog(registry, LoaderOnDemand(loader), table)
         self.stats = RequestStatistics(registry, self.settings.stats_report_interval_seconds)
-        handler = InferenceHandler(self.settings, self.catalog, triton, self.stats)
+        handler = InferenceHandler(self.settings, self.catalog, self.router, self.stats)
         self.server.add_servicer(
             inference_service_pb2_grpc.add_InferenceServiceServicer_to_server,
             InferenceServicer(handler),
@@ -43,7 +46,7 @@ class InferenceService(Service):
         self.catalog.start()
         self.stats.start()
         self.port = await self.server.start()
-        self._closers = [handler.encoder_calls.close, registry.close, loader.close, triton.close]
+        self._closers = [handler.encoder_calls.close, registry.close, loader.close, self.router.close]
 
     async def stop(self) -> None:
         await self.server.stop()

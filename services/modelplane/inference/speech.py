@@ -17,7 +17,7 @@ import numpy as np
 from modelplane.inference import audio
 from modelplane.inference.catalog import ServingModel
 from modelplane.inference.errors import InvalidRequest, UnknownVoice
-from modelplane.inference.triton import TritonInferer
+from modelplane.inference.routing import Router
 
 # OpenAI's voice names, which Dify and OpenAI's clients send; each speaks with the model's default
 # voice (Dify's default is alloy).
@@ -73,7 +73,7 @@ def _language(serving: ServingModel, language: str) -> str:
 
 
 async def transcribe(
-    triton: TritonInferer,
+    triton: Router,
     serving: ServingModel,
     data: bytes,
     *,
@@ -152,7 +152,7 @@ def resolve_voice(serving: ServingModel, voice: str) -> str:
 
 
 async def synthesize(
-    triton: TritonInferer,
+    triton: Router,
     serving: ServingModel,
     text: str,
     *,
