@@ -9,7 +9,7 @@ with its own empty model cache, so first loads are cold), infinity-emb and llama
 server (each in its own environment under ~/.cache/modelplane/bench/, created on first use), and
 the in-process libraries. Workloads: fetch (fetch + verify against the SHA-256 floor), load
 (cold and warm loads per phase, and loading without modelplane), embeddings, chat, voice (speech to
-text and text to speech against faster-whisper and piper in-process), overhead,
+text and text to speech against faster-whisper and piper in-process), overhead, routing,
 preload (benchmarks/bench_preload.py), concurrency (benchmarks/bench_embed_concurrency.py, which
 starts stacks of its own). Writes docs/BENCHMARKS.md, the plots and the raw figures
 (docs/benchmarks/results.json). The GPU workload is benchmarks/gpu/bench_gpu.py, run where a GPU is.
@@ -33,11 +33,22 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from benchmarks.suite import chat, concurrency, embeddings, load, report, tools, voice
+from benchmarks.suite import chat, concurrency, embeddings, load, report, routing, tools, voice
 from benchmarks.suite.context import QUICK, REPO, Context, Sizes, llama_python, pip_versions
 
-WORKLOADS = ("fetch", "load", "embeddings", "chat", "tools", "voice", "overhead", "preload", "concurrency")
-NEEDS_STACK = {"load", "overhead", "tools", "voice"}
+WORKLOADS = (
+    "fetch",
+    "load",
+    "embeddings",
+    "chat",
+    "tools",
+    "voice",
+    "overhead",
+    "routing",
+    "preload",
+    "concurrency",
+)
+NEEDS_STACK = {"load", "overhead", "routing", "tools", "voice"}
 
 
 def _machine() -> str:
@@ -151,6 +162,10 @@ def _run(args: argparse.Namespace, ctx: Context, selected: list[str]) -> dict:
                 attempt("voice", lambda: asyncio.run(voice.run(ctx)))
             if "overhead" in selected and ctx.stack is not None:
                 attempt("overhead", lambda: asyncio.run(embeddings.run_overhead(ctx)))
+            if "routing" in selected and ctx.stack is not None:
+                attempt("routing", lambda: asyncio.run(routing.run(ctx)))
+                if results["routing"].get("status") == "ran":
+                    ctx.say(routing.summary_line(results["routing"]))
     except StackUnavailable as error:
         if args.strict:
             raise

@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from benchmarks.suite import chat, concurrency, embeddings, load, tools, voice
+from benchmarks.suite import chat, concurrency, embeddings, load, routing, tools, voice
 from benchmarks.suite.measure import fmt, median
 
 REPRODUCE = "make bench"
@@ -169,6 +169,15 @@ def markdown(results: dict, plots: dict[str, str]) -> str:
     if "overhead" in plots:
         out += [f"![overhead]({plots['overhead']})", ""]
 
+    routed = _section(w, "routing")
+    out += ["## Routing across nodes (issue 17's workload)", ""]
+    out += [
+        " ".join((routing.__doc__ or "").split()).removeprefix("Workload: routing. "),
+        "",
+        _status_line(routed) + (routing.render(routed) if routed["status"] == "ran" else ""),
+        _notes(routed),
+    ]
+
     pre = _section(w, "preload")
     out += ["## Preloading (issue 4's workload)", ""]
     out += [
@@ -242,6 +251,8 @@ def _targets(w: dict) -> list[tuple[str, str, str]]:
         rows += concurrency.targets(w["concurrency"])
     if w.get("overhead", {}).get("status") == "ran":
         rows.append(embeddings.overhead_target(w["overhead"]))
+    if w.get("routing", {}).get("status") == "ran":
+        rows.append(routing.target(w["routing"]))
     if w.get("fetch", {}).get("status") == "ran":
         fetched = w["fetch"]["rows"]
         hashlib_met = all(r["fetch_verify_s"] / r["hashlib_s"] <= 1.2 for r in fetched)

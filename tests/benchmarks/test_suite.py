@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.suite import concurrency, voice
+from benchmarks.suite import concurrency, routing, voice
 from benchmarks.suite.measure import percentile, ratio_per_round
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,7 +59,7 @@ def test_an_unknown_workload_is_refused_with_the_list_of_workloads(tmp_path: Pat
     assert run.returncode == 2
     assert (
         "unknown workload(s) ['embedings']; choose from "
-        "fetch, load, embeddings, chat, tools, voice, overhead, preload, concurrency" in run.stderr
+        "fetch, load, embeddings, chat, tools, voice, overhead, routing, preload, concurrency" in run.stderr
     )
     assert not (tmp_path / "BENCHMARKS.md").exists()
 
@@ -118,3 +118,24 @@ def test_issue_19s_voice_figures_and_targets() -> None:
     # Rounds: 9/10 and 10/12 of in-process speed, median 0.87: below the 0.9 target.
     assert "0.9× faster-whisper" in stt and (stt_ratio, stt_verdict) == ("0.87× (0.90, 0.83)", "**missed**")
     assert tts_ratio == "0.80×"
+
+
+def test_issue_17s_routing_overhead_figures_and_target() -> None:
+    data = {
+        "summary": {
+            "one node direct": {"p50_ms": 4.0, "p99_ms": 9.0},
+            "routed (2 copies)": {"p50_ms": 4.1, "p99_ms": 9.5},
+        },
+        "paired_added_ms": 0.08,
+        "decision_us": 6.5,
+        "nodes_used": ["node-a", "node-b"],
+    }
+    table = routing.render(data)
+    assert "| routed: two READY copies, power of two choices | 4.100 | 9.500 | **+0.100** | +0.500 | 1.025× |" in table
+    assert "6.5 µs per call (nodes used: node-a, node-b)" in table
+    assert routing.target(data) == (
+        "routing adds < 0.3 ms per request at p50 (routed vs one node direct)",
+        "+0.100 ms (decision alone 6.5 µs)",
+        "met",
+    )
+    assert "ratio 1.025× at p50" in routing.summary_line(data)
