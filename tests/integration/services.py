@@ -84,13 +84,15 @@ def serve_inference(stack: RunningStack, **settings: object) -> Iterator[str]:
         **{f"MODELPLANE_INFERENCE_{key.upper()}": str(value) for key, value in settings.items()},
     }
 
-    def ready() -> bool:
-        with grpc.insecure_channel(address) as channel:
-            try:
-                answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
-            except grpc.RpcError:
-                return False
-            return answer.status == health_pb2.HealthCheckResponse.SERVING
-
-    with _serve("inference", env, stack.home / f"inference-{port}.log", ready):
+    with _serve("inference", env, stack.home / f"inference-{port}.log", lambda: grpc_serving(address)):
         yield address
+
+
+def grpc_serving(address: str) -> bool:
+    """Whether the gRPC service at `address` answers its health check with SERVING."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+        except grpc.RpcError:
+            return False
+        return answer.status == health_pb2.HealthCheckResponse.SERVING

@@ -28,7 +28,6 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelplane.common.settings import TritonSettings
 from modelplane.common.types import ModelState
@@ -41,7 +40,7 @@ from modelplane.registry.fleet import Node, PlacementTarget
 from modelplane.triton.embedded import EmbeddedTriton
 from tests.conftest import free_port
 from tests.integration.conftest import RunningStack
-from tests.integration.services import _serve
+from tests.integration.services import _serve, grpc_serving
 
 EMBED = "all-minilm-l6-v2"
 CHAT = "smollm2-135m-instruct"
@@ -91,15 +90,6 @@ def _start_triton(node_id: str, repository: Path, workdir: Path) -> TritonNode:
         if process.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"tritonserver {node_id} did not start: {embedded.log_tail()}")
         time.sleep(0.2)
-
-
-def _ready(address: str) -> bool:
-    with grpc.insecure_channel(address) as channel:
-        try:
-            answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
-        except grpc.RpcError:
-            return False
-        return answer.status == health_pb2.HealthCheckResponse.SERVING
 
 
 async def _copy_models_and_place(stack: RunningStack, registry: str, nodes: dict[str, TritonNode]) -> None:
@@ -175,7 +165,7 @@ def fleet(stack: RunningStack, tmp_path_factory: pytest.TempPathFactory) -> Iter
             "MODELPLANE_REGISTRY_PORT": str(registry_port),
             "MODELPLANE_REGISTRY_DATABASE_URL": f"sqlite+aiosqlite:///{root / 'registry.db'}",
         }
-        cleanup.enter_context(_serve("registry", registry_env, root / "registry.log", lambda: _ready(registry)))
+        cleanup.enter_context(_serve("registry", registry_env, root / "registry.log", lambda: grpc_serving(registry)))
         asyncio.run(_copy_models_and_place(stack, registry, nodes))
         inference = f"127.0.0.1:{inference_port}"
         inference_env = {
@@ -187,7 +177,8 @@ def fleet(stack: RunningStack, tmp_path_factory: pytest.TempPathFactory) -> Iter
             "MODELPLANE_INFERENCE_LOADER_ADDRESS": f"127.0.0.1:{free_port()}",
             "MODELPLANE_TRITON_GRPC_ADDRESS": f"127.0.0.1:{free_port()}",
         }
-        cleanup.enter_context(_serve("inference", inference_env, root / "inference.log", lambda: _ready(inference)))
+        serving = _serve("inference", inference_env, root / "inference.log", lambda: grpc_serving(inference))
+        cleanup.enter_context(serving)
         yield Fleet(inference, f"http://127.0.0.1:{metrics_port}/metrics", nodes)
 
 
