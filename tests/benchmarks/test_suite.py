@@ -58,8 +58,8 @@ def test_an_unknown_workload_is_refused_with_the_list_of_workloads(tmp_path: Pat
     run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
     assert run.returncode == 2
     assert (
-        "unknown workload(s) ['embedings']; choose from fetch, load, embeddings, chat, overhead, preload, concurrency"
-        in run.stderr
+        "unknown workload(s) ['embedings']; choose from fetch, load, embeddings, chat, overhead, preload, concurrency, "
+        "placement" in run.stderr
     )
     assert not (tmp_path / "BENCHMARKS.md").exists()
 
