@@ -202,6 +202,7 @@ class SimNode:
         self.live = True
         self.epoch = 0  # bumped when the node is lost: its pending events are void
         self.lost_at = -math.inf
+        self.used_cache: int | None = None  # see used(); cleared by every change of the budget
 
     def load(self, now: float, name: str) -> None:
         holder = self.budget.holders.get(name)
@@ -239,6 +240,7 @@ class SimNode:
             self.budget.drop_claim(name)
             self.queue.remove(name)
             self.running += 1
+            self.used_cache = None
             self.budget.hold(Holder(name, spec.bytes, Priority.NORMAL, (DEVICE,), ModelState.LOADING, now))
             self.fleet.outcome.loads += 1
             self.fleet.at(now + spec.load_seconds, "loaded", self, name)
@@ -247,6 +249,7 @@ class SimNode:
         holder = self.budget.holders[name]
         if holder.state != ModelState.READY:
             return
+        self.used_cache = None
         holder.state = ModelState.UNLOADING
         self.fleet.not_ready(self, name)
         self.fleet.at(now + LOADER.eviction_grace_seconds + 0.5, "unloaded", self, name)
@@ -277,6 +280,7 @@ class SimNode:
         self.admit(now)
 
     def on_unloaded(self, now: float, name: str) -> None:
+        self.used_cache = None
         self.budget.release(name)
         self.admit(now)
 
@@ -285,6 +289,7 @@ class SimNode:
         for name in held:
             self.fleet.not_ready(self, name)
         lost_jobs = sorted(self.jobs)
+        self.used_cache = None
         self.budget = MemoryBudget()
         self.budget.set_device(DEVICE, self.capacity, self.capacity)
         self.queue, self.jobs, self.cancelled, self.running = [], set(), set(), 0
@@ -292,7 +297,10 @@ class SimNode:
         return lost_jobs
 
     def used(self) -> int:
-        return self.budget.used(DEVICE)
+        """The budget's physical use, recomputed only after the budget changed."""
+        if self.used_cache is None:
+            self.used_cache = self.budget.used(DEVICE)
+        return self.used_cache
 
 
 # What every system shares: requests, routing, cold starts and the clock -----------------------
@@ -499,9 +507,10 @@ class OldestLru(RandomLru):
     def choose(self, name: str) -> SimNode:
         size = self.specs[name].bytes
         candidates = [n for n in self.nodes if n.live and n.capacity >= size]
-        roomy = [n for n in candidates if n.capacity - n.budget.committed(DEVICE) >= size]
+        free = [(n.capacity - n.budget.committed(DEVICE), -n.index, n) for n in candidates]
+        roomy = [entry for entry in free if entry[0] >= size]
         if roomy:
-            return max(roomy, key=lambda n: (n.capacity - n.budget.committed(DEVICE), -n.index))
+            return max(roomy, key=lambda entry: entry[:2])[2]
 
         def oldest(n: SimNode) -> float:
             ready = [h.last_used for h in n.budget.holders.values() if h.state == ModelState.READY]
@@ -531,6 +540,7 @@ class Placed(Fleet):
         self.used_since: dict[tuple[str, str], float] = {}
         self.rates: dict[str, float] = {}
         self.by_id = {n.id: n for n in self.nodes}
+        self.node_view: dict[str, NodeView] = {}
 
     def schedule(self, end: float) -> None:
         for t in itertools.takewhile(lambda t: t < end, itertools.count(START, self.scenario.placer_interval)):
@@ -562,23 +572,30 @@ class Placed(Fleet):
         self.used_since.clear()
 
     def node_views(self, now: float) -> list[NodeView]:
-        return [
-            NodeView(
-                n.id,
-                (DeviceView(DEVICE, n.capacity, n.used()),),
-                live=n.live or now < n.lost_at + self.scenario.lease_seconds,
-            )
-            for n in self.nodes
-        ]
+        """The nodes as their rows say: a lost node stays live until its lease expires."""
+        views = []
+        for n in self.nodes:
+            used, live = n.used(), n.live or now < n.lost_at + self.scenario.lease_seconds
+            view = self.node_view.get(n.id)
+            if view is None or view.live != live or view.devices[0].used_bytes != used:
+                view = self.node_view[n.id] = NodeView(n.id, (DeviceView(DEVICE, n.capacity, used),), live=live)
+            views.append(view)
+        return views
 
     def model_views(self, focus: str | None = None) -> list[ModelView]:
-        """The models as the registry sees them: a model a request waits for, with no copy, is on demand."""
+        """The models as the registry sees them: a model a request waits for, with no copy, is on
+        demand. For an on-demand plan, only the asked model and those holding placements: all that
+        a plan for one model reads."""
         asked = {name for name, arrivals in self.waiting.items() if arrivals and name not in self.ready}
-        if focus is not None:
+        if focus is None:
+            views = dict(self.views)
+        else:
             asked.add(focus)
-        views = dict(self.views)
+            views = {name: self.views[name] for name, _ in self.placements}
+            views[focus] = self.views[focus]
         for name in asked:
-            views[name] = replace(views[name], on_demand=True)
+            if name in views:
+                views[name] = replace(views[name], on_demand=True)
         return list(views.values())
 
     def decide(self, now: float, only: set[str] | None) -> None:

@@ -8,6 +8,7 @@ hold), and plans again until nothing changes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 
@@ -116,6 +117,18 @@ def test_a_gpu_model_goes_only_to_a_node_with_gpus_and_says_so_when_there_is_non
     result = plan([node("cpu-0"), node("cpu-1")], [llm], [], {}, NOW)
     assert result.empty
     assert result.pending[0].model == "llm"
+    assert result.pending[0].reason == "no live node has a gpu device (they have: cpu)"
+
+
+def test_a_gpu_model_held_by_a_node_without_a_gpu_is_removed_at_once_never_kept() -> None:
+    # The node re-registered without its GPU (a failed card): the placement can never be a copy.
+    llm = model("llm", 8, device_kind="gpu", desired_loaded=True)
+    result = plan([node("cpu-0"), node("gpu-0", gpus=1)], [llm], [held(llm, "cpu-0")], {}, NOW)
+    assert changes(result) == [("remove", "llm", "cpu-0"), ("add", "llm", "gpu-0")]
+    assert result.removes[0].reason == "cpu-0 has no gpu device; the copy is placed again elsewhere"
+
+    result = plan([node("cpu-0")], [llm], [held(llm, "cpu-0")], {}, NOW)
+    assert changes(result) == [("remove", "llm", "cpu-0")]
     assert result.pending[0].reason == "no live node has a gpu device (they have: cpu)"
 
 
@@ -444,6 +457,13 @@ def test_an_on_demand_plan_decides_for_its_model_alone() -> None:
     fleet = [node("a", live=False), node("b")]
     result = plan(fleet, [lost_copy, asked], [held(lost_copy, "a")], {}, NOW, only={"asked"})
     assert changes(result) == [("add", "asked", "b")]
+
+
+def test_a_negative_or_missing_rate_counts_as_no_requests() -> None:
+    fleet, m = [node("a")], model("m")
+    for rates in ({"m": -5.0}, {"m": math.nan}, {}):
+        assert plan(fleet, [m], [], rates, NOW).empty
+        assert plan(fleet, [m], [held(m, "a")], rates, NOW).removes[0].reason.startswith("fewer copies: not wanted")
 
 
 def test_a_bad_policy_is_refused_with_every_mistake_named() -> None:

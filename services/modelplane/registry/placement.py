@@ -32,9 +32,10 @@ Where a copy goes (filter, then score, as GPUStack and the Kubernetes scheduler 
   rate/k; a copy the operator keeps loaded (up to min copies) or a request waits for is worth
   infinitely much within its class.
 
-Moves: copies on a lost node (or an unknown one) are removed at once and placed elsewhere; copies
-on a draining node, or on a node that no longer matches the model, stay until the model has its
-copies READY elsewhere (make before break). A placement whose load failed, or that the node gave
+Moves: copies on a lost node (or an unknown one), or on a node without the model's device kind,
+are removed at once and placed elsewhere; copies on a draining node, or on a node that no longer
+carries the model's labels, stay until the model has its copies READY elsewhere (make before
+break). A placement whose load failed, or that the node gave
 up (evicted: the loader recorded STAGED with observed_generation == generation), is a record, not
 a copy: the copy is placed elsewhere, and the record bars its node for that model for
 `retry_after_seconds`; then it is removed, or redone there (a new generation) if that node is again
@@ -398,7 +399,7 @@ class _Planner:
         self.views = {n.id: n for n in nodes}
         self.nodes = {n.id: _Node(n) for n in sorted(self.views.values(), key=lambda n: n.id) if n.live}
         self.models = {m.name: m for m in models}
-        self.rates = {name: max(0.0, float(r)) for name, r in rates.items() if r == r}  # NaN → absent
+        self.rates = rates
         self.records = sorted(placements, key=lambda p: (p.model, p.node))
         self.deciding_all = only is None
         self.focus = set(self.models) if only is None else set(only) & set(self.models)
@@ -418,13 +419,16 @@ class _Planner:
 
     def run(self) -> PlacementPlan:
         self._take_records()
-        for name in sorted(self.focus):
+        names = sorted(self.focus)
+        for name in names:
             self.needs[name] = self._need(self.models[name])
-            self._scale_down(self.models[name])
-        self.wanting = [name for name in sorted(self.focus) if self.needs[name].target]
+            if self.copies.get(name):
+                self._scale_down(self.models[name])
+        self.wanting = [name for name in names if self.needs[name].target]
         self._place()
-        for name in sorted(self.focus):
-            self._finish_moves(self.models[name])
+        for name in names:
+            if self.copies.get(name):
+                self._finish_moves(self.models[name])
         return self._result()
 
     def _take_records(self) -> None:
@@ -449,6 +453,13 @@ class _Planner:
                     why = "its lease expired" if view is not None else "it is no longer registered"
                     self._remove(p, f"node {p.node} is lost ({why}); the copy is placed again elsewhere")
                 continue
+            if model.device_kind not in node.kinds:
+                # Not a copy: the node cannot hold the model at all (its device is gone, or the
+                # model's kind changed). Removed at once, as on a lost node, never kept for a move.
+                node.forget_resident(model.device_kind, resident)
+                if decides:
+                    self._remove(p, f"{p.node} has no {model.device_kind} device; the copy is placed again elsewhere")
+                continue
             if acted and (state == _FAILED or state in _GIVEN_UP):
                 since = self.now - (p.observed_time if p.observed_time is not None else p.placed_time)
                 if state == _FAILED:
@@ -469,7 +480,8 @@ class _Planner:
                 self._retry(p.model, p.node, model.version, f"version {model.version} replaces version {p.version}")
                 ready = False
             nbytes = model.footprint_bytes if not ready else (p.footprint_bytes or model.footprint_bytes)
-            leaving = self._fits_node(model, node) is not None
+            plain = not model.node_selector and not node.view.draining
+            leaving = not plain and self._fits_node(model, node) is not None
             copy = _Copy(model, p.node, nbytes, ready, p.placed_time, p.last_used or 0.0, leaving)
             node.hold(copy, resident)
             self.copies[p.model][p.node] = copy
@@ -477,7 +489,7 @@ class _Planner:
                 self.staying_count[p.model] += 1
 
     def _need(self, m: ModelView) -> _Need:
-        rate = self.rates.get(m.name, 0.0)
+        rate = self._rate_of(m.name)
         capacity = m.copy_capacity_rps or self.policy.copy_capacity_rps
         ttl = self.policy.idle_ttl_seconds if m.idle_ttl_seconds is None else m.idle_ttl_seconds
         last, used = m.last_request_time, self.last_used.get(m.name)
@@ -533,7 +545,7 @@ class _Planner:
             return (c.ready, -zones[self._zone(c.node)], -fill if binpack else fill, c.node)
 
         if need.keep:
-            why = f"{len(copies) - 1} copies serve its {_rate(self.rates.get(m.name, 0.0))}"
+            why = f"{len(copies) - 1} copies serve its {_rate(self._rate_of(m.name))}"
         else:
             why = f"not wanted: not kept loaded, unused for {need.ttl:.0f} s and no requests expected"
         for copy in sorted(old, key=order)[:excess]:
@@ -559,7 +571,12 @@ class _Planner:
         keeps it loaded (up to min copies) or a request waits for it (the first)."""
         if (m.desired_loaded and k <= max(1, m.min_copies)) or (m.on_demand and k == 1):
             return math.inf
-        return self.rates.get(m.name, 0.0) / k
+        return self._rate_of(m.name) / k
+
+    def _rate_of(self, name: str) -> float:
+        """Expected requests/s; absent, negative or NaN count as none."""
+        rate = self.rates.get(name, 0.0)
+        return float(rate) if rate > 0 else 0.0  # NaN > 0 is false
 
     def _place(self) -> None:
         """Places copies, hottest first within each class, until a pass places nothing: a copy
