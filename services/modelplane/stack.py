@@ -286,6 +286,17 @@ def banner(layout: StackLayout, models: list[ModelSpec]) -> str:
         for m in models
         if m.task == Task.GENERATION
     ][:1]
+    speech = [
+        f"    curl -s {base}/audio/speech -H 'Content-Type: application/json' \\\n"
+        f'      -d \'{{"model": "{m.name}", "input": "Hello from modelplane.", "voice": "alloy"}}\' -o hello.mp3'
+        for m in models
+        if m.task == Task.TTS
+    ][:1]
+    speech += [
+        f"    curl -s {base}/audio/transcriptions -F file=@hello.mp3 -F model={m.name}"
+        for m in models
+        if m.task == Task.SPEECH2TEXT
+    ][:1]
     metrics = [f"    {name:<10} {url}" for name, url in layout.metrics_endpoints().items()]
     return "\n".join(
         [
@@ -297,6 +308,7 @@ def banner(layout: StackLayout, models: list[ModelSpec]) -> str:
             f"    curl -s {base}/embeddings -H 'Content-Type: application/json' \\",
             f'      -d \'{{"model": "{embedder}", "input": ["hello", "world"]}}\'',
             *chat,
+            *speech,
             "  Prometheus metrics:",
             *metrics,
             f"  State and logs live in {layout.home}. Press Ctrl-C to stop.",
