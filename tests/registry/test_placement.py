@@ -140,7 +140,10 @@ def test_a_node_selector_picks_nodes_by_their_labels_and_names_the_missing_ones(
     nowhere = model("nowhere", node_selector={"gpu": "h100"}, desired_loaded=True)
     result = plan(fleet, [nowhere], [], {}, NOW)
     assert result.empty
-    assert "a, b lacks the labels gpu=h100" in result.pending[0].reason
+    assert (
+        result.pending[0].reason
+        == "no live node with a cpu device carries the labels gpu=h100 (the model's node_selector)"
+    )
 
 
 def test_a_model_bigger_than_every_budget_is_pending_with_the_sizes() -> None:
@@ -148,9 +151,9 @@ def test_a_model_bigger_than_every_budget_is_pending_with_the_sizes() -> None:
     result = plan([node("a", 16), node("b", 32)], [huge], [], {}, NOW)
     assert result.empty
     assert result.pending[0].reason == (
-        "no live node can take a copy of 'huge' (cpu, 40.0 GiB): a has a cpu budget of 16.0 GiB; "
-        "b has a cpu budget of 32.0 GiB"
+        "the largest cpu budget of a matching live node is 32.0 GiB (b), below its footprint 40.0 GiB"
     )
+    assert not result.pending[0].room_may_come
 
 
 def test_lost_and_draining_nodes_take_no_new_copies() -> None:
@@ -339,7 +342,11 @@ def test_a_model_the_operator_keeps_loaded_is_not_displaced_within_its_class() -
     asked = model("asked", 6, on_demand=True)
     result = plan(fleet, [kept, asked], [held(kept, "a")], {"asked": 9.0}, NOW)
     assert result.changes == ()
-    assert result.pending[0].reason.startswith("no matching node has 6.0 GiB free, and a request waits for it")
+    assert result.pending[0].reason.startswith(
+        "the largest free cpu memory of a matching node is 2.0 GiB (a), below its footprint 6.0 GiB, "
+        "and a request waits for it"
+    )
+    assert result.pending[0].room_may_come
 
 
 def test_a_displaced_model_that_is_still_wanted_moves_to_a_node_with_room() -> None:

@@ -59,6 +59,7 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from modelplane.common.types import RESIDENT_STATES, ModelState, Priority, Task
+from modelplane.registry.fleet import missing_labels
 
 # The reason a loader records on a placement it had to evict (state STAGED).
 EVICTED_REASON = "evicted"
@@ -225,6 +226,9 @@ class Pending:
     wanted: int
     placed: int
     reason: str
+    # Some matching node could hold it once room is made there (a retry may succeed); False when
+    # no node can (no device of its kind, no node with its labels, every budget too small).
+    room_may_come: bool = False
 
 
 @dataclass(frozen=True)
@@ -766,7 +770,7 @@ class _Planner:
             return "is draining"
         if not node.devices(m.device_kind):
             return f"has no {m.device_kind} device"
-        missing = m.node_selector and {k: v for k, v in m.node_selector.items() if view.labels.get(k) != v}
+        missing = m.node_selector and missing_labels(m.node_selector, view.labels)
         if missing:
             return "lacks the labels " + ", ".join(f"{k}={v}" for k, v in sorted(missing.items()))
         return None
@@ -787,30 +791,48 @@ class _Planner:
         placed = self.staying_count[m.name]
         if some_node_fits:
             worth = "a request waits for it" if heat == math.inf else f"its next copy is worth {_rate(heat)}"
+            matching = [n for n in self.nodes.values() if self._eligible(m, n) is None]
+            roomiest = max(matching, key=lambda n: (n.free(m.device_kind), n.view.id), default=None)
+            free = f" ({roomiest.view.id})" if roomiest is not None else ""
+            largest = _gib(max(0, roomiest.free(m.device_kind))) if roomiest is not None else _gib(0)
             reason = (
-                f"no matching node has {_gib(m.footprint_bytes)} free, and {worth}: every copy that could make "
-                f"room is pinned, of a higher class, or not colder by a factor of {1 + self.policy.displace_margin:g}"
+                f"the largest free {m.device_kind} memory of a matching node is {largest}{free}, below its "
+                f"footprint {_gib(m.footprint_bytes)}, and {worth}: every copy that could make room is pinned, "
+                f"of a higher class, or not colder by a factor of {1 + self.policy.displace_margin:g}"
             )
         else:
             reason = self._why_no_node(m)
-        self.pending[m.name] = Pending(m.name, need.target, placed, reason)
+        self.pending[m.name] = Pending(m.name, need.target, placed, reason, some_node_fits)
 
     def _why_no_node(self, m: ModelView) -> str:
-        """The filter that rules out the most nodes, in words an operator can act on."""
+        """The filter that rules out the most nodes, in words an operator can act on: no device of
+        the model's kind, no node with its labels, no budget as large as it, or each node's reason."""
         if not self.nodes:
             return "no node is live"
+        kind, nodes = m.device_kind, list(self.nodes.values())
+        kinds = sorted({device_kind(d) for n in nodes for d in n.capacity})
+        if all(not n.devices(kind) for n in nodes):
+            return f"no live node has a {kind} device (they have: {', '.join(kinds)})"
+        with_device = [n for n in nodes if n.devices(kind)]
+        if m.node_selector and all(missing_labels(m.node_selector, n.view.labels) for n in with_device):
+            wanted = ", ".join(f"{k}={v}" for k, v in sorted(m.node_selector.items()))
+            return f"no live node with a {kind} device carries the labels {wanted} (the model's node_selector)"
+        matching = [n for n in with_device if self._fits_node(m, n) is None]
+        if matching and all(n.budget(kind) < m.footprint_bytes for n in matching):
+            largest = max(matching, key=lambda n: (n.budget(kind), n.view.id))
+            return (
+                f"the largest {kind} budget of a matching live node is {_gib(largest.budget(kind))} "
+                f"({largest.view.id}), below its footprint {_gib(m.footprint_bytes)}"
+            )
         counts: dict[str, list[str]] = defaultdict(list)
-        for node in self.nodes.values():
+        for node in nodes:
             counts[self._eligible(m, node) or "?"].append(node.view.id)
-        kinds = sorted({device_kind(d) for n in self.nodes.values() for d in n.capacity})
-        if all(not n.devices(m.device_kind) for n in self.nodes.values()):
-            return f"no live node has a {m.device_kind} device (they have: {', '.join(kinds)})"
         parts = []
         for why, ids in sorted(counts.items(), key=lambda item: (-len(item[1]), item[0])):
             shown = ", ".join(ids[:3]) + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
             parts.append(f"{shown} {why}")
         size = _gib(m.footprint_bytes)
-        return f"no live node can take a copy of '{m.name}' ({m.device_kind}, {size}): " + "; ".join(parts)
+        return f"no live node can take a copy of '{m.name}' ({kind}, {size}): " + "; ".join(parts)
 
     # Recording -------------------------------------------------------------------------------
 
