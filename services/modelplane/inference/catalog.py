@@ -45,14 +45,25 @@ class OnDemand(Protocol):
         ...
 
 
-class LoaderOnDemand:
-    """One node: the loader loads the model into its Triton and answers once it is READY."""
+class FleetOnDemand:
+    """Until a node has registered (one node: `make run`, or loaders not yet in the fleet), the
+    loader loads the model into the configured Triton and answers once it is READY, as before the
+    fleet. Once the registry knows nodes, its placer picks one (EnsurePlacement: RESOURCE_EXHAUSTED
+    with why when none fits); that node's loader makes the copy and the watch shows it READY."""
 
-    def __init__(self, loader: LoaderClient) -> None:
+    def __init__(self, registry: RegistryClient, loader: LoaderClient, table: RoutingTable) -> None:
+        self.registry = registry
         self.loader = loader
+        self.table = table
 
     async def request_copy(self, name: str, request_id: str) -> Model | None:
-        return await self.loader.ensure_loaded(name, reason="on-demand", timeout_seconds=None)  # type: ignore[arg-type]
+        if not self.table.nodes:
+            return await self.loader.ensure_loaded(name, reason="on-demand", timeout_seconds=None)  # type: ignore[arg-type]
+        placements, node_id = await self.registry.ensure_placement(name, request_id)
+        for placement in placements:
+            self.table.remember_placement(placement)
+        log.info("asked the placer for a copy", model=name, node=node_id)
+        return None
 
 
 @dataclass(frozen=True)

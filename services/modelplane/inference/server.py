@@ -5,7 +5,7 @@ from __future__ import annotations
 from modelplane.common.grpc_server import GrpcServer
 from modelplane.common.service import Service
 from modelplane.common.settings import TritonSettings
-from modelplane.inference.catalog import LoaderOnDemand, ModelCatalog
+from modelplane.inference.catalog import FleetOnDemand, ModelCatalog
 from modelplane.inference.handlers import InferenceHandler
 from modelplane.inference.routing import Router, RoutingTable
 from modelplane.inference.servicer import InferenceServicer
@@ -35,7 +35,7 @@ class InferenceService(Service):
         # Until the registry knows nodes, the configured Triton serves every model as node-0.
         table = RoutingTable(self.triton_settings.grpc_address)
         self.router = Router(table, TritonTls.from_settings(self.triton_settings))
-        self.catalog = ModelCatalog(registry, LoaderOnDemand(loader), table)
+        self.catalog = ModelCatalog(registry, FleetOnDemand(registry, loader, table), table)
         self.stats = RequestStatistics(registry, self.settings.stats_report_interval_seconds)
         handler = InferenceHandler(self.settings, self.catalog, self.router, self.stats)
         self.server.add_servicer(
