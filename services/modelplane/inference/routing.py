@@ -64,9 +64,13 @@ R = TypeVar("R")
 def choose(candidates: Sequence[T], in_flight: Callable[[T], int], rng: random.Random) -> T:
     """The power of two choices: of two candidates drawn at random, the one with fewer calls in
     flight (the first drawn on a tie). With two candidates that is the less busy one."""
-    if len(candidates) == 1:
+    count = len(candidates)
+    if count == 1:
         return candidates[0]
-    first, second = rng.sample(candidates, 2)
+    # Two distinct indices drawn uniformly, as rng.sample would, at a tenth of its cost.
+    i = int(rng.random() * count)
+    j = int(rng.random() * (count - 1))
+    first, second = candidates[i], candidates[j + 1 if j >= i else j]
     return second if in_flight(second) < in_flight(first) else first
 
 
