@@ -111,7 +111,9 @@ async def test_a_package_with_a_symlink_out_of_it_is_refused(
     async with LoaderClient(rel.loader) as loader:
         with pytest.raises(ModelplaneError) as refused:
             await loader.ensure_loaded(name, reason="test", timeout_seconds=60)
-    assert "vocab.txt" in refused.value.message and "symlink" in refused.value.message.lower(), refused.value.message
+    message = refused.value.message
+    assert "vocab.txt is a symbolic link to a file outside the package" in message, message
+    assert str(tmp_path) not in message  # where the link points is the server's business
     cached = [p for p in (rel.home / "cache").rglob("vocab.txt") if p.read_bytes() == secret.read_bytes()]
     assert cached == []  # the secret was not copied into the cache
 
