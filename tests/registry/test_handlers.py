@@ -66,6 +66,40 @@ async def test_a_new_source_is_a_new_version(handler: RegistryHandler) -> None:
 
 
 @pytest.mark.parametrize(
+    ("uri", "what"),
+    [
+        ("http://user:secret@models.internal/pkg/", "a user name or password"),
+        ("s3://AKIAEXAMPLE:secret@bucket/minilm", "a user name or password"),
+        ("https://token-only@models.internal/pkg/", "a user name or password"),
+        (
+            "https://bucket.s3.amazonaws.com/m.gguf?X-Amz-Credential=AKIA%2F1&X-Amz-Signature=secret",
+            "the query parameter 'X-Amz-Credential'",
+        ),
+        ("https://models.internal/m.gguf?access_token=secret", "the query parameter 'access_token'"),
+    ],
+)
+async def test_credentials_in_the_source_are_refused_and_never_stored(
+    handler: RegistryHandler, uri: str, what: str
+) -> None:
+    with pytest.raises(InvalidModelSpec) as refused:
+        await handler.register(spec(source=uri), load=False)
+    message = refused.value.message
+    assert f"carries credentials ({what}); nothing was registered" in message
+    assert "MODELPLANE_LOADER_HTTP_BEARER_TOKEN" in message and "MODELPLANE_LOADER_S3_ACCESS_KEY_ID" in message
+    assert "secret" not in message and "AKIA" not in message
+    with pytest.raises(ModelNotFound):
+        await handler.get("minilm")
+    assert await handler.events(name="minilm") == []
+
+
+async def test_a_query_without_secrets_and_a_path_with_an_at_sign_are_accepted(handler: RegistryHandler) -> None:
+    model, _ = await handler.register(spec(source="https://models.internal/pkg/?rev=3"), load=False)
+    assert model.spec.source_uri == "https://models.internal/pkg/?rev=3"
+    model, _ = await handler.register(spec(name="local", source="/data/team@site/minilm"), load=False)
+    assert model.spec.source_uri == "/data/team@site/minilm"
+
+
+@pytest.mark.parametrize(
     ("bad", "message"),
     [
         (spec(name="../etc"), "is not valid"),

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 
 import structlog
 
-from modelplane.common.redact import redact_uri
+from modelplane.common.redact import CREDENTIALS_BELONG, credentials_in_uri, redact_uri
 from modelplane.common.types import (
     RESIDENT_STATES,
     WORKING_STATES,
@@ -102,6 +102,13 @@ def validate_spec(spec: ModelSpec) -> ModelSpec:
         raise InvalidModelSpec(f"Model '{spec.name}' has no task: say embedding, rerank or generation.")
     if not spec.source_uri.strip():
         raise InvalidModelSpec(f"Model '{spec.name}' has no source URI: give a path, s3:// or http(s):// URI.")
+    secret = credentials_in_uri(spec.source_uri)
+    if secret:
+        # Refused before anything is stored: the registry, its events and every reader would keep it.
+        raise InvalidModelSpec(
+            f"The source URI of model '{spec.name}' ({redact_uri(spec.source_uri)}) carries credentials ({secret}); "
+            f"nothing was registered. {CREDENTIALS_BELONG}"
+        )
     expected = spec.expected_sha256.strip().lower()
     if expected and not _SHA256.match(expected):
         raise InvalidModelSpec(

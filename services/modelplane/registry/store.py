@@ -21,6 +21,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from modelplane.common.redact import mask_credentials
 from modelplane.common.types import (
     DesiredState,
     Model,
@@ -63,8 +64,12 @@ def _utc(value: datetime | None) -> datetime | None:
 
 
 def _model_from_row(row: sa.Row) -> Model:
+    spec = ModelSpec.model_validate_json(row.spec_json)
+    # Registrations refuse credentials in a source URI; a row written before they did (or by hand)
+    # still never hands one to a reader, a watcher or a log.
+    spec.source_uri = mask_credentials(spec.source_uri)
     return Model(
-        spec=ModelSpec.model_validate_json(row.spec_json),
+        spec=spec,
         version=row.version,
         desired_state=DesiredState(row.desired_state),
         status=ModelStatus.model_validate_json(row.status_json),

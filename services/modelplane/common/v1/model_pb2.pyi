@@ -505,7 +505,9 @@ class ModelSpec(_message.Message):
     """The package format; absent means detected from the files."""
     source_uri: _builtins.str
     """Where the package is kept: a local path or file:// URI, s3://bucket/prefix
-    or http(s)://host/path. Credentials never belong in the URI.
+    or http(s)://host/path. Credentials never belong in the URI: one with user
+    info or a secret query parameter is refused; the loader's settings hold
+    S3 credentials and an HTTP bearer token.
     """
     expected_sha256: _builtins.str
     """Expected lowercase hex SHA-256 of the package: of the file itself for a

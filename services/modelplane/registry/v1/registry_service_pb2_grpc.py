@@ -111,7 +111,8 @@ class RegistryServiceServicer:
         """Registers a model, or a new version of a registered model when its source
         or expected digest changed. Registering the same spec again is a no-op
         that returns the model as it is. Fails with INVALID_ARGUMENT when the name
-        or spec is malformed.
+        or spec is malformed, or when the source URI carries credentials (user
+        info, or a signature or token in its query); nothing is stored then.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

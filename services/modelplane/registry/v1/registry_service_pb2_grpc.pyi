@@ -41,7 +41,8 @@ class RegistryServiceStub:
     """Registers a model, or a new version of a registered model when its source
     or expected digest changed. Registering the same spec again is a no-op
     that returns the model as it is. Fails with INVALID_ARGUMENT when the name
-    or spec is malformed.
+    or spec is malformed, or when the source URI carries credentials (user
+    info, or a signature or token in its query); nothing is stored then.
     """
     GetModel: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.GetModelRequest, _registry_service_pb2.GetModelResponse]
     """Returns one model. Fails with NOT_FOUND when no model has that name."""
@@ -92,7 +93,8 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     """Registers a model, or a new version of a registered model when its source
     or expected digest changed. Registering the same spec again is a no-op
     that returns the model as it is. Fails with INVALID_ARGUMENT when the name
-    or spec is malformed.
+    or spec is malformed, or when the source URI carries credentials (user
+    info, or a signature or token in its query); nothing is stored then.
     """
     GetModel: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.GetModelRequest, _registry_service_pb2.GetModelResponse]  # type: ignore[assignment]
     """Returns one model. Fails with NOT_FOUND when no model has that name."""
@@ -146,7 +148,8 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         """Registers a model, or a new version of a registered model when its source
         or expected digest changed. Registering the same spec again is a no-op
         that returns the model as it is. Fails with INVALID_ARGUMENT when the name
-        or spec is malformed.
+        or spec is malformed, or when the source URI carries credentials (user
+        info, or a signature or token in its query); nothing is stored then.
         """
 
     @_abc_1.abstractmethod
