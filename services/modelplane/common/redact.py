@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 # Query parameters that carry a secret: presigned S3 and GCS URLs, Azure SAS tokens, and the
@@ -93,3 +94,13 @@ def mask_credentials(uri: str) -> str:
         )
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
+
+# An absolute filesystem path (not the path of a URL: "//" or "scheme:" comes before that).
+_SERVER_PATH = re.compile(r"(?<![\w.:/~-])/(?:[\w.@+~-]+/)+([\w.@+~-]+)")
+
+
+def without_server_paths(text: str) -> str:
+    """Text from a library or a subprocess (an error, a checker's finding) with each absolute path
+    cut to its last part ('/var/cache/modelplane/packages/ab…/model.onnx' → 'model.onnx'): the file
+    is still named, where the server keeps it is not."""
+    return _SERVER_PATH.sub(r"\1", text)
