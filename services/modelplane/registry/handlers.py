@@ -11,6 +11,8 @@ import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import PurePosixPath
+from urllib.parse import urlsplit
 
 import structlog
 
@@ -87,8 +89,31 @@ class Transition:
 
 
 def _identity(spec: ModelSpec) -> tuple[object, ...]:
-    """What makes two specs the same package; a change of any of these is a new version."""
+    """What makes two specs the same package; a change of any of these is a new version, except
+    a new source for the same content (see `_moved`)."""
     return (spec.task, spec.format, spec.source_uri, spec.expected_sha256, spec.manifest)
+
+
+def _moved(existing: Model, spec: ModelSpec) -> bool:
+    """The same content, proven by the same expected digest, registered from another location
+    (a second checkout, a recreated virtual environment, a mirror): the version stays. The loader
+    verifies the digest at the next fetch from the new location, as at any fetch. A FAILED model
+    gets a new version instead, so that the new location is loaded afresh."""
+    before = existing.spec
+    return (
+        bool(spec.expected_sha256)
+        and existing.state != ModelState.FAILED
+        and (before.task, before.format, before.expected_sha256, before.manifest)
+        == (spec.task, spec.format, spec.expected_sha256, spec.manifest)
+    )
+
+
+def _manifest_still_valid(manifest: PackageManifest | None, source_uri: str) -> bool:
+    """A recorded manifest names the files; a directory's names are part of its digest, but a
+    single file's name is not, so the file's manifest holds at a new location only under the same name."""
+    if manifest is None or len(manifest.files) != 1 or "/" in manifest.files[0].path:
+        return True
+    return PurePosixPath(urlsplit(source_uri).path).name == manifest.files[0].path
 
 
 def validate_spec(spec: ModelSpec) -> ModelSpec:
@@ -174,6 +199,8 @@ class RegistryHandler:
                     updated, new_version=False, event=None, change=ChangeType.UPDATED
                 )
             return updated, False
+        if existing and _moved(existing, spec):
+            return await self._move(existing, spec, desired or DesiredState.UNLOADED, request_id), False
         version = existing.version + 1 if existing else 1
         model = Model(
             spec=spec,
@@ -193,6 +220,27 @@ class RegistryHandler:
         model, event = await self.store.put_model(model, new_version=True, event=event, change=ChangeType.REGISTERED)
         log.info("model registered", model=spec.name, version=version)
         return model, True
+
+    async def _move(self, existing: Model, spec: ModelSpec, desired: DesiredState, request_id: str) -> Model:
+        """The current version's source moves to `spec.source_uri`; its state and cache stay."""
+        status = existing.status
+        if not _manifest_still_valid(status.manifest, spec.source_uri):
+            status = status.model_copy(update={"manifest": None})  # the next load fetches and records it again
+        updated = existing.model_copy(update={"spec": spec, "desired_state": desired, "status": status})
+        event = ModelEvent(
+            model_name=spec.name,
+            version=existing.version,
+            from_state=existing.state,
+            to_state=existing.state,
+            message=(
+                f"source moved to {redact_uri(spec.source_uri)}: the same content (SHA-256 {spec.expected_sha256}), "
+                f"so version {existing.version} is kept"
+            ),
+            request_id=request_id,
+        )
+        updated, _ = await self.store.put_model(updated, new_version=False, event=event, change=ChangeType.UPDATED)
+        log.info("model source moved", model=spec.name, version=existing.version)
+        return updated
 
     async def update(self, spec: ModelSpec, fields: Sequence[str]) -> Model:
         unknown = set(fields) - MUTABLE_SPEC_FIELDS

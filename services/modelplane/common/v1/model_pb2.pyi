@@ -860,7 +860,8 @@ class Model(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """The current version; versions start at 1 and grow when a model is
-    registered again with a different source or digest.
+    registered again with a different digest, or with a different source and
+    no expected digest to prove the content is the same.
     """
     desired_state: Global___DesiredState.ValueType
     """What the operator wants."""

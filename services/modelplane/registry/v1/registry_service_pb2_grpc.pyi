@@ -40,9 +40,12 @@ class RegistryServiceStub:
     RegisterModel: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.RegisterModelRequest, _registry_service_pb2.RegisterModelResponse]
     """Registers a model, or a new version of a registered model when its source
     or expected digest changed. Registering the same spec again is a no-op
-    that returns the model as it is. Fails with INVALID_ARGUMENT when the name
-    or spec is malformed, or when the source URI carries credentials (user
-    info, or a signature or token in its query); nothing is stored then.
+    that returns the model as it is. The same content from another location
+    (same expected digest, task, format and manifest; only source_uri differs)
+    keeps the version and its state and moves the version's source, unless
+    the model is FAILED. Fails with INVALID_ARGUMENT when the name or spec is
+    malformed, or when the source URI carries credentials (user info, or a
+    signature or token in its query); nothing is stored then.
     """
     GetModel: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.GetModelRequest, _registry_service_pb2.GetModelResponse]
     """Returns one model. Fails with NOT_FOUND when no model has that name."""
@@ -92,9 +95,12 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     RegisterModel: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.RegisterModelRequest, _registry_service_pb2.RegisterModelResponse]  # type: ignore[assignment]
     """Registers a model, or a new version of a registered model when its source
     or expected digest changed. Registering the same spec again is a no-op
-    that returns the model as it is. Fails with INVALID_ARGUMENT when the name
-    or spec is malformed, or when the source URI carries credentials (user
-    info, or a signature or token in its query); nothing is stored then.
+    that returns the model as it is. The same content from another location
+    (same expected digest, task, format and manifest; only source_uri differs)
+    keeps the version and its state and moves the version's source, unless
+    the model is FAILED. Fails with INVALID_ARGUMENT when the name or spec is
+    malformed, or when the source URI carries credentials (user info, or a
+    signature or token in its query); nothing is stored then.
     """
     GetModel: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.GetModelRequest, _registry_service_pb2.GetModelResponse]  # type: ignore[assignment]
     """Returns one model. Fails with NOT_FOUND when no model has that name."""
@@ -147,9 +153,12 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_registry_service_pb2.RegisterModelResponse, _abc.Awaitable[_registry_service_pb2.RegisterModelResponse]]:
         """Registers a model, or a new version of a registered model when its source
         or expected digest changed. Registering the same spec again is a no-op
-        that returns the model as it is. Fails with INVALID_ARGUMENT when the name
-        or spec is malformed, or when the source URI carries credentials (user
-        info, or a signature or token in its query); nothing is stored then.
+        that returns the model as it is. The same content from another location
+        (same expected digest, task, format and manifest; only source_uri differs)
+        keeps the version and its state and moves the version's source, unless
+        the model is FAILED. Fails with INVALID_ARGUMENT when the name or spec is
+        malformed, or when the source URI carries credentials (user info, or a
+        signature or token in its query); nothing is stored then.
         """
 
     @_abc_1.abstractmethod
