@@ -103,7 +103,13 @@ def running_stack(
             if process.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"the stack did not come up:\n{running.log_text()[-5000:]}")
             time.sleep(0.5)
-        assert httpx.get(f"{running.gateway_url}/readyz", timeout=5, verify=running.verify).status_code == 200
+        # What a script waiting for `make run` does: /readyz answers 200 once every model the stack
+        # must serve (the bundled ones) is READY.
+        readyz = f"{running.gateway_url}/readyz"
+        while (ready := httpx.get(readyz, timeout=5, verify=running.verify)).status_code != 200:
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the stack was up but never ready: {ready.text}\n{running.log_text()[-5000:]}")
+            time.sleep(0.5)
         yield running
     finally:
         process.send_signal(signal.SIGINT)
