@@ -2,8 +2,12 @@
 OpenAI-API-compatible provider (and the official openai client) read them.
 
 Streams are server-sent events of `data:` lines only, each followed by a blank line: a `choices`
-key in every chunk, `finish_reason` on the last content chunk, a last chunk with `"choices": []`
-and the usage when `stream_options.include_usage` is set, then `data: [DONE]`. An error before the
+key in every chunk, `finish_reason` on the last content chunk, then `data: [DONE]`. Every stream
+carries its usage once, at its end: with `stream_options.include_usage`, as OpenAI sends it, in a
+last chunk of its own with `"choices": []`; without it, on the last content chunk (the one with
+`finish_reason`), since a client that did not ask may read `choices[0]` of every chunk (the
+official openai client's users do) and would break on an empty list. Dify's SDK, which never asks,
+takes `usage` from whichever chunk carries it, so it never counts tokens itself. An error before the
 first token is an ordinary HTTP error; one after the stream has started is a chunk with an `error`
 object (and no `choices`, which is how Dify's parser recognises it), after which the stream ends.
 While the model is still loading, SSE comment lines (`: ...`, which SSE clients and Dify skip)
@@ -95,14 +99,18 @@ class _Completion:
         self.object = "chat.completion.chunk" if chat else "text_completion"
         self.first = True
 
-    def chunk(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+    def chunk(self, text: str, finish_reason: str | None, usage: Any = None) -> dict[str, Any]:
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": text} if self.first else {"content": text}
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
         self.first = False
-        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model, "choices": [choice]}
+        chunk = {"id": self.id, "object": self.object, "created": self.created, "model": self.model}
+        chunk["choices"] = [choice]
+        if usage is not None:
+            chunk["usage"] = _usage(usage)
+        return chunk
 
     def usage_chunk(self, usage: Any) -> dict[str, Any]:
         return {
@@ -157,9 +165,9 @@ async def _event_stream(
             if not first.done():
                 yield b": waiting for the model\n\n"
         piece = first.result()
-        yield _sse(answer.chunk(piece[0], piece[1]))
+        yield _sse(answer.chunk(piece[0], piece[1], None if include_usage else piece[2]))
         async for piece in pieces:
-            yield _sse(answer.chunk(piece[0], piece[1]))
+            yield _sse(answer.chunk(piece[0], piece[1], None if include_usage else piece[2]))
         usage = piece[2]
         if include_usage and usage is not None:
             yield _sse(answer.usage_chunk(usage))
