@@ -55,7 +55,18 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from llama_cpp import Llama
 from llama_text import MAX_SEED, SamplingParams, StopStringFilter
-from llm_protocol import INPUTS, OUTPUTS, RequestError, complete_config, error, read_prompt, scalar, send_error
+from llm_protocol import (
+    INPUTS,
+    OUTPUTS,
+    RequestError,
+    complete_config,
+    error,
+    longest_token_bytes,
+    read_prompt,
+    refuse_unfittable_prompt,
+    scalar,
+    send_error,
+)
 
 # Asking Triton whether a request was cancelled is an IPC round trip to the server process;
 # once every 50 ms bounds both its cost and the tokens generated after a client has gone.
@@ -147,7 +158,7 @@ class _Engine:
                     break
                 generated += 1
                 unsent_tokens += 1
-                text, hit_stop = stops.push(utf8.decode(self._piece(token)))
+                text, hit_stop = stops.push(utf8.decode(self.piece(token)))
                 if hit_stop or generated >= job.max_new_tokens:
                     finish_reason = "stop" if hit_stop else "length"
                     text_parts.append(text)
@@ -191,14 +202,15 @@ class _Engine:
         """Frees the context and model; only after the slot's thread has stopped."""
         self._llm.close()
 
-    def _piece(self, token: int) -> bytes:
+    def piece(self, token: int, *, special: bool = False) -> bytes:
+        """The bytes a token stands for; a control token's own text only with `special`."""
         # llama-cpp-python's detokenize() uses a 32-byte buffer and silently returns b"" for
         # longer pieces; Gemma has 379 such tokens (whole words in Indic scripts, up to 48 bytes).
         buf = ctypes.create_string_buffer(64)
-        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
-            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
         return buf.raw[:n]
 
 
@@ -248,6 +260,8 @@ class TritonPythonModel:
         self._n_ctx = llms[0].n_ctx()
         self._bos = llms[0].token_bos()
         self._engines = [_Engine(self, i, llm) for i, llm in enumerate(llms)]
+        engine = self._engines[0]
+        self._longest_token = longest_token_bytes(engine.piece(t, special=True) for t in range(llms[0].n_vocab()))
 
         # Sending is an IPC call to the server; one thread does it in order so a slot never
         # waits on it, and responses of one request keep their order.
@@ -294,6 +308,7 @@ class TritonPythonModel:
         if include_prompt and stream:
             raise RequestError("exclude_input_in_output=false is not supported with stream=true")
 
+        refuse_unfittable_prompt(prompt, self._n_ctx, self._longest_token)
         tokens = self._tokenizer.tokenize(prompt.encode("utf-8"), add_bos=True, special=self._parse_special)
         # A template that writes "<bos>" itself plus the BOS the model adds gives two of them,
         # which degrades every answer.
