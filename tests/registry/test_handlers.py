@@ -147,7 +147,8 @@ async def test_credentials_in_the_source_are_refused_and_never_stored(
     assert "secret" not in message and "AKIA" not in message
     with pytest.raises(ModelNotFound):
         await handler.get("minilm")
-    assert await handler.events(name="minilm") == []
+    with pytest.raises(ModelNotFound):
+        await handler.events(name="minilm")
 
 
 async def test_a_query_without_secrets_and_a_path_with_an_at_sign_are_accepted(handler: RegistryHandler) -> None:
@@ -183,6 +184,9 @@ async def test_expected_digest_is_normalised_to_lowercase(handler: RegistryHandl
 async def test_unknown_model_is_not_found(handler: RegistryHandler) -> None:
     with pytest.raises(ModelNotFound, match="Model 'ghost' is not registered"):
         await handler.get("ghost")
+    # A mistyped name in `modelplane models events` is an error, not an empty history.
+    with pytest.raises(ModelNotFound, match="Model 'ghost' is not registered"):
+        await handler.events(name="ghost")
 
 
 async def test_lifecycle_records_phases_and_their_durations(handler: RegistryHandler) -> None:

@@ -315,6 +315,8 @@ class RegistryHandler:
         return model, event
 
     async def events(self, *, name: str = "", after_id: int = 0, page_size: int = 0) -> list[ModelEvent]:
+        if name:
+            await self.get(name)  # a mistyped name is not found, not a model without history
         return await self.store.list_events(
             name=name, after_id=after_id, limit=min(page_size or _DEFAULT_PAGE, _MAX_PAGE)
         )

@@ -168,7 +168,8 @@ class RegistryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModelEvents(self, request, context):
-        """Lists a model's recorded transitions, newest last.
+        """Lists a model's recorded transitions, oldest first. Fails with NOT_FOUND
+        when a name is given and no model has it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -67,7 +67,9 @@ class RegistryServiceStub:
     writers cannot both move the same model.
     """
     ListModelEvents: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ListModelEventsRequest, _registry_service_pb2.ListModelEventsResponse]
-    """Lists a model's recorded transitions, newest last."""
+    """Lists a model's recorded transitions, oldest first. Fails with NOT_FOUND
+    when a name is given and no model has it.
+    """
     WatchModels: _grpc.UnaryStreamMultiCallable[_registry_service_pb2.WatchModelsRequest, _registry_service_pb2.WatchModelsResponse]
     """Streams every change to the catalogue from now on, optionally preceded by
     the current state of every model.
@@ -122,7 +124,9 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     writers cannot both move the same model.
     """
     ListModelEvents: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ListModelEventsRequest, _registry_service_pb2.ListModelEventsResponse]  # type: ignore[assignment]
-    """Lists a model's recorded transitions, newest last."""
+    """Lists a model's recorded transitions, oldest first. Fails with NOT_FOUND
+    when a name is given and no model has it.
+    """
     WatchModels: _aio.UnaryStreamMultiCallable[_registry_service_pb2.WatchModelsRequest, _registry_service_pb2.WatchModelsResponse]  # type: ignore[assignment]
     """Streams every change to the catalogue from now on, optionally preceded by
     the current state of every model.
@@ -222,7 +226,9 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _registry_service_pb2.ListModelEventsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_registry_service_pb2.ListModelEventsResponse, _abc.Awaitable[_registry_service_pb2.ListModelEventsResponse]]:
-        """Lists a model's recorded transitions, newest last."""
+        """Lists a model's recorded transitions, oldest first. Fails with NOT_FOUND
+        when a name is given and no model has it.
+        """
 
     @_abc_1.abstractmethod
     def WatchModels(
