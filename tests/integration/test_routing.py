@@ -2,8 +2,9 @@
 test's own, with the bundled models the session's stack converted.
 
 The nodes and their placements are written through the real registry's RegisterNode,
-SetPlacements and TransitionPlacement, as a node's loader writes them (the loaders' fleet mode is
-issue 17c's); each tritonserver loads its models directly. node-a and node-b hold the embedding
+SetPlacements and TransitionPlacement, as the placer and a node's loader write them (the registry's
+own placer is off; the loaders' fleet mode is issue 17c's); each tritonserver loads its models
+directly. node-a and node-b hold the embedding
 model, node-b and node-c the chat model. Per-node counts come from the inference service's
 /metrics. The tests run in order: the second kills node-a, the third node-b or node-c.
 
@@ -164,6 +165,8 @@ def fleet(stack: RunningStack, tmp_path_factory: pytest.TempPathFactory) -> Iter
             "MODELPLANE_REGISTRY_HOST": "127.0.0.1",
             "MODELPLANE_REGISTRY_PORT": str(registry_port),
             "MODELPLANE_REGISTRY_DATABASE_URL": f"sqlite+aiosqlite:///{root / 'registry.db'}",
+            # The test writes the placements itself, as the placer would: its own would undo them.
+            "MODELPLANE_REGISTRY_PLACER": "false",
         }
         cleanup.enter_context(_serve("registry", registry_env, root / "registry.log", lambda: grpc_serving(registry)))
         asyncio.run(_copy_models_and_place(stack, registry, nodes))
