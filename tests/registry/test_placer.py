@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from modelplane.common.types import (
     ModelSpec,
     PlacementPolicy,
     Priority,
+    RequestCount,
     RuntimeHints,
     RuntimeTarget,
     Task,
@@ -85,7 +86,7 @@ class Fleet:
         self.renewing: dict[str, asyncio.Task[None]] = {}
 
     async def add(
-        self, node_id: str, cpu_gib: float = 4, *, labels: dict[str, str] | None = None, lease: float = 1.0
+        self, node_id: str, cpu_gib: float = 4, *, labels: dict[str, str] | None = None, lease: float = 5.0
     ) -> Node:
         node = await self.client.register_node(
             Node(
@@ -192,12 +193,12 @@ async def test_a_lost_nodes_placements_are_removed_and_placed_on_a_live_node(
 ) -> None:
     async with _registry(database_url) as (_service, client):
         fleet = fleet_of(client)
-        await fleet.add("node-0")
+        await fleet.add("node-0", lease=2.0)
         await client.register(_spec("kept"), load=True)
         [first] = await _eventually(client.list_placements, "the model placed")
         assert first.node_id == "node-0"
         await fleet.add("node-1")
-        await fleet.lose("node-0")  # killed: its lease (1 s) lapses
+        await fleet.lose("node-0")  # killed: its lease (2 s) lapses
 
         async def moved() -> list[Placement]:
             placements = await client.list_placements()
@@ -207,6 +208,27 @@ async def test_a_lost_nodes_placements_are_removed_and_placed_on_a_live_node(
         assert "node node-0 is lost" not in placement.decision  # a new placement, with its own reason
         events = await client.events(name="kept")
         assert any(e.node_id == "node-0" and "removed from node node-0" in e.message for e in events)
+
+
+async def test_a_hot_model_gets_a_copy_per_node_its_rate_needs(
+    database_url: str, fleet_of: Callable[[RegistryClient], Fleet]
+) -> None:
+    async with _registry(database_url) as (_service, client):
+        fleet = fleet_of(client)
+        for node_id in ("node-0", "node-1", "node-2"):
+            await fleet.add(node_id)
+        await client.register(_spec("hot"))
+        # The inference service reports a burst: about 47 requests/s forecast, 20 per copy by default.
+        now = datetime.now(UTC)
+        await client.record_requests([RequestCount(model_name="hot", count=5000, last_request_time=now)])
+
+        async def three_copies() -> list[Placement]:
+            placements = await client.list_placements(["hot"])
+            return placements if len(placements) == 3 else []
+
+        placements = await _eventually(three_copies, "three copies of the hot model")
+        assert sorted(p.node_id for p in placements) == ["node-0", "node-1", "node-2"]
+        assert all("3 copies of 20 requests/s each serve it" in p.decision for p in placements)
 
 
 # Leadership -------------------------------------------------------------------------------------

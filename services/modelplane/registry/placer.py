@@ -33,6 +33,7 @@ from pathlib import Path
 import structlog
 from prometheus_client import Counter, Gauge
 
+from modelplane.common.errors import ModelplaneError
 from modelplane.common.types import WORKING_STATES, DesiredState, Model, ModelState, Priority, RuntimeTarget
 from modelplane.loader.footprint import estimate_footprint
 from modelplane.loader.preload import forecast
@@ -53,7 +54,7 @@ from modelplane.registry.placement import (
 from modelplane.registry.settings import RegistrySettings
 from modelplane.registry.statistics import ModelStatistics
 from modelplane.registry.store import RegistryStore
-from modelplane.registry.watch import ModelChange, NodeChange, PlacementChange
+from modelplane.registry.watch import ChangeType, ModelChange, NodeChange, PlacementChange
 
 log = structlog.get_logger()
 
@@ -199,6 +200,7 @@ class Placer:
         self._lock = asyncio.Lock()  # one round or on-demand placement at a time in this process
         self._lease = timedelta(seconds=settings.placer_lease_seconds)
         self._pending_said: dict[str, str] = {}
+        self._nodes_seen: dict[str, tuple] = {}
 
     # The loop ----------------------------------------------------------------------------------
 
@@ -210,6 +212,11 @@ class Placer:
                 self._wake.clear()
                 try:
                     await self.round()
+                except NotPlacerLeader:
+                    pass  # another replica took over (logged as leadership lost)
+                except ModelplaneError as refused:  # the fleet changed between reading and writing
+                    log.warning("placer plan refused; planning again", error=refused.message)
+                    self._wake.set()
                 except Exception:  # the database is unreachable for now: the next round tries again
                     log.exception("placer round failed")
                 interval = self.settings.placer_interval_seconds
@@ -258,13 +265,30 @@ class Placer:
             try:
                 with await self.store.subscribe() as subscription:
                     async for change in subscription.changes():
-                        if _matters(change):
+                        if self._matters(change):
                             self.wake()
             except asyncio.CancelledError:
                 raise
             except Exception:  # the change feed is down (PostgreSQL LISTEN): rounds still run on the timer
                 log.warning("placer cannot follow changes; placing on its timer alone", exc_info=True)
             await asyncio.sleep(self.settings.placer_interval_seconds)
+
+    def _matters(self, change: object) -> bool:
+        """Whether a change can alter the placer's decisions now. Progress within a load cannot;
+        nor can a renewal that only moves a node's budget figures (the timer's rounds read those),
+        which on a large fleet would otherwise keep the leader planning without pause."""
+        if isinstance(change, NodeChange):
+            node = change.node
+            seen = (change.change_type == ChangeType.DELETED, node.state, node.draining, node.incarnation, node.labels)
+            if self._nodes_seen.get(node.node_id) == seen:
+                return False
+            self._nodes_seen[node.node_id] = seen
+            return True
+        if isinstance(change, PlacementChange):
+            return change.placement.status.state not in WORKING_STATES
+        if isinstance(change, ModelChange):
+            return change.model.state not in WORKING_STATES
+        return False
 
     def _set_leader(self, leader: bool) -> None:
         if leader != self.leader:
@@ -445,14 +469,3 @@ def _on_its_way(placement: Placement, node: Node | None) -> bool:
     if status.incarnation != node.incarnation or status.observed_generation < placement.generation:
         return True  # the node has not acted on this generation yet: it will load it
     return status.state != ModelState.FAILED and status.state not in _GIVEN_UP and not status.evicted
-
-
-def _matters(change: object) -> bool:
-    """Whether a change can alter the placer's decisions (progress within a load cannot)."""
-    if isinstance(change, NodeChange):
-        return True
-    if isinstance(change, PlacementChange):
-        return change.placement.status.state not in WORKING_STATES
-    if isinstance(change, ModelChange):
-        return change.model.state not in WORKING_STATES
-    return False
