@@ -35,10 +35,9 @@ class InferenceService(Service):
         self.catalog = ModelCatalog(registry, loader)
         self.stats = RequestStatistics(registry, self.settings.stats_report_interval_seconds)
         handler = InferenceHandler(self.settings, self.catalog, triton, self.stats)
+        self.servicer = InferenceServicer(handler)
         self.server.add_servicer(
-            inference_service_pb2_grpc.add_InferenceServiceServicer_to_server,
-            InferenceServicer(handler),
-            SERVICE_FULL_NAME,
+            inference_service_pb2_grpc.add_InferenceServiceServicer_to_server, self.servicer, SERVICE_FULL_NAME
         )
         self.catalog.start()
         self.stats.start()
@@ -46,6 +45,8 @@ class InferenceService(Service):
         self._closers = [handler.encoder_calls.close, registry.close, loader.close, triton.close]
 
     async def stop(self) -> None:
+        # Open streams answer what is under way and end, so their clients reconnect to a service that is up.
+        self.servicer.streams.drain()
         await self.server.stop()
         await self.catalog.stop()
         await self.stats.stop()
