@@ -175,3 +175,19 @@ def test_the_stream_answers_what_the_unary_call_answers_to_the_bit(stack: Runnin
     assert answers[2].error.metadata["index"] == "0"
     # Each message is logged as its own call, under its own request id.
     assert "stream-1" in stack.log.read_text() and "stream-2" in stack.log.read_text()
+
+
+def test_a_huge_text_is_embedded_as_its_first_tokens_are(stack: RunningStack) -> None:
+    """A multi-megabyte input is tokenised only as far as the model's 256 tokens need, and its
+    embedding is exactly that of a text holding those tokens (tokenised whole, as every text was)."""
+    sentence = "Retrieval-augmented generation needs fast, accurate embeddings of every chunk. "
+    huge = sentence * 40_000  # 3.2 MB
+    head = sentence * 40  # 3,200 characters: over 256 tokens, under the length tokenised whole
+    response = httpx.post(
+        f"{stack.gateway_url}/v1/embeddings", json={"model": MODEL, "input": [huge, head]}, timeout=120
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    vectors = np.array([item["embedding"] for item in body["data"]], dtype=np.float32)
+    np.testing.assert_array_equal(vectors[0], vectors[1])
+    assert body["usage"]["prompt_tokens"] == 2 * 256
