@@ -266,3 +266,16 @@ async def test_an_inference_service_without_streams_gets_unary_calls() -> None:
     finally:
         await client.close()
         await server.stop(0)
+
+
+async def test_streams_of_models_named_once_do_not_pile_up(service: Service) -> None:
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
+    streams = CallStreams(pb_grpc.InferenceServiceStub(channel), max_streams=2)
+    try:
+        for model in ("a", "b", "a", "c", "d"):
+            message = pb.EncodeStreamRequest(embed=embed_request("x"))
+            assert (await streams.call(model, message, 5.0)).embed.usage.prompt_tokens == 1
+        assert list(streams._streams) == ["c", "d"]
+    finally:
+        await streams.close()
+        await channel.close()

@@ -54,20 +54,25 @@ class _StreamEnded(Exception):
 
 class CallStreams:
     """One EncodeStream per model to the inference service, opened at its first call and again
-    after it ends."""
+    after it ends. At most `max_streams` stay open: requests naming ever new models (most of them
+    refused) must not pile up streams, so the least recently used idle one is closed first."""
 
-    def __init__(self, stub: inference_service_pb2_grpc.InferenceServiceStub) -> None:
+    def __init__(self, stub: inference_service_pb2_grpc.InferenceServiceStub, *, max_streams: int = 32) -> None:
         self.stub = stub
         self.supported = True
-        self._streams: dict[str, _CallStream] = {}
+        self.max_streams = max_streams
+        self._streams: dict[str, _CallStream] = {}  # least recently used first
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def call(self, model: str, message: pb.EncodeStreamRequest, seconds: float) -> pb.EncodeStreamResponse:
         """The answer to `message` (its `id` is set here) within `seconds`. Raises `ModelplaneError` for the call's
         own error or a failure of the stream, `CallTimedOut`, or `SendUnary`."""
         for attempt in range(2):
-            stream = self._streams.get(model)
+            stream = self._streams.pop(model, None)
             if stream is None or stream.ended:
-                stream = self._streams[model] = _CallStream(self.stub, model)
+                self._close_idle(self.max_streams - 1)
+                stream = _CallStream(self.stub, model)
+            self._streams[model] = stream
             try:
                 answer = await stream.call(message, seconds)
             except _StreamEnded as ended:
@@ -85,9 +90,19 @@ class CallStreams:
             return answer
         raise AssertionError("unreachable")
 
+    def _close_idle(self, keep: int) -> None:
+        """Closes the least recently used streams without calls under way until `keep` are left."""
+        for model, stream in list(self._streams.items()):
+            if len(self._streams) <= keep:
+                return
+            if stream.idle:
+                del self._streams[model]
+                self._closing.add(asyncio.create_task(stream.close()))
+                self._closing = {task for task in self._closing if not task.done()}
+
     async def close(self) -> None:
         streams, self._streams = list(self._streams.values()), {}
-        await asyncio.gather(*(stream.close() for stream in streams))
+        await asyncio.gather(*(stream.close() for stream in streams), *self._closing)
 
 
 class _Ended(grpc.RpcError):
@@ -112,6 +127,10 @@ class _CallStream:
             asyncio.create_task(self._write(), name=f"inference-stream-writer-{model}"),
             asyncio.create_task(self._read(), name=f"inference-stream-reader-{model}"),
         ]
+
+    @property
+    def idle(self) -> bool:
+        return not self._pending
 
     async def call(self, message: pb.EncodeStreamRequest, seconds: float) -> pb.EncodeStreamResponse:
         call_id = next(self._ids)
