@@ -265,8 +265,10 @@ def _bodies(texts: list[str], per_request: int, seed: int) -> list[bytes]:
 
 
 # The processes a request passes through in modelplane; the registry and the loader (and their
-# periodic work, which a slow window would spread over few texts) are not on the path.
-_ON_THE_PATH = ("serve gateway", "serve inference", "tritonserver", "triton_python_backend_stub")
+# periodic work, which a slow window would spread over few texts) are not on the path, nor are the
+# python-backend stubs of the other bundled models (chat, speech), idle but not free.
+_ON_THE_PATH = ("serve gateway", "serve inference", "tritonserver --")
+_STUB = "triton_python_backend_stub"
 
 
 def _cpu_seconds(server: Server) -> float:
@@ -282,7 +284,9 @@ def _cpu_seconds(server: Server) -> float:
     on_path = []
     for process in processes:
         with contextlib.suppress(psutil.Error):
-            if any(marker in " ".join(process.cmdline()) for marker in _ON_THE_PATH):
+            command = " ".join(process.cmdline())
+            stub = _STUB in command
+            if (stub and f"/{MODEL}/" in command) or (not stub and any(m in command for m in _ON_THE_PATH)):
                 on_path.append(process)
     for process in on_path or processes:
         with contextlib.suppress(psutil.Error):
