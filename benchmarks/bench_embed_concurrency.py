@@ -449,8 +449,9 @@ class Target:
 
 def targets(results: Results, systems: list[str]) -> list[Target]:
     def per_round(a: tuple[str, str, str], b: tuple[str, str, str]) -> list[float]:
+        # A figure a run did not measure is 0 (CPU per text, in runs older than issue 22): no ratio.
         pairs = zip(results.rounds.get(a[:2], []), results.rounds.get(b[:2], []), strict=False)
-        return [getattr(x, a[2]) / getattr(y, b[2]) for x, y in pairs]
+        return [getattr(x, a[2]) / getattr(y, b[2]) for x, y in pairs if getattr(y, b[2])]
 
     single16 = ("batched", "16 x 1 text", "texts_per_second")
     found = [
