@@ -1,9 +1,10 @@
 """Where a one-text embedding spends its time in the gateway and the inference service.
 
-    .venv/bin/python -m benchmarks.suite.profile [--seconds 15] [--rate 1000]
+    .venv/bin/python -m benchmarks.suite.profile [--seconds 15] [--rate 1000] [--clients 1] [--texts 1]
 
-Starts the stack (`modelplane up`, MiniLM loaded), sends one-text requests through the gateway
-from one client, and meanwhile (1) samples the gateway's and the inference service's Python
+Starts the stack (`modelplane up`, MiniLM loaded), sends requests of `--texts` texts through the
+gateway from `--clients` concurrent clients (one-text requests from one client by default), and
+meanwhile (1) samples the gateway's and the inference service's Python
 stacks with py-spy, only the thread holding the GIL (Python's own work, not its waiting), and
 (2) reads each process's CPU time from /proc. Prints the CPU time per
 request of every process on the path (the overhead's bound on a CPU-only machine) and, per
@@ -78,24 +79,32 @@ def _summarise(raw: Path, top: int) -> list[str]:
     return lines
 
 
-async def _drive(port: int, seconds: float, rate: float) -> int:
-    client = HttpEmbedder("gateway", port, MINILM)
+async def _drive(port: int, seconds: float, rate: float, clients: int = 1, texts_per_request: int = 1) -> int:
+    """Texts embedded by `clients` clients in `seconds`, each at most `rate` requests a second."""
     texts = corpus()
-    done = 0
     stop = time.perf_counter() + seconds
-    while time.perf_counter() < stop:
-        started = time.perf_counter()
-        await client.embed([texts[done % len(texts)]])
-        done += 1
-        await asyncio.sleep(max(0.0, 1 / rate - (time.perf_counter() - started)))
-    await client.close()
-    return done
+
+    async def one(offset: int) -> int:
+        client = HttpEmbedder("gateway", port, MINILM)
+        done = 0
+        while time.perf_counter() < stop:
+            started = time.perf_counter()
+            first = (offset * 7919 + done) % len(texts)
+            await client.embed([texts[(first + i) % len(texts)] for i in range(texts_per_request)])
+            done += texts_per_request
+            await asyncio.sleep(max(0.0, 1 / rate - (time.perf_counter() - started)))
+        await client.close()
+        return done
+
+    return sum(await asyncio.gather(*(one(offset) for offset in range(clients))))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--rate", type=float, default=1000.0, help="most requests per second (one client)")
+    parser.add_argument("--clients", type=int, default=1, help="concurrent clients")
+    parser.add_argument("--texts", type=int, default=1, help="texts per request")
     parser.add_argument("--top", type=int, default=12)
     args = parser.parse_args(argv)
     from tests.integration.conftest import running_stack  # noqa: PLC0415
@@ -122,19 +131,22 @@ def main(argv: list[str] | None = None) -> None:
                 if name in processes
             }  # fmt: skip
             started = time.perf_counter()
-            requests = asyncio.run(_drive(port, args.seconds, args.rate))
+            texts = asyncio.run(_drive(port, args.seconds, args.rate, args.clients, args.texts))
             elapsed = time.perf_counter() - started
             after = {name: p.cpu_times() for name, p in processes.items()}
             for spy in spies.values():
                 spy.wait(timeout=60)
-        print(f"{requests} one-text requests through the gateway in {elapsed:.1f} s ({requests / elapsed:.0f}/s)")
-        print("CPU time per request (user + system), by process:")
+        print(
+            f"{texts} texts through the gateway in {elapsed:.1f} s ({texts / elapsed:.0f}/s), "
+            f"{args.clients} client(s) x {args.texts} text(s) per request"
+        )
+        print("CPU time per text (user + system), by process:")
         total = 0.0
         for name in processes:
             used = (after[name].user + after[name].system) - (before[name].user + before[name].system)
             total += used
-            print(f"  {name:<36} {1000 * used / requests:6.2f} ms")
-        print(f"  {'all':<36} {1000 * total / requests:6.2f} ms")
+            print(f"  {name:<36} {1000 * used / texts:6.2f} ms")
+        print(f"  {'all':<36} {1000 * total / texts:6.2f} ms")
         for name in spies:
             print(f"\npy-spy, {name} service:")
             print("\n".join(_summarise(home / f"{name}.txt", args.top)))

@@ -73,7 +73,7 @@ def test_percentiles_use_the_nearest_rank_and_ratios_pair_rounds() -> None:
     assert ratio_per_round([2.0, 3.0, 4.0], [1.0, 0.0, 2.0]) == [2.0, 2.0]
 
 
-def test_issue_10s_targets_are_read_from_the_concurrency_scripts_figures() -> None:
+def test_issue_10s_and_22s_targets_are_read_from_the_concurrency_scripts_figures() -> None:
     def point(texts_per_second: float, p99_ms: float = 10.0) -> dict:
         return {"texts_per_second": texts_per_second, "p50_ms": 1.0, "p99_ms": p99_ms, "requests": 100}
 
@@ -88,13 +88,23 @@ def test_issue_10s_targets_are_read_from_the_concurrency_scripts_figures() -> No
     rows = concurrency.targets({"status": "ran", "output": "", "figures": figures})
     assert rows == [
         (
-            "(issue 10) 16 single-text clients / batch-32 requests, same stack >= 0.8x",
+            "(issues 10, 22) 16 single-text clients / batch-32 requests, same stack >= 0.85x",
             "0.78× (0.83, 0.72)",
             "**missed**",
         ),
-        ("(issue 10) 16 single-text clients / infinity-emb, same load >= 2x", "2.33× (2.86, 1.80)", "met"),
-        ("(issue 10) p99 at 1 client / the unbatched stack's <= 1.2x", "1.15× (1.10, 1.20)", "met"),
+        ("(issues 10, 22) 16 single-text clients / infinity-emb, same load >= 2x", "2.33× (2.86, 1.80)", "met"),
+        ("(issues 10, 22) p99 at 1 client / the unbatched stack's <= 1.2x", "1.15× (1.10, 1.20)", "met"),
     ]
+    # With the CPU time per text (issue 22), its ratio is a target too.
+    for key, cpu in (("batched|16 x 1 text", 4.0), ("batched|1 x 32 texts", 3.8)):
+        for entry in figures[key]:
+            entry["cpu_ms_per_text"] = cpu
+    rows = concurrency.targets({"status": "ran", "output": "", "figures": figures})
+    assert (
+        "(issues 10, 22) CPU per text: 16 single-text clients / batch-32 requests <= 1.1x",
+        "1.05× (1.05, 1.05)",
+        "met",
+    ) in rows
 
 
 def test_issue_19s_voice_figures_and_targets() -> None:

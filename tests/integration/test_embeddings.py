@@ -154,6 +154,29 @@ def test_malformed_body_is_refused_with_the_field(stack: RunningStack) -> None:
     assert "model" in response.json()["error"]["message"]
 
 
+def test_the_stream_answers_what_the_unary_call_answers_to_the_bit(stack: RunningStack) -> None:
+    """The gateway's path (a message of InferenceService.EncodeStream) and the unary Embed give the
+    same vectors, token counts, truncation and usage for the same request, and stream messages
+    keep their own request ids and errors."""
+    inputs = [pb.EmbedInput(text=text) for text in SENTENCES[-5:]]
+    request = pb.EmbedRequest(model=MODEL, inputs=inputs, vector_encoding=pb.VECTOR_ENCODING_PACKED_FLOAT32)
+    bad = pb.EmbedRequest(model=MODEL, inputs=[pb.EmbedInput(token_ids=pb.TokenIds(ids=[10_000_000]))])
+    messages = [
+        pb.EncodeStreamRequest(id=1, embed=request, timeout_ms=60_000, request_id="stream-1"),
+        pb.EncodeStreamRequest(id=2, embed=bad, timeout_ms=60_000, request_id="stream-2"),
+    ]
+    with grpc.insecure_channel(stack.inference) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        unary = stub.Embed(request, timeout=60)
+        answers = {answer.id: answer for answer in stub.EncodeStream(iter(messages), timeout=60)}
+    assert answers[1].embed == unary
+    assert answers[2].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert answers[2].error.message.startswith("Input 0 has token id 10000000")
+    assert answers[2].error.metadata["index"] == "0"
+    # Each message is logged as its own call, under its own request id.
+    assert "stream-1" in stack.log.read_text() and "stream-2" in stack.log.read_text()
+
+
 def test_a_huge_text_is_embedded_as_its_first_tokens_are(stack: RunningStack) -> None:
     """A multi-megabyte input is tokenised only as far as the model's 256 tokens need, and its
     embedding is exactly that of a text holding those tokens (tokenised whole, as every text was)."""

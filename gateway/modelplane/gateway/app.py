@@ -40,6 +40,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             settings.request_timeout_seconds,
             embed_calls_in_flight=settings.embed_calls_in_flight,
             embed_coalesce_inputs=settings.embed_coalesce_inputs,
+            inference_streams=settings.inference_streams,
         )
         log.info(
             "gateway access",

@@ -4,7 +4,9 @@ Each call carries the request id and what is left of the request's deadline, is 
 caller's API key may not use the model the message names, and turns every failure into a
 `ModelplaneError` that errors.py maps to an HTTP response. Routes call `unary` (or `stream`, for
 server-streaming RPCs), or `unary_split` for a batch larger than one call should carry; `embed`
-coalesces the Embed calls of concurrent small requests (common/coalescing.py).
+coalesces the Embed calls of concurrent small requests (common/coalescing.py). Embed and Rerank
+calls travel as messages of one long-lived stream per model (call_streams.py), with the same
+deadlines, request ids and errors as unary calls.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from modelplane.common.errors import DeadlineExceeded, ModelplaneError
 from modelplane.common.grpc_errors import to_modelplane_error
 from modelplane.common.request_context import REQUEST_ID_HEADER, current_request_id, outgoing_metadata
 from modelplane.gateway.auth import authorize_model
+from modelplane.gateway.call_streams import CallStreams, CallTimedOut, SendUnary
 from modelplane.gateway.limits import remaining_seconds
 from modelplane.inference.v1 import inference_service_pb2 as inference_pb
 from modelplane.inference.v1 import inference_service_pb2_grpc
@@ -64,6 +67,7 @@ class Backends:
         *,
         embed_calls_in_flight: int = 2,
         embed_coalesce_inputs: int = 32,
+        inference_streams: bool = True,
     ) -> None:
         self.timeout = timeout_seconds
         self.embed_coalesce_inputs = embed_coalesce_inputs
@@ -74,6 +78,7 @@ class Backends:
         self._registry_channel = open_channel(registry_address)
         self.inference = inference_service_pb2_grpc.InferenceServiceStub(self._inference_channel)
         self.registry = registry_service_pb2_grpc.RegistryServiceStub(self._registry_channel)
+        self._streams = CallStreams(self.inference) if inference_streams else None
         self._health = {
             "inference": health_pb2_grpc.HealthStub(self._inference_channel),
             "registry": health_pb2_grpc.HealthStub(self._registry_channel),
@@ -81,6 +86,8 @@ class Backends:
 
     async def close(self) -> None:
         await self._embeds.close()
+        if self._streams is not None:
+            await self._streams.close()
         await self._inference_channel.close()
         await self._registry_channel.close()
 
@@ -107,12 +114,45 @@ class Backends:
         return to_modelplane_error(error, peer=peer)
 
     async def unary(self, peer: str, method: Any, request: Message) -> Any:
-        """One unary call to `peer` ("inference" or "registry")."""
+        """One unary call to `peer` ("inference" or "registry"); Embed and Rerank go as a message
+        of their model's stream."""
         _authorize(request)
+        if isinstance(request, inference_pb.EmbedRequest | inference_pb.RerankRequest):
+            return await self._inference_call(request, self._deadline(), current_request_id.get())
         try:
             return await method(request, timeout=self._deadline(), metadata=outgoing_metadata())
         except grpc.aio.AioRpcError as error:
             raise self._translate(error, peer) from None
+
+    async def _inference_call(
+        self, request: inference_pb.EmbedRequest | inference_pb.RerankRequest, seconds: float, request_id: str
+    ) -> Any:
+        """Embed or Rerank, on the model's stream (or as a unary call, where the inference service
+        has no streams), within `seconds`; failures as `ModelplaneError`."""
+        embed = isinstance(request, inference_pb.EmbedRequest)
+        if self._streams is not None and self._streams.supported:
+            message = inference_pb.EncodeStreamRequest(
+                timeout_ms=max(1, int(seconds * 1000)),
+                request_id=request_id,
+                **{"embed" if embed else "rerank": request},
+            )
+            try:
+                answer = await self._streams.call(request.model, message, seconds)
+            except CallTimedOut:
+                raise self._deadline_exceeded() from None
+            except SendUnary:
+                pass
+            except ModelplaneError as error:
+                if error.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise self._deadline_exceeded() from None
+                raise
+            else:
+                return answer.embed if embed else answer.rerank
+        method = self.inference.Embed if embed else self.inference.Rerank
+        try:
+            return await method(request, timeout=seconds, metadata=((REQUEST_ID_HEADER, request_id),))
+        except grpc.aio.AioRpcError as error:
+            raise self._translate(error, "inference") from None
 
     async def stream(self, peer: str, method: Any, request: Message) -> AsyncIterator[Any]:
         """The responses of one server-streaming call, as they arrive."""
@@ -186,13 +226,10 @@ class Backends:
             model=model, inputs=[one for item in items for one in item.inputs], vector_encoding=_PACKED
         )
         try:
-            response = await self.inference.Embed(
-                request, timeout=left, metadata=((REQUEST_ID_HEADER, items[0].request_id),)
-            )
-        except grpc.aio.AioRpcError as error:
-            failure = self._translate(error, "inference")
+            response = await self._inference_call(request, left, items[0].request_id)
+        except ModelplaneError as failure:
             if len(items) == 1 or "index" not in failure.metadata:
-                raise failure from None
+                raise
             alone = await asyncio.gather(*(self._send_embeds(model, [item]) for item in items), return_exceptions=True)
             return [result[0] if isinstance(result, list) else result for result in alone]
         if len(items) == 1:

@@ -65,6 +65,10 @@ class GatewaySettings(BaseSettings):
     0 sends every request as its own call."""
     embed_coalesce_inputs: int = 32
     """Requests of up to this many texts are coalesced; larger ones are sent as they come."""
+    inference_streams: bool = True
+    """Embed and Rerank calls go to the inference service as messages of one long-lived stream per
+    model, which saves each call its set-up (docs/BATCHING.md); false sends each as a unary call.
+    An inference service without streams gets unary calls either way."""
     direct_routes: bool = True
     """Serve POST /v1/embeddings outside FastAPI's routing (gateway/direct.py), which halves the
     gateway's CPU per request (benchmarks/bench_gateway_overhead.py). The answers are the same

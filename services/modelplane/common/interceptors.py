@@ -17,7 +17,7 @@ import grpc
 import structlog
 from prometheus_client import Counter, Gauge, Histogram
 
-from modelplane.common.errors import ModelplaneError
+from modelplane.common.errors import Internal, ModelplaneError
 from modelplane.common.grpc_errors import to_status
 from modelplane.common.request_context import REQUEST_ID_HEADER, accept_request_id, current_request_id
 
@@ -37,36 +37,33 @@ RPC_LATENCY = Histogram(
 RPC_IN_FLIGHT = Gauge("modelplane_grpc_requests_in_flight", "gRPC requests being handled.", ["method"])
 
 
-class _Observation:
-    """The per-request bookkeeping shared by the unary and streaming wrappers."""
+class CallObservation:
+    """The per-call bookkeeping: request id and log context, metrics, one log line. Used by the
+    interceptor for every RPC, and by a stream that carries calls as messages for each of them."""
 
-    def __init__(self, method: str, context: grpc.aio.ServicerContext, *, routine: bool) -> None:
+    def __init__(self, method: str, request_id: str | None, *, routine: bool) -> None:
         self.method = method
         self.routine = routine
-        self.context = context
-        metadata = dict(context.invocation_metadata() or ())
-        self.request_id = accept_request_id(metadata.get(REQUEST_ID_HEADER))
+        self.request_id = accept_request_id(request_id)
         self.start = time.perf_counter()
         self.code = grpc.StatusCode.OK
 
-    def __enter__(self) -> _Observation:
+    def __enter__(self) -> CallObservation:
         current_request_id.set(self.request_id)
         structlog.contextvars.bind_contextvars(request_id=self.request_id, rpc=self.method)
         RPC_IN_FLIGHT.labels(self.method).inc()
         return self
 
-    async def fail(self, error: BaseException) -> None:
+    def failure(self, error: BaseException) -> ModelplaneError:
+        """What the caller is told about `error`, logged: a `ModelplaneError` as it is, anything
+        else as INTERNAL with a message that names the request id and never leaks internals."""
         if isinstance(error, ModelplaneError):
             self.code = error.code
-            status = to_status(error)
             log.info("rpc refused", code=error.code.name, reason=error.reason, error=error.message)
-            await self.context.abort(status.code, status.details, status.trailing_metadata)
+            return error
         self.code = grpc.StatusCode.INTERNAL
-        log.exception("rpc failed")
-        await self.context.abort(
-            grpc.StatusCode.INTERNAL,
-            f"Internal error (request id {self.request_id}); the service log has the details.",
-        )
+        log.error("rpc failed", exc_info=error)
+        return Internal(f"Internal error (request id {self.request_id}); the service log has the details.")
 
     def __exit__(self, *exc: object) -> None:
         elapsed = time.perf_counter() - self.start
@@ -76,6 +73,19 @@ class _Observation:
         write = log.debug if self.routine and self.code == grpc.StatusCode.OK else log.info
         write("rpc", code=self.code.name, duration_ms=round(elapsed * 1000, 2))
         structlog.contextvars.unbind_contextvars("request_id", "rpc", "model")
+
+
+class _Observation(CallObservation):
+    """A whole RPC's observation; a failure aborts the RPC with its status."""
+
+    def __init__(self, method: str, context: grpc.aio.ServicerContext, *, routine: bool) -> None:
+        metadata = dict(context.invocation_metadata() or ())
+        super().__init__(method, metadata.get(REQUEST_ID_HEADER), routine=routine)
+        self.context = context
+
+    async def fail(self, error: BaseException) -> None:
+        status = to_status(self.failure(error))
+        await self.context.abort(status.code, status.details, status.trailing_metadata)
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):

@@ -38,10 +38,9 @@ class InferenceService(Service):
         self.catalog = ModelCatalog(registry, FleetOnDemand(registry, loader, table), table)
         self.stats = RequestStatistics(registry, self.settings.stats_report_interval_seconds)
         handler = InferenceHandler(self.settings, self.catalog, self.router, self.stats)
+        self.servicer = InferenceServicer(handler)
         self.server.add_servicer(
-            inference_service_pb2_grpc.add_InferenceServiceServicer_to_server,
-            InferenceServicer(handler),
-            SERVICE_FULL_NAME,
+            inference_service_pb2_grpc.add_InferenceServiceServicer_to_server, self.servicer, SERVICE_FULL_NAME
         )
         self.catalog.start()
         self.stats.start()
@@ -49,6 +48,8 @@ class InferenceService(Service):
         self._closers = [handler.encoder_calls.close, registry.close, loader.close, self.router.close]
 
     async def stop(self) -> None:
+        # Open streams answer what is under way and end, so their clients reconnect to a service that is up.
+        self.servicer.streams.drain()
         await self.server.stop()
         await self.catalog.stop()
         await self.stats.stop()

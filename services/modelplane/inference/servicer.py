@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from modelplane.inference import converters
+from modelplane.inference.call_stream import CallStreams
 from modelplane.inference.handlers import InferenceHandler, Truncation
 from modelplane.inference.v1 import inference_service_pb2 as pb
 from modelplane.inference.v1 import inference_service_pb2_grpc as pb_grpc
@@ -19,17 +20,35 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def __init__(self, handler: InferenceHandler) -> None:
         self.handler = handler
+        self.streams = CallStreams(self._stream_call)
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        return await self._embed(request, _deadline(context))
+
+    async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
+        return await self._rerank(request, _deadline(context))
+
+    async def EncodeStream(
+        self, request_iterator: AsyncIterator[pb.EncodeStreamRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.EncodeStreamResponse]:
+        async for answer in self.streams.serve(request_iterator):
+            yield answer
+
+    async def _stream_call(self, message: pb.EncodeStreamRequest, deadline: float | None) -> pb.EncodeStreamResponse:
+        if message.HasField("embed"):
+            return pb.EncodeStreamResponse(embed=await self._embed(message.embed, deadline))
+        return pb.EncodeStreamResponse(rerank=await self._rerank(message.rerank, deadline))
+
+    async def _embed(self, request: pb.EmbedRequest, deadline: float | None) -> pb.EmbedResponse:
         result = await self.handler.embed(
             request.model,
             converters.embed_inputs_from_proto(request),
             truncation=Truncation(request.truncation),
-            deadline_seconds=_deadline(context),
+            deadline_seconds=deadline,
         )
         return converters.embed_result_to_proto(result, request.vector_encoding)
 
-    async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
+    async def _rerank(self, request: pb.RerankRequest, deadline: float | None) -> pb.RerankResponse:
         result = await self.handler.rerank(
             request.model,
             request.query,
@@ -37,7 +56,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             top_n=request.top_n if request.HasField("top_n") else None,
             return_documents=request.return_documents,
             truncation=Truncation(request.truncation),
-            deadline_seconds=_deadline(context),
+            deadline_seconds=deadline,
         )
         return converters.rerank_result_to_proto(result)
 

@@ -485,6 +485,192 @@ class RerankResponse(_message.Message):
 Global___RerankResponse: _TypeAlias = RerankResponse  # noqa: Y015
 
 @_typing.final
+class CancelCall(_message.Message):
+    """Asks the service to stop a call of EncodeStream that is under way; the call
+    gets no answer.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelCall: _TypeAlias = CancelCall  # noqa: Y015
+
+@_typing.final
+class EncodeStreamRequest(_message.Message):
+    """One message of EncodeStream from the client: a call, or the cancellation of
+    one.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    EMBED_FIELD_NUMBER: _builtins.int
+    RERANK_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
+    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """The call's id, chosen by the client: unique among its calls under way on
+    this stream. The answer carries it; a cancellation names the call by it.
+    """
+    timeout_ms: _builtins.int
+    """Milliseconds the call may take, counted from when the service reads the
+    message; the call's deadline, as a unary call's. 0 means no deadline of
+    its own (the service's limits on waiting still apply).
+    """
+    request_id: _builtins.str
+    """The request id the call is logged and traced under, as the x-request-id
+    metadata of a unary call; empty means the service makes one.
+    """
+    @_builtins.property
+    def embed(self) -> Global___EmbedRequest:
+        """Embed, as InferenceService.Embed."""
+
+    @_builtins.property
+    def rerank(self) -> Global___RerankRequest:
+        """Rerank, as InferenceService.Rerank."""
+
+    @_builtins.property
+    def cancel(self) -> Global___CancelCall:
+        """Cancel the call with this id."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        embed: Global___EmbedRequest | None = ...,
+        rerank: Global___RerankRequest | None = ...,
+        cancel: Global___CancelCall | None = ...,
+        timeout_ms: _builtins.int = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "cancel", b"cancel", "embed", b"embed", "rerank", b"rerank"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "cancel", b"cancel", "embed", b"embed", "id", b"id", "request_id", b"request_id", "rerank", b"rerank", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_call: _TypeAlias = _typing.Literal["embed", "rerank", "cancel"]  # noqa: Y015
+    _WhichOneofArgType_call: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_call) -> _WhichOneofReturnType_call | None: ...
+
+Global___EncodeStreamRequest: _TypeAlias = EncodeStreamRequest  # noqa: Y015
+
+@_typing.final
+class CallError(_message.Message):
+    """Why one call of EncodeStream failed: what a unary call's status would have
+    said.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    RETRY_AFTER_SECONDS_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """The gRPC status code, as its number (google.rpc.Code), never 0."""
+    message: _builtins.str
+    """The message for the caller."""
+    reason: _builtins.str
+    """The reason, as the ErrorInfo of a unary call's status (UPPER_SNAKE_CASE)."""
+    retry_after_seconds: _builtins.float
+    """Seconds after which a retry may succeed, as the RetryInfo of a unary
+    call's status; absent when retrying will not help.
+    """
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The ErrorInfo's metadata (for example the `index` of the input at fault)."""
+
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        retry_after_seconds: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_retry_after_seconds", b"_retry_after_seconds", "retry_after_seconds", b"retry_after_seconds"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_retry_after_seconds", b"_retry_after_seconds", "code", b"code", "message", b"message", "metadata", b"metadata", "reason", b"reason", "retry_after_seconds", b"retry_after_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__retry_after_seconds: _TypeAlias = _typing.Literal["retry_after_seconds"]  # noqa: Y015
+    _WhichOneofArgType__retry_after_seconds: _TypeAlias = _typing.Literal["_retry_after_seconds", b"_retry_after_seconds"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__retry_after_seconds) -> _WhichOneofReturnType__retry_after_seconds | None: ...
+
+Global___CallError: _TypeAlias = CallError  # noqa: Y015
+
+@_typing.final
+class EncodeStreamResponse(_message.Message):
+    """One message of EncodeStream from the service: the answer of one call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    EMBED_FIELD_NUMBER: _builtins.int
+    RERANK_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """The id of the call answered."""
+    @_builtins.property
+    def embed(self) -> Global___EmbedResponse:
+        """The answer of an embed call."""
+
+    @_builtins.property
+    def rerank(self) -> Global___RerankResponse:
+        """The answer of a rerank call."""
+
+    @_builtins.property
+    def error(self) -> Global___CallError:
+        """Why the call failed."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        embed: Global___EmbedResponse | None = ...,
+        rerank: Global___RerankResponse | None = ...,
+        error: Global___CallError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["embed", b"embed", "error", b"error", "rerank", b"rerank", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embed", b"embed", "error", b"error", "id", b"id", "rerank", b"rerank", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["embed", "rerank", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___EncodeStreamResponse: _TypeAlias = EncodeStreamResponse  # noqa: Y015
+
+@_typing.final
 class SamplingParameters(_message.Message):
     """Sampling parameters of a generation. Absent fields take the model's
     defaults.

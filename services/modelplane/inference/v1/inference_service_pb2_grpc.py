@@ -50,6 +50,11 @@ class InferenceServiceStub:
                 request_serializer=modelplane_dot_inference_dot_v1_dot_inference__service__pb2.RerankRequest.SerializeToString,
                 response_deserializer=modelplane_dot_inference_dot_v1_dot_inference__service__pb2.RerankResponse.FromString,
                 _registered_method=True)
+        self.EncodeStream = channel.stream_stream(
+                '/modelplane.inference.v1.InferenceService/EncodeStream',
+                request_serializer=modelplane_dot_inference_dot_v1_dot_inference__service__pb2.EncodeStreamRequest.SerializeToString,
+                response_deserializer=modelplane_dot_inference_dot_v1_dot_inference__service__pb2.EncodeStreamResponse.FromString,
+                _registered_method=True)
         self.Generate = channel.unary_stream(
                 '/modelplane.inference.v1.InferenceService/Generate',
                 request_serializer=modelplane_dot_inference_dot_v1_dot_inference__service__pb2.GenerateRequest.SerializeToString,
@@ -90,6 +95,21 @@ class InferenceServiceServicer:
 
     def Rerank(self, request, context):
         """Scores documents against a query, best first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EncodeStream(self, request_iterator, context):
+        """Embed and Rerank calls over one long-lived stream, for a client that sends
+        many small calls (the gateway keeps one per model): each request message is
+        one call, answered by one response message with the same id, in any order.
+        Calls run concurrently, each within its own timeout, and a call's error is
+        its answer alone; the stream goes on. Only a failure of the stream itself
+        (the service stopping, the connection lost) ends it, with the status of the
+        failure: the calls without an answer by then have none, and the client
+        opens a new stream. A client that half-closes gets the answers of the calls
+        under way, then the stream ends with OK.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -139,6 +159,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.Rerank,
                     request_deserializer=modelplane_dot_inference_dot_v1_dot_inference__service__pb2.RerankRequest.FromString,
                     response_serializer=modelplane_dot_inference_dot_v1_dot_inference__service__pb2.RerankResponse.SerializeToString,
+            ),
+            'EncodeStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.EncodeStream,
+                    request_deserializer=modelplane_dot_inference_dot_v1_dot_inference__service__pb2.EncodeStreamRequest.FromString,
+                    response_serializer=modelplane_dot_inference_dot_v1_dot_inference__service__pb2.EncodeStreamResponse.SerializeToString,
             ),
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
@@ -221,6 +246,33 @@ class InferenceService:
             '/modelplane.inference.v1.InferenceService/Rerank',
             modelplane_dot_inference_dot_v1_dot_inference__service__pb2.RerankRequest.SerializeToString,
             modelplane_dot_inference_dot_v1_dot_inference__service__pb2.RerankResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EncodeStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/modelplane.inference.v1.InferenceService/EncodeStream',
+            modelplane_dot_inference_dot_v1_dot_inference__service__pb2.EncodeStreamRequest.SerializeToString,
+            modelplane_dot_inference_dot_v1_dot_inference__service__pb2.EncodeStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

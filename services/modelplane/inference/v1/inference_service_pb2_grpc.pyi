@@ -43,6 +43,17 @@ class InferenceServiceStub:
     """Embeds texts or token id sequences; one vector per input, in input order."""
     Rerank: _grpc.UnaryUnaryMultiCallable[_inference_service_pb2.RerankRequest, _inference_service_pb2.RerankResponse]
     """Scores documents against a query, best first."""
+    EncodeStream: _grpc.StreamStreamMultiCallable[_inference_service_pb2.EncodeStreamRequest, _inference_service_pb2.EncodeStreamResponse]
+    """Embed and Rerank calls over one long-lived stream, for a client that sends
+    many small calls (the gateway keeps one per model): each request message is
+    one call, answered by one response message with the same id, in any order.
+    Calls run concurrently, each within its own timeout, and a call's error is
+    its answer alone; the stream goes on. Only a failure of the stream itself
+    (the service stopping, the connection lost) ends it, with the status of the
+    failure: the calls without an answer by then have none, and the client
+    opens a new stream. A client that half-closes gets the answers of the calls
+    under way, then the stream ends with OK.
+    """
     Generate: _grpc.UnaryStreamMultiCallable[_inference_service_pb2.GenerateRequest, _inference_service_pb2.GenerateResponse]
     """Completes a prompt; streams text as it is generated."""
     Chat: _grpc.UnaryStreamMultiCallable[_inference_service_pb2.ChatRequest, _inference_service_pb2.ChatResponse]
@@ -74,6 +85,17 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     """Embeds texts or token id sequences; one vector per input, in input order."""
     Rerank: _aio.UnaryUnaryMultiCallable[_inference_service_pb2.RerankRequest, _inference_service_pb2.RerankResponse]  # type: ignore[assignment]
     """Scores documents against a query, best first."""
+    EncodeStream: _aio.StreamStreamMultiCallable[_inference_service_pb2.EncodeStreamRequest, _inference_service_pb2.EncodeStreamResponse]  # type: ignore[assignment]
+    """Embed and Rerank calls over one long-lived stream, for a client that sends
+    many small calls (the gateway keeps one per model): each request message is
+    one call, answered by one response message with the same id, in any order.
+    Calls run concurrently, each within its own timeout, and a call's error is
+    its answer alone; the stream goes on. Only a failure of the stream itself
+    (the service stopping, the connection lost) ends it, with the status of the
+    failure: the calls without an answer by then have none, and the client
+    opens a new stream. A client that half-closes gets the answers of the calls
+    under way, then the stream ends with OK.
+    """
     Generate: _aio.UnaryStreamMultiCallable[_inference_service_pb2.GenerateRequest, _inference_service_pb2.GenerateResponse]  # type: ignore[assignment]
     """Completes a prompt; streams text as it is generated."""
     Chat: _aio.UnaryStreamMultiCallable[_inference_service_pb2.ChatRequest, _inference_service_pb2.ChatResponse]  # type: ignore[assignment]
@@ -114,6 +136,23 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inference_service_pb2.RerankResponse, _abc.Awaitable[_inference_service_pb2.RerankResponse]]:
         """Scores documents against a query, best first."""
+
+    @_abc_1.abstractmethod
+    def EncodeStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_inference_service_pb2.EncodeStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_inference_service_pb2.EncodeStreamResponse], _abc.AsyncIterator[_inference_service_pb2.EncodeStreamResponse]]:
+        """Embed and Rerank calls over one long-lived stream, for a client that sends
+        many small calls (the gateway keeps one per model): each request message is
+        one call, answered by one response message with the same id, in any order.
+        Calls run concurrently, each within its own timeout, and a call's error is
+        its answer alone; the stream goes on. Only a failure of the stream itself
+        (the service stopping, the connection lost) ends it, with the status of the
+        failure: the calls without an answer by then have none, and the client
+        opens a new stream. A client that half-closes gets the answers of the calls
+        under way, then the stream ends with OK.
+        """
 
     @_abc_1.abstractmethod
     def Generate(
