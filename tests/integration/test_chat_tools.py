@@ -123,6 +123,38 @@ def test_a_named_tool_choice_calls_that_tool(client: openai.OpenAI) -> None:
         _valid_call(call.function.name, call.function.arguments)
 
 
+def test_a_text_answer_with_tools_streams_as_it_is_generated(client: openai.OpenAI) -> None:
+    """With tools the model answers in JSON (`{"response": ...}`); its text still arrives piece by
+    piece, and nothing of the JSON around it."""
+    request = {"model": CHAT, "messages": [{"role": "user", "content": "Hello! How are you?"}], "tools": TOOLS}
+    pieces, reasons = [], []
+    for chunk in client.chat.completions.create(**request, temperature=0, stream=True):
+        delta = chunk.choices[0].delta
+        assert not delta.tool_calls
+        if delta.content:
+            pieces.append(delta.content)
+        reasons.append(chunk.choices[0].finish_reason)
+    text = "".join(pieces)
+    assert len(pieces) > 3, pieces  # token by token, not one piece at the end
+    assert reasons[-1] == "stop" and text.strip()
+    assert '"response"' not in text and not text.startswith("{")
+    blocking = client.chat.completions.create(**request, temperature=0)
+    assert blocking.choices[0].message.content == text
+
+
+def test_parallel_tool_calls_false_gives_one_call_and_true_allows_several(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "What is the weather in Paris and what is the weather in Tokyo?"}]
+    request = {"model": CHAT, "messages": messages, "tools": TOOLS[:1], "tool_choice": "required", "temperature": 0}
+    one = client.chat.completions.create(**request, parallel_tool_calls=False).choices[0].message.tool_calls
+    assert len(one) == 1
+    _valid_call(one[0].function.name, one[0].function.arguments)
+    several = client.chat.completions.create(**request, parallel_tool_calls=True).choices[0].message.tool_calls
+    cities = [_valid_call(c.function.name, c.function.arguments)["city"] for c in several]
+    assert len(several) > 1, cities  # the model asks for both cities
+    assert len({c.id for c in several}) == len(several)
+    assert len(set(cities)) == len(cities)  # an exact repeat of a call is dropped
+
+
 class City(BaseModel):
     name: str
     country: str
