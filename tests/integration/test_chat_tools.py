@@ -298,7 +298,7 @@ async def test_a_thinking_model_returns_its_thought_apart_and_never_a_tag(stack:
     request = {"model": name, "messages": [{"role": "user", "content": "What is the capital of France?"}]}
     async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=300) as http:
         cards = {card["id"]: card for card in (await http.get("/v1/models")).json()["data"]}
-        assert cards[name]["capabilities"]["reasoning"] is True
+        assert "reasoning" in cards[name]["capabilities"]
         # A seed: the same answer both times (a repeated prompt is otherwise read from the prefix cache).
         answer = (await http.post("/v1/chat/completions", json={**request, "temperature": 0, "seed": 7})).json()
         message = answer["choices"][0]["message"]
