@@ -1,10 +1,11 @@
 """Workload 3: chat. Time to first token and tokens/s for Gemma 3 270M at 1 and 4 concurrent
 streams: modelplane's gateway, llama-cpp-python's own OpenAI-compatible server, and
-llama-cpp-python in-process. All three run the same GGUF with the same llama.cpp build, greedy,
-with Gemma's turn format, and OMP_WAIT_POLICY=PASSIVE (modelplane's model sets it: spinning
-OpenMP threads cost a shared machine more than they save). llama-cpp-python runs with its default
-thread count, half the CPUs (1 here), which is also what each of modelplane's two engine slots
-uses: on this busy 2-core VM one thread decoded about 80 tokens/s and two about 50."""
+llama-cpp-python in-process. All three run the same GGUF, greedy, with Gemma's turn format, and
+OMP_WAIT_POLICY=PASSIVE (modelplane's model sets it: spinning OpenMP threads cost a shared machine
+more than they save), but not the same llama.cpp build: modelplane's Triton model runs llama.cpp's
+own C++ server engine through the xllamacpp wheel, the contenders llama-cpp-python's build of
+llama.cpp. modelplane's engine decodes its two slots in one batch with every CPU's thread;
+llama-cpp-python runs one request at a time with its default thread count, half the CPUs (1 here)."""
 
 from __future__ import annotations
 
@@ -81,8 +82,11 @@ async def _http_load(url: str, model: str, streams: int, requests: int, max_toke
         return {"wall_s": time.perf_counter() - started, "requests": records}
 
 
-def start_llama_server(python: Path, gguf: Path | str, ctx: Context, chat_format: str = "gemma") -> Server:
-    """llama-cpp-python's own OpenAI-compatible server on the GGUF, on a free loopback port."""
+def start_llama_server(
+    python: Path, gguf: Path | str, ctx: Context, chat_format: str = "gemma", threads: int = 0
+) -> Server:
+    """llama-cpp-python's own OpenAI-compatible server on the GGUF, on a free loopback port; with
+    `threads`, that many for decoding and for reading prompts (its default is half the CPUs)."""
     port = free_port()
     log = ctx.work / f"llama-server-{chat_format}.log"
     command = [
@@ -92,6 +96,8 @@ def start_llama_server(python: Path, gguf: Path | str, ctx: Context, chat_format
         # early, cut off. Queued instead, they are served in turn, as modelplane's one slot serves them.
         "--interrupt_requests", "false",
     ]  # fmt: skip
+    if threads:
+        command += ["--n_threads", str(threads), "--n_threads_batch", str(threads)]
     with log.open("wb") as output:
         process = subprocess.Popen(
             command,

@@ -143,8 +143,8 @@ def llama_python(ctx: Context) -> tuple[Path | None, str]:
             f"no llama-cpp-python {LLAMA_CPP_VERSION} wheel on this machine (it is built once by `make install` "
             "once chat serving has landed: scripts/ensure_llama_wheel.sh)"
         )
-    # One environment per wheel build (its folder names the flavour, e.g. avx512-…): the contenders
-    # run exactly the llama.cpp build that modelplane's Triton model runs.
+    # One environment per wheel build (its folder names the flavour, e.g. avx512-…). modelplane's
+    # Triton model runs another build of llama.cpp (xllamacpp's), not this one.
     venv = cache_dir() / f"llama-cpp-server-{LLAMA_CPP_VERSION}-{wheel.parent.name}"
     python = venv / "bin" / "python"
     if (venv / ".installed").exists():

@@ -233,6 +233,19 @@ def test_tool_calls_blocking_have_openai_shape(client: TestClient, inference: tu
         {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": '{"zone": "CET"}'}},
     ]
     assert inference[0].requests[-1].tool_choice.mode == pb.TOOL_CHOICE_MODE_REQUIRED
+    assert not inference[0].requests[-1].HasField("parallel_tool_calls")  # absent stays absent
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_parallel_tool_calls_reaches_the_service(
+    client: TestClient, inference: tuple[ScriptedInference, str], parallel: bool
+) -> None:
+    inference[0].texts = []
+    inference[0].final = {"tool_calls": CALLS, "finish_reason": pb.FINISH_REASON_TOOL_CALLS}
+    body = {**CHAT, "tools": TOOLS, "parallel_tool_calls": parallel}
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+    sent = inference[0].requests[-1]
+    assert sent.HasField("parallel_tool_calls") and sent.parallel_tool_calls is parallel
 
 
 def test_tool_calls_streamed_come_whole_one_per_delta(

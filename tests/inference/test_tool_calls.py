@@ -5,17 +5,34 @@ conversation, the parsing of an answer, and the splitting of thinking from the a
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 
 import jsonschema
 import pytest
 
-from modelplane.common.types import Model, ModelSpec, RuntimeHints, ServingProfile, Task
+from modelplane.common.types import Model, ModelSpec, RuntimeHints, ServingProfile, Task, Usage
 from modelplane.inference.catalog import ServingModel
 from modelplane.inference.errors import InvalidRequest
-from modelplane.inference.generation import ChatMessage, SamplingParameters, render_chat, sampling_for_triton
+from modelplane.inference.generation import (
+    ChatMessage,
+    FinishReason,
+    GenerationChunk,
+    SamplingParameters,
+    render_chat,
+    sampling_for_triton,
+    tool_answer,
+)
 from modelplane.inference.reasoning import ReasoningSplitter
 from modelplane.inference.structured import ResponseFormat, ResponseFormatType, check_schema, finite, response_schema
-from modelplane.inference.tool_calls import Tool, ToolCall, ToolChoice, ToolChoiceMode, plan_tools
+from modelplane.inference.tool_calls import (
+    MAX_PARALLEL_CALLS,
+    ResponseReader,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    ToolChoiceMode,
+    plan_tools,
+)
 from modelplane.loader.chat_templates import GEMMA
 
 WEATHER = Tool(
@@ -192,3 +209,79 @@ def test_a_template_that_opens_the_thought_itself_starts_inside_it() -> None:
     assert splitter.push("Hmm.</think>Yes.") == ("Hmm.", "Yes.")
     plain = ReasoningSplitter("")
     assert plain.push("No thinking here.") == ("", "No thinking here.")
+
+
+def test_one_call_per_answer_unless_parallel_calls_are_asked_for() -> None:
+    two = {"tool_calls": [{"name": "get_weather", "arguments": {"city": c}} for c in ("Paris", "Rome")]}
+    for parallel in (None, False):
+        schema = plan_tools([WEATHER], ToolChoice(), parallel_calls=parallel).output_schema()
+        assert not jsonschema.Draft202012Validator(schema).is_valid(two)
+    plan = plan_tools([WEATHER], ToolChoice(), parallel_calls=True)
+    assert jsonschema.Draft202012Validator(plan.output_schema()).is_valid(two)
+    assert "several calls at once" in plan.instructions()
+    too_many = {"tool_calls": two["tool_calls"] * MAX_PARALLEL_CALLS}
+    assert not jsonschema.Draft202012Validator(plan.output_schema()).is_valid(too_many)
+    # An exact repeat of a call in one answer is dropped; calls that differ are all kept.
+    _, calls = plan.parse(json.dumps({"tool_calls": two["tool_calls"] + two["tool_calls"][:1]}))
+    assert [json.loads(c.arguments_json)["city"] for c in calls] == ["Paris", "Rome"]
+    assert len({c.id for c in calls}) == 2
+
+
+def test_a_forced_call_is_prefilled_and_only_its_arguments_are_generated() -> None:
+    named = plan_tools([WEATHER, TIME], ToolChoice(ToolChoiceMode.FUNCTION, "get_weather"))
+    assert named.prefill() == '{"tool_calls": [{"name": "get_weather", "arguments": '
+    assert named.engine_schema()["properties"] == named.tools["get_weather"]["properties"]
+    whole = named.prefill() + '{"city": "Paris"}' + named.suffix()
+    assert jsonschema.Draft202012Validator(named.output_schema()).is_valid(json.loads(whole))
+    assert plan_tools([WEATHER], ToolChoice(ToolChoiceMode.REQUIRED)).prefill() == named.prefill()
+    # Not forced: the model chooses a tool, may answer in text, or may call several.
+    assert plan_tools([WEATHER, TIME], ToolChoice(ToolChoiceMode.REQUIRED)).prefill() == ""
+    assert plan_tools([WEATHER], ToolChoice()).prefill() == ""
+    assert plan_tools([WEATHER], ToolChoice(ToolChoiceMode.REQUIRED), parallel_calls=True).prefill() == ""
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7])
+def test_the_response_text_is_read_out_of_the_json_as_it_comes(size: int) -> None:
+    text = 'He said "hi",\n\tthen left \\ café 😀.'
+    answer = json.dumps({"response": text})  # ASCII escapes, a surrogate pair among them
+    reader = ResponseReader()
+    pieces = [reader.push(answer[i : i + size]) for i in range(0, len(answer), size)]
+    assert "".join(pieces) == text
+    assert all("\\u" not in piece and '"}' not in piece for piece in pieces)
+    calls = ResponseReader()
+    assert calls.push('{"tool_calls": [{"name": "get_weather", "arguments": {"response": "x"}}]}') == ""
+    assert not calls.started
+
+
+async def _chunks(pieces: list[str], reason: FinishReason = FinishReason.STOP) -> AsyncIterator[GenerationChunk]:
+    for piece in pieces[:-1]:
+        yield GenerationChunk(text=piece)
+    yield GenerationChunk(text=pieces[-1], finish_reason=reason, usage=Usage(prompt_tokens=9, completion_tokens=5))
+
+
+async def test_a_text_answer_with_tools_streams_and_a_call_comes_whole_at_the_end() -> None:
+    plan = plan_tools([WEATHER], ToolChoice())
+    assert plan is not None
+    chunks = [c async for c in tool_answer(_chunks(['{"resp', 'onse": "It is', " sunny", '."}']), plan, "m")]
+    assert [c.text for c in chunks] == ["It is", " sunny", "."]
+    assert chunks[-1].finish_reason == FinishReason.STOP and chunks[-1].usage is not None
+    pieces = ['{"tool_calls": [{"name": "get_', 'weather", "arguments": {"city": "Paris"}}]}']
+    chunks = [c async for c in tool_answer(_chunks(pieces), plan, "m")]
+    assert [c.text for c in chunks] == [""]
+    assert chunks[-1].finish_reason == FinishReason.TOOL_CALLS
+    called = [(c.name, json.loads(c.arguments_json)) for c in chunks[-1].tool_calls]
+    assert called == [("get_weather", {"city": "Paris"})]
+    named = plan_tools([WEATHER], ToolChoice(ToolChoiceMode.FUNCTION, "get_weather"))
+    assert named is not None
+    chunks = [c async for c in tool_answer(_chunks(['{"city": ', '"Oslo"}']), named, "m")]
+    assert json.loads(chunks[-1].tool_calls[0].arguments_json) == {"city": "Oslo"}
+
+
+async def test_a_text_answer_cut_by_max_tokens_ends_with_length_and_a_cut_call_is_refused() -> None:
+    plan = plan_tools([WEATHER], ToolChoice())
+    assert plan is not None
+    chunks = [c async for c in tool_answer(_chunks(['{"response": "It is', " sun"], FinishReason.LENGTH), plan, "m")]
+    assert "".join(c.text for c in chunks) == "It is sun"
+    assert chunks[-1].finish_reason == FinishReason.LENGTH
+    with pytest.raises(InvalidRequest, match="reached max_tokens before its answer"):
+        _ = [c async for c in tool_answer(_chunks(['{"tool_calls": [{"na'], FinishReason.LENGTH), plan, "m")]

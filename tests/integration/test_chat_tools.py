@@ -14,6 +14,9 @@ import openai
 import pytest
 from pydantic import BaseModel
 
+from modelplane.common.types import ModelSpec, RuntimeHints
+from modelplane.loader.client import LoaderClient
+from modelplane.registry.client import RegistryClient
 from tests.integration.conftest import RunningStack
 
 CHAT = "smollm2-135m-instruct"
@@ -123,6 +126,39 @@ def test_a_named_tool_choice_calls_that_tool(client: openai.OpenAI) -> None:
         _valid_call(call.function.name, call.function.arguments)
 
 
+def test_a_text_answer_with_tools_streams_as_it_is_generated(client: openai.OpenAI) -> None:
+    """With tools the model answers in JSON (`{"response": ...}`); its text still arrives piece by
+    piece, and nothing of the JSON around it."""
+    request = {"model": CHAT, "messages": [{"role": "user", "content": "Hello! How are you?"}], "tools": TOOLS}
+    pieces, reasons = [], []
+    # A seed: the same answer both times (a repeated prompt is otherwise read from the prefix cache).
+    for chunk in client.chat.completions.create(**request, temperature=0, seed=7, stream=True):
+        delta = chunk.choices[0].delta
+        assert not delta.tool_calls
+        if delta.content:
+            pieces.append(delta.content)
+        reasons.append(chunk.choices[0].finish_reason)
+    text = "".join(pieces)
+    assert len(pieces) > 3, pieces  # token by token, not one piece at the end
+    assert reasons[-1] == "stop" and text.strip()
+    assert '"response"' not in text and not text.startswith("{")
+    blocking = client.chat.completions.create(**request, temperature=0, seed=7)
+    assert blocking.choices[0].message.content == text
+
+
+def test_parallel_tool_calls_false_gives_one_call_and_true_allows_several(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "What is the weather in Paris and what is the weather in Tokyo?"}]
+    request = {"model": CHAT, "messages": messages, "tools": TOOLS[:1], "tool_choice": "required", "temperature": 0}
+    one = client.chat.completions.create(**request, parallel_tool_calls=False).choices[0].message.tool_calls
+    assert len(one) == 1
+    _valid_call(one[0].function.name, one[0].function.arguments)
+    several = client.chat.completions.create(**request, parallel_tool_calls=True).choices[0].message.tool_calls
+    cities = [_valid_call(c.function.name, c.function.arguments)["city"] for c in several]
+    assert len(several) > 1, cities  # the model asks for both cities
+    assert len({c.id for c in several}) == len(several)
+    assert len(set(cities)) == len(cities)  # an exact repeat of a call is dropped
+
+
 class City(BaseModel):
     name: str
     country: str
@@ -220,3 +256,61 @@ def test_bad_requests_are_refused_with_what_to_fix(stack: RunningStack, case: st
     error = response.json()["error"]
     assert error["message"].startswith(message), error["message"]
     assert error["param"] == param and error["type"] == "invalid_request_error"
+
+
+# No reasoning GGUF is installable here, so SmolLM2 is registered a second time with a chat template
+# that shows it two answers which think first, between <think> and </think>: greedy, it then writes
+# its own thought the same way (measured: "<think>The user asks for the capital of France. It is
+# Paris.</think>The capital of France is Paris."). The template uses <think>, so the model gets the
+# reasoning capability, and both tags come from the model itself.
+THINKING_TEMPLATE = """<|im_start|>system
+You think before you answer: first your thought between <think> and </think>, then the answer.<|im_end|>
+<|im_start|>user
+What is the capital of Italy?<|im_end|>
+<|im_start|>assistant
+<think>The user asks for the capital of Italy. It is Rome.</think>The capital of Italy is Rome.<|im_end|>
+<|im_start|>user
+What is the capital of Spain?<|im_end|>
+<|im_start|>assistant
+<think>The user asks for the capital of Spain. It is Madrid.</think>The capital of Spain is Madrid.<|im_end|>
+{% for message in messages %}<|im_start|>{{ message['role'] }}
+{{ message['content'] }}<|im_end|>
+{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+
+async def test_a_thinking_model_returns_its_thought_apart_and_never_a_tag(stack: RunningStack) -> None:
+    name = "smollm2-thinks"
+    async with RegistryClient(stack.registry) as registry:
+        bundled = await registry.get_model(CHAT)
+        await registry.register(
+            ModelSpec(
+                name=name,
+                task=bundled.spec.task,
+                format=bundled.spec.format,
+                source_uri=bundled.spec.source_uri,
+                expected_sha256=bundled.spec.expected_sha256,
+                runtime_hints=RuntimeHints(chat_template=THINKING_TEMPLATE, context_length=1024),
+            )
+        )
+    async with LoaderClient(stack.loader) as loader:
+        await loader.ensure_loaded(name, reason="test", timeout_seconds=300)
+    request = {"model": name, "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+    async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=300) as http:
+        cards = {card["id"]: card for card in (await http.get("/v1/models")).json()["data"]}
+        assert "reasoning" in cards[name]["capabilities"]
+        # A seed: the same answer both times (a repeated prompt is otherwise read from the prefix cache).
+        answer = (await http.post("/v1/chat/completions", json={**request, "temperature": 0, "seed": 7})).json()
+        message = answer["choices"][0]["message"]
+        assert "Paris" in message["reasoning_content"] and "Paris" in message["content"]
+        assert answer["choices"][0]["finish_reason"] == "stop"
+        deltas = []
+        body = {**request, "temperature": 0, "seed": 7, "stream": True}
+        async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    deltas.append(json.loads(line[6:])["choices"][0]["delta"])
+    for text in [message["content"], message["reasoning_content"]] + [str(d) for d in deltas]:
+        assert "<think>" not in text and "</think>" not in text, text
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == message["reasoning_content"]
+    assert "".join(d.get("content") or "" for d in deltas) == message["content"]

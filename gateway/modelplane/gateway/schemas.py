@@ -251,6 +251,10 @@ class ChatCompletionRequest(SamplingFields):
     )
     functions: list[FunctionDefinition] | None = Field(default=None, description="The legacy form of `tools`.")
     function_call: str | dict | None = Field(default=None, description="The legacy form of `tool_choice`.")
+    parallel_tool_calls: bool | None = Field(
+        default=None,
+        description="`true` lets one answer call several tools; without it, one call per answer (llama.cpp's default).",
+    )
 
 
 class CompletionRequest(SamplingFields):

@@ -25,7 +25,7 @@ from modelplane.inference.errors import InvalidRequest, TemplateMissing
 from modelplane.inference.reasoning import ReasoningSplitter
 from modelplane.inference.routing import Router
 from modelplane.inference.structured import guided_decoding, validate_output
-from modelplane.inference.tool_calls import ToolCall, ToolPlan, render_history
+from modelplane.inference.tool_calls import ResponseReader, ToolCall, ToolPlan, render_history
 
 log = structlog.get_logger()
 
@@ -183,26 +183,40 @@ async def generate(
 
 
 async def tool_answer(
-    chunks: AsyncIterator[GenerationChunk], plan: ToolPlan, schema: dict[str, Any], model: str
+    chunks: AsyncIterator[GenerationChunk], plan: ToolPlan, model: str
 ) -> AsyncIterator[GenerationChunk]:
-    """The answer of a chat with tools: the constrained JSON the model writes, read whole, becomes
-    either complete tool calls or the answer's text; nothing of the JSON reaches the text."""
-    texts = []
+    """The answer of a chat with tools: the constrained JSON the model writes (after the plan's
+    prefill) becomes either complete tool calls, on the last chunk, or the answer's text, streamed as
+    it is generated; nothing of the JSON reaches the text. The whole answer is checked against the
+    plan's schema once complete."""
+    texts = [plan.prefill()]
+    reader = ResponseReader()
+    sent = 0
     async for chunk in chunks:
         texts.append(chunk.text)
+        fresh = reader.push(chunk.text)
+        sent += len(fresh)
         if chunk.finish_reason == FinishReason.UNSPECIFIED:
+            if fresh:
+                yield GenerationChunk(text=fresh)
             continue
-        text = "".join(texts)
         if chunk.finish_reason == FinishReason.LENGTH:
+            if reader.started:
+                # A text answer cut off by max_tokens, as without tools.
+                yield GenerationChunk(text=fresh, finish_reason=FinishReason.LENGTH, usage=chunk.usage)
+                return
             raise InvalidRequest(
                 f"Model '{model}' reached max_tokens before its answer (a tool call or a reply in JSON) was "
                 "complete; raise max_tokens.",
                 metadata={"param": "max_tokens"},
             )
-        _check_constrained(text, schema, model)
+        text = "".join(texts) + plan.suffix()
+        _check_constrained(text, plan.output_schema(), model)
         content, calls = plan.parse(text)
+        # What the reader has not yet returned of the text (all of it when the response is not a string).
+        rest = fresh + (content or "")[sent:]
         yield GenerationChunk(
-            text=content or "",
+            text="" if calls else rest,
             finish_reason=FinishReason.TOOL_CALLS if calls else chunk.finish_reason,
             usage=chunk.usage,
             tool_calls=tuple(calls),

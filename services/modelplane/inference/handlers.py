@@ -204,15 +204,17 @@ class InferenceHandler:
         tools: Sequence[tool_calls.Tool] = (),
         tool_choice: tool_calls.ToolChoice = tool_calls.ToolChoice(),  # noqa: B008 - immutable
         response_format: structured.ResponseFormat = structured.ResponseFormat(),  # noqa: B008 - immutable
+        parallel_tool_calls: bool | None = None,
         deadline_seconds: float | None = None,
     ) -> AsyncIterator[generation.GenerationChunk]:
         """Answers the conversation, rendered with the model's chat template, streaming the text;
-        with tools, the answer is either complete tool calls or text; with a response format, text
-        constrained to it; a model that thinks has its thought returned apart."""
+        with tools, the answer is either complete tool calls (several only when
+        `parallel_tool_calls` is True) or text; with a response format, text constrained to it; a
+        model that thinks has its thought returned apart."""
         serving = await self._serving(model, Task.GENERATION, deadline_seconds)
         capabilities = serving.profile.capabilities or ModelCapabilities()
         response = _response_schema(serving, response_format)
-        plan = tool_calls.plan_tools(tools, tool_choice, response)
+        plan = tool_calls.plan_tools(tools, tool_choice, response, parallel_tool_calls)
         if plan is not None and not capabilities.tools:
             raise InvalidRequest(
                 f"Model '{model}' cannot call tools: it needs a chat template and an engine that constrains its output "
@@ -221,12 +223,14 @@ class InferenceHandler:
                 metadata={"model": model, "param": "tools"},
             )
         prompt = generation.render_chat(serving, messages, plan)
-        schema = plan.output_schema() if plan is not None else response
+        if plan is not None:
+            prompt += plan.prefill()
+        schema = plan.engine_schema() if plan is not None else response
         chunks = generation.generate(
             self.triton, serving, prompt, parameters, schema=schema, request_id=current_request_id.get()
         )
-        if plan is not None and schema is not None:
-            chunks = generation.tool_answer(chunks, plan, schema, model)
+        if plan is not None:
+            chunks = generation.tool_answer(chunks, plan, model)
         elif schema is not None:
             chunks = generation.structured_answer(chunks, schema, model)
         elif capabilities.reasoning:

@@ -83,6 +83,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             tools=converters.tools_from_proto(request),
             tool_choice=converters.tool_choice_from_proto(request),
             response_format=converters.response_format_from_proto(request.response_format),
+            parallel_tool_calls=request.parallel_tool_calls if request.HasField("parallel_tool_calls") else None,
             deadline_seconds=_deadline(context),
         )
         async for chunk in chunks:

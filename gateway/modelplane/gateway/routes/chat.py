@@ -420,6 +420,7 @@ async def create_chat_completion(body: schemas.ChatCompletionRequest, request: R
         tools=_tools(body),
         tool_choice=_tool_choice(body),
         response_format=_response_format(body),
+        parallel_tool_calls=body.parallel_tool_calls,
     )
     legacy = bool(body.functions) and not body.tools
     return await _answer(

@@ -29,9 +29,15 @@ Model configuration (config.pbtxt `parameters`, all string values):
   n_batch          prompt tokens decoded per step (default 512)
   n_gpu_layers     layers offloaded to a GPU by a GPU build of llama.cpp (default 0)
   max_queue_size   requests allowed to wait for a slot before new ones are refused (default 64)
-  prefix_cache     "true" reuses a slot's KV cache when a prompt shares a prefix with an earlier
-                   one: faster chat turns, but the logits of the first new token then come from a
-                   different batch shape, so equal seeds may not give equal outputs; default "false"
+  prefix_cache     "true" (the default) reuses a slot's KV cache for the part of a prompt that an
+                   earlier prompt on that slot began with (llama.cpp's `cache_prompt`; llama.cpp
+                   hands a request to the idle slot whose last prompt shares the most with it): a
+                   chat turn, or a request with the same system prompt and tools as the previous
+                   one, reads only its new tokens. The new tokens are then decoded in a batch of
+                   another shape, so a greedy answer may differ from the uncached one where two
+                   tokens are nearly tied (as with batching). A request with a `seed` asks for a
+                   repeatable answer and is always read from scratch. "false" reads every prompt
+                   whole.
   strip_prefix     text removed from the start of a prompt because llama.cpp adds it itself (the
                    BOS token of a model that adds one, when a chat template writes it too: two BOS
                    tokens degrade every answer)
@@ -126,7 +132,11 @@ class TritonPythonModel:
         engine.cpuparams_batch.n_threads = int(params.get("n_threads_batch", "0")) or threads
         engine.warmup = False
         engine.verbosity = -1
-        self._prefix_cache = params.get("prefix_cache", "false").lower() == "true"
+        # llama.cpp would also keep prompts that slots let go in host memory (8 GiB by default),
+        # outside the memory budget the loader reserved for this model: the slots' own KV caches are
+        # the prefix cache.
+        engine.cache_ram_mib = 0
+        self._prefix_cache = params.get("prefix_cache", "true").lower() == "true"
         self._strip_prefix = params.get("strip_prefix", "")
         self._jobs = queue.Queue(maxsize=int(params.get("max_queue_size", "64")))
         self._stopping = threading.Event()
@@ -215,7 +225,9 @@ class TritonPythonModel:
         if self._strip_prefix and prompt.startswith(self._strip_prefix):
             prompt = prompt[len(self._strip_prefix) :]
         body = job.params.engine_request(prompt, job.seed)
-        body["cache_prompt"] = self._prefix_cache
+        # An explicit seed asks for the same answer every time: its prompt is read from scratch, in
+        # the batch shape of the first time.
+        body["cache_prompt"] = self._prefix_cache and job.params.seed is None
         body["n_predict"] = job.params.max_tokens or self._n_ctx
         return body
 
@@ -239,7 +251,7 @@ class TritonPythonModel:
             if text and state["first"] is None:
                 state["first"] = time.monotonic()
             if choice.get("finish_reason"):
-                state["final"] = (choice["finish_reason"], chunk.get("usage") or {})
+                state["final"] = (choice["finish_reason"], chunk.get("usage") or {}, chunk.get("timings") or {})
                 texts.append(text)
                 return False
             if job.stream:
@@ -269,7 +281,7 @@ class TritonPythonModel:
         if state["stopped"] == "unloading" or state["final"] is None:
             self._send_error(job, "the model is being unloaded", pb_utils.TritonError.UNAVAILABLE)
             return
-        finish_reason, usage = state["final"]
+        finish_reason, usage, timings = state["final"]
         prompt_tokens, generated = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
         # Streamed: only the final chunk's text is left here; otherwise everything, in order.
         reason = "length" if finish_reason == "length" else "stop"
@@ -278,7 +290,8 @@ class TritonPythonModel:
         ttft = (state["first"] or time.monotonic()) - started
         self._log.log_info(
             f"[llama] request {job.request_id}: {prompt_tokens} prompt + {generated} generated tokens, "
-            f"finish={finish_reason}, queued {waited * 1e3:.0f} ms, first token {ttft * 1e3:.0f} ms, "
+            f"prompt read {timings.get('prompt_n', prompt_tokens)} tokens ({timings.get('cache_n', 0)} from the "
+            f"prefix cache), finish={finish_reason}, queued {waited * 1e3:.0f} ms, first token {ttft * 1e3:.0f} ms, "
             f"{generated / max(elapsed, 1e-9):.1f} tokens/s"
         )
 
