@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import io
 
-import av
 import numpy as np
 import pytest
 
 from modelplane.inference import audio
 from modelplane.inference.audio import AudioFormat, SpeechEncoder
 from modelplane.inference.errors import AudioTooLong, AudioUnreadable
+
+# Voice is the optional extra `voice` (THIRD-PARTY.md); without it these tests have nothing to test.
+av = pytest.importorskip("av", reason="the optional extra `voice` is not installed")
 
 RATE = 22050
 

@@ -10,11 +10,30 @@ import io
 import struct
 from dataclasses import dataclass
 
-import av
-import lameenc
 import numpy as np
 
-from modelplane.inference.errors import AudioTooLong, AudioUnreadable
+from modelplane.inference.errors import AudioTooLong, AudioUnreadable, VoiceNotInstalled
+
+# Voice is the optional extra `voice` (it brings copyleft code: README "Licences"). Without it the
+# service runs everything else and answers speech requests with VoiceNotInstalled.
+try:
+    import av
+    import lameenc
+except ImportError:
+    av = lameenc = None
+
+VOICE_NOT_INSTALLED = (
+    "Speech to text and text to speech are not installed on this modelplane: they are the optional extra "
+    "`voice` (PyAV/FFmpeg, lameenc, faster-whisper and piper-tts, which is GPL-3.0-or-later; README "
+    '"Licences"). An operator installs it with `make install` (without VOICE=0) or `pip install '
+    "'modelplane[voice]'`, then restarts the services."
+)
+
+
+def require_voice() -> None:
+    """Refuses a speech request when the voice extra is not installed, saying how to install it."""
+    if av is None or lameenc is None:
+        raise VoiceNotInstalled(VOICE_NOT_INSTALLED)
 
 
 class AudioFormat(enum.IntEnum):
