@@ -42,7 +42,14 @@ def speech_enabled() -> bool:
 
 def voice_missing() -> list[str]:
     """The voice extra's modules that this environment lacks (none: voice is installed)."""
-    return [name for name in VOICE_MODULES if importlib.util.find_spec(name) is None]
+    return [name for name in VOICE_MODULES if not _importable(name)]
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:  # a finder that refuses the name outright
+        return False
 
 
 def bundled_speech() -> list[tuple[str, Callable[[], ModelSpec]]]:
