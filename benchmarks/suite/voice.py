@@ -102,7 +102,7 @@ async def run(ctx: Context) -> dict:
 
         from modelplane.bundled_speech import assemble_whisper_base  # noqa: PLC0415
     except ImportError as error:
-        return {"status": "skipped", "reason": f"the speech packages are not installed ({error})"}
+        return {"status": "skipped", "reason": f"the optional extra `voice` is not installed ({error})"}
     ctx.say("loading the speech models")
     await _ensure_loaded(ctx)
     base = f"{ctx.stack.gateway_url}/v1/audio"

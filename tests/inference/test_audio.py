@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import io
 
-import av
 import numpy as np
 import pytest
 
 from modelplane.inference import audio
 from modelplane.inference.audio import AudioFormat, SpeechEncoder
 from modelplane.inference.errors import AudioTooLong, AudioUnreadable
+
+# Voice is the optional extra `voice` (THIRD-PARTY.md); without it these tests have nothing to test.
+av = pytest.importorskip("av", reason="the optional extra `voice` is not installed")
 
 RATE = 22050
 
@@ -108,6 +110,20 @@ def test_an_mp3_cut_in_the_middle_is_refused_when_its_header_states_its_length()
     assert audio.decode(whole, sample_rate=16000, max_seconds=60).seconds == pytest.approx(10.0, abs=0.1)
     with pytest.raises(AudioUnreadable, match=r"cut short: its header says it lasts 10\.0 s, but it holds 5\.0 s"):
         audio.decode(whole[: len(whole) // 2], sample_rate=16000, max_seconds=60)
+
+
+def test_an_mp3_without_a_length_header_cut_inside_a_frame_is_refused() -> None:
+    # Our own speech MP3s (lameenc, streamed) carry no Xing/Info frame: nothing states their length,
+    # but a cut inside a frame leaves a last frame shorter than its own header declares.
+    whole = _encode(AudioFormat.MP3, [_tone(3.0)])
+    assert not audio._has_mp3_length_header(whole)
+    assert audio.decode(whole, sample_rate=16000, max_seconds=60).seconds == pytest.approx(3.0, abs=0.08)
+    with pytest.raises(AudioUnreadable, match=r"is cut short: its last MP3 frame holds \d+ of its \d+ bytes"):
+        audio.decode(whole[: len(whole) // 2 + 7], sample_rate=16000, max_seconds=60)
+    # A cut exactly between two frames leaves a shorter, whole file: nothing in it says it was longer.
+    with av.open(io.BytesIO(whole)) as container:
+        eleventh = [packet.pos for packet in container.demux() if packet.size][10]
+    assert audio.decode(whole[:eleventh], sample_rate=16000, max_seconds=60).seconds > 0
 
 
 def test_audio_over_the_limit_is_refused_with_the_limit() -> None:

@@ -10,7 +10,6 @@ import io
 import re
 from pathlib import Path
 
-import av
 import httpx
 import numpy as np
 import openai
@@ -22,6 +21,9 @@ from modelplane.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from tests.integration.conftest import RunningStack
 from tests.integration.test_dify import _credentials, _dify
 from tests.reliability.conftest import service_processes
+
+# Voice is the optional extra `voice` (THIRD-PARTY.md); without it these tests have nothing to test.
+av = pytest.importorskip("av", reason="the optional extra `voice` is not installed")
 
 STT = "whisper-base"
 TTS = "piper-en-us-joe"

@@ -92,6 +92,13 @@ class Cancelled(ModelplaneError):
     reason = "CANCELLED"
 
 
+class Unimplemented(ModelplaneError):
+    """What was asked is not part of this installation (an optional extra that is not installed)."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+    reason = "UNIMPLEMENTED"
+
+
 class Internal(ModelplaneError):
     code = grpc.StatusCode.INTERNAL
     reason = "INTERNAL"
@@ -109,6 +116,7 @@ _BY_CODE: dict[grpc.StatusCode, type[ModelplaneError]] = {
         Unavailable,
         DeadlineExceeded,
         Cancelled,
+        Unimplemented,
         Internal,
     )
 }

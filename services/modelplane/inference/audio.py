@@ -10,11 +10,30 @@ import io
 import struct
 from dataclasses import dataclass
 
-import av
-import lameenc
 import numpy as np
 
-from modelplane.inference.errors import AudioTooLong, AudioUnreadable
+from modelplane.inference.errors import AudioTooLong, AudioUnreadable, VoiceNotInstalled
+
+# Voice is the optional extra `voice` (it brings copyleft code: README "Licences"). Without it the
+# service runs everything else and answers speech requests with VoiceNotInstalled.
+try:
+    import av
+    import lameenc
+except ImportError:
+    av = lameenc = None
+
+VOICE_NOT_INSTALLED = (
+    "Speech to text and text to speech are not installed on this modelplane: they are the optional extra "
+    "`voice` (PyAV/FFmpeg, lameenc, faster-whisper and piper-tts, which is GPL-3.0-or-later; README "
+    '"Licences"). An operator installs it with `make install` (without VOICE=0) or `pip install '
+    "'modelplane[voice]'`, then restarts the services."
+)
+
+
+def require_voice() -> None:
+    """Refuses a speech request when the voice extra is not installed, saying how to install it."""
+    if av is None or lameenc is None:
+        raise VoiceNotInstalled(VOICE_NOT_INSTALLED)
 
 
 class AudioFormat(enum.IntEnum):
@@ -68,18 +87,23 @@ def decode(data: bytes, *, sample_rate: int, max_seconds: float, filename: str =
             declared = float(container.duration / av.time_base) if container.duration else 0.0
             # An MP3 with a Xing/Info header states its length exactly; without one FFmpeg only
             # estimates it from the size, which says nothing about a file cut short.
-            exact = container.format.name == "mp3" and _has_mp3_length_header(data)
+            mp3 = container.format.name == "mp3"
+            exact = mp3 and _has_mp3_length_header(data)
             if declared > max_seconds + 1:
                 raise _too_long(name, declared, max_seconds)
             resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
-            for frame in container.decode(stream):
-                frame.pts = None
-                for out in resampler.resample(frame):
-                    samples = out.to_ndarray().reshape(-1)
-                    parts.append(samples)
-                    total += samples.size
-                if total > limit:
-                    raise _too_long(name, total / sample_rate, max_seconds, at_least=True)
+            last = b""  # the last frame, as the demuxer read it
+            for packet in container.demux(stream):
+                if packet.size:
+                    last = bytes(packet)
+                for frame in packet.decode():
+                    frame.pts = None
+                    for out in resampler.resample(frame):
+                        samples = out.to_ndarray().reshape(-1)
+                        parts.append(samples)
+                        total += samples.size
+                    if total > limit:
+                        raise _too_long(name, total / sample_rate, max_seconds, at_least=True)
             for out in resampler.resample(None):
                 parts.append(out.to_ndarray().reshape(-1))
     except av.error.FFmpegError as error:
@@ -99,6 +123,8 @@ def decode(data: bytes, *, sample_rate: int, max_seconds: float, filename: str =
             f"{name} is cut short: its header says it lasts {declared:.1f} s, but it holds {decoded.seconds:.1f} s "
             "of audio. Send the whole file (the upload may have been interrupted)."
         )
+    if mp3:
+        _refuse_cut_mp3_frame(name, last)
     return decoded
 
 
@@ -109,6 +135,47 @@ def _has_mp3_length_header(data: bytes) -> bool:
         start = 10 + ((data[6] & 0x7F) << 21 | (data[7] & 0x7F) << 14 | (data[8] & 0x7F) << 7 | (data[9] & 0x7F))
     first_frame = data[start : start + 200]
     return b"Xing" in first_frame or b"Info" in first_frame
+
+
+# MPEG audio frame headers: bit rates in kbit/s by (MPEG-1?, layer), indices 1-14; sample rates by version.
+_MPEG_BIT_RATES = {
+    (True, 1): (32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448),
+    (True, 2): (32, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384),
+    (True, 3): (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
+    (False, 1): (32, 48, 56, 64, 80, 96, 112, 128, 144, 160, 176, 192, 224, 256),
+    (False, 2): (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
+    (False, 3): (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
+}
+_MPEG_SAMPLE_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
+
+
+def _mp3_frame_length(header: bytes) -> int | None:
+    """The length in bytes an MPEG audio frame header declares for its frame (None: not a header
+    this can size, such as a free-format one)."""
+    if len(header) < 4 or header[0] != 0xFF or header[1] & 0xE0 != 0xE0:
+        return None
+    version = (header[1] >> 3) & 3  # 3: MPEG-1, 2: MPEG-2, 0: MPEG-2.5, 1: reserved
+    layer = 4 - ((header[1] >> 1) & 3)
+    bit_rate_index, rate_index, padding = header[2] >> 4, (header[2] >> 2) & 3, (header[2] >> 1) & 1
+    if version == 1 or layer == 4 or bit_rate_index in (0, 15) or rate_index == 3:
+        return None
+    mpeg1 = version == 3
+    bit_rate = _MPEG_BIT_RATES[(mpeg1, layer)][bit_rate_index - 1] * 1000
+    rate = _MPEG_SAMPLE_RATES[version][rate_index]
+    if layer == 1:
+        return (12 * bit_rate // rate + padding) * 4
+    return (72 if layer == 3 and not mpeg1 else 144) * bit_rate // rate + padding
+
+
+def _refuse_cut_mp3_frame(name: str, last_frame: bytes) -> None:
+    """An MP3 cut inside a frame ends with a frame shorter than its header declares (FFmpeg decodes
+    it without complaint). A cut between two frames leaves nothing to notice."""
+    declared = _mp3_frame_length(last_frame[:4])
+    if declared is not None and len(last_frame) < declared:
+        raise AudioUnreadable(
+            f"{name} is cut short: its last MP3 frame holds {len(last_frame)} of its {declared} bytes. Send the "
+            "whole file (the upload may have been interrupted)."
+        )
 
 
 def _ffmpeg_reason(error: av.error.FFmpegError) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from modelplane.common.errors import FailedPrecondition, InvalidArgument, ModelNotFound, Unavailable
+from modelplane.common.errors import FailedPrecondition, InvalidArgument, ModelNotFound, Unavailable, Unimplemented
 
 __all__ = [
     "AudioTooLong",
@@ -18,6 +18,7 @@ __all__ = [
     "TemplateMissing",
     "TritonUnavailable",
     "UnknownVoice",
+    "VoiceNotInstalled",
     "WrongTask",
 ]
 
@@ -86,3 +87,9 @@ class AudioTooLong(InvalidArgument):
 
 class UnknownVoice(InvalidArgument):
     reason = "UNKNOWN_VOICE"
+
+
+class VoiceNotInstalled(Unimplemented):
+    """Speech was asked of an installation without the optional `voice` extra (README "Licences")."""
+
+    reason = "VOICE_NOT_INSTALLED"

@@ -17,7 +17,7 @@ import structlog
 
 from modelplane.common.request_context import current_request_id
 from modelplane.common.types import ModelCapabilities, Task, Usage
-from modelplane.inference import generation, speech, structured, tool_calls
+from modelplane.inference import audio, generation, speech, structured, tool_calls
 from modelplane.inference import rerank as reranking
 from modelplane.inference.audio import AudioFormat
 from modelplane.inference.catalog import ModelCatalog, ServingModel
@@ -251,6 +251,7 @@ class InferenceHandler:
         deadline_seconds: float | None = None,
     ) -> speech.Transcript:
         """The transcript of an audio file of any container FFmpeg reads, long ones in chunks."""
+        audio.require_voice()
         serving = await self._serving(model, Task.SPEECH2TEXT, deadline_seconds)
         return await speech.transcribe(
             self.triton,
@@ -277,6 +278,7 @@ class InferenceHandler:
         deadline_seconds: float | None = None,
     ) -> AsyncIterator[speech.SpeechPiece]:
         """Speaks the text, streaming the encoded audio sentence by sentence."""
+        audio.require_voice()
         serving = await self._serving(model, Task.TTS, deadline_seconds)
         async for piece in speech.synthesize(
             self.triton,

@@ -129,7 +129,7 @@ def _subtitles(segments: Any, vtt: bool) -> str:
     openapi_extra=_TRANSCRIPTION_BODY,
     responses={
         200: {"content": {"text/plain": {}}, "description": "JSON, or text for text, srt and vtt."},
-        **schemas.error_responses(*schemas.COMMON_ERRORS, 400, 403, 404, 409, 503),
+        **schemas.error_responses(*schemas.COMMON_ERRORS, 400, 403, 404, 409, 501, 503),
     },
 )
 async def create_transcription(request: Request) -> Any:
@@ -189,7 +189,7 @@ async def create_transcription(request: Request) -> Any:
     response_class=StreamingResponse,
     responses={
         200: {"content": {media: {} for media in _AUDIO_TYPES}, "description": "The audio, streamed."},
-        **schemas.error_responses(*schemas.COMMON_ERRORS, 400, 403, 404, 409, 503),
+        **schemas.error_responses(*schemas.COMMON_ERRORS, 400, 403, 404, 409, 501, 503),
     },
 )
 async def create_speech(body: schemas.SpeechRequest, request: Request) -> Any:

@@ -30,8 +30,20 @@ import numpy as np
 import onnxruntime
 import triton_python_backend_utils as pb_utils
 from llm_protocol import RequestError, complete_config, scalar, send_error
-from piper import PiperVoice, SynthesisConfig
-from piper.config import PiperConfig
+
+try:
+    from piper import PiperVoice, SynthesisConfig
+    from piper.config import PiperConfig
+except ImportError:  # loading the model says what to install (initialize)
+    PiperVoice = SynthesisConfig = PiperConfig = None
+
+# In the Python that runs Triton's python backend: modelplane's own environment for the embedded
+# Triton, the Triton image's for a production one (deploy/README.md).
+ENGINE_MISSING = (
+    "piper-tts is not installed in the Python that runs this Triton's python backend; text to speech needs it: "
+    "install modelplane's optional extra `voice` (pip install 'modelplane[voice]'; piper-tts is GPL-3.0-or-later, "
+    'README "Licences") for the embedded Triton, or piper-tts in the Triton image (deploy/README.md).'
+)
 
 INPUTS = [
     {"name": "text_input", "data_type": "TYPE_STRING", "dims": [1]},
@@ -54,6 +66,8 @@ class TritonPythonModel:
         return complete_config(auto_complete_model_config, INPUTS, OUTPUTS)
 
     def initialize(self, args):
+        if PiperVoice is None:
+            raise pb_utils.TritonModelException(ENGINE_MISSING)
         config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(config):
             raise pb_utils.TritonModelException("the piper model needs a decoupled transaction policy")

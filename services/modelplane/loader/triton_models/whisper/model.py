@@ -24,7 +24,19 @@ import traceback
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from faster_whisper import WhisperModel
+
+try:
+    from faster_whisper import WhisperModel
+except ImportError:  # loading the model says what to install (initialize)
+    WhisperModel = None
+
+# In the Python that runs Triton's python backend: modelplane's own environment for the embedded
+# Triton, the Triton image's for a production one (deploy/README.md).
+ENGINE_MISSING = (
+    "faster-whisper is not installed in the Python that runs this Triton's python backend; speech to text "
+    "needs it: install modelplane's optional extra `voice` (pip install 'modelplane[voice]') for the embedded "
+    "Triton, or faster-whisper in the Triton image (deploy/README.md)."
+)
 
 # Whisper's own fallback schedule: a window whose output looks unreliable (too repetitive, too
 # unlikely) is decoded again at the next temperature.
@@ -62,6 +74,8 @@ class TritonPythonModel:
         return auto_complete_model_config
 
     def initialize(self, args):
+        if WhisperModel is None:
+            raise pb_utils.TritonModelException(ENGINE_MISSING)
         config = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         version_dir = os.path.join(args["model_repository"], args["model_version"])
