@@ -58,15 +58,19 @@ def _helm() -> str:
     return helm
 
 
-def _render(values: list[str]) -> list[dict[str, Any]]:
+def _template(values: list[str]) -> subprocess.CompletedProcess[str]:
     arguments = [arg for value in values for arg in ("--set", value)]
-    result = subprocess.run(
+    return subprocess.run(
         [_helm(), "template", "modelplane", str(CHART), "--namespace", "modelplane", *arguments],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
+
+
+def _render(values: list[str]) -> list[dict[str, Any]]:
+    result = _template(values)
     assert result.returncode == 0, result.stderr
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 

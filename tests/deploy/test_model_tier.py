@@ -10,7 +10,6 @@ import copy
 import functools
 import re
 import shlex
-import subprocess
 from typing import Any
 
 import jsonschema
@@ -21,7 +20,7 @@ import yaml
 
 from modelplane.cli import app
 from modelplane.registry.fleet import is_valid_node_id, label_problem
-from tests.deploy.test_manifests import CHART, DATABASE, KUBERNETES_VERSION, ROOT, _helm
+from tests.deploy.test_manifests import DATABASE, KUBERNETES_VERSION, ROOT, _template
 from tests.deploy.test_manifests import _render as _render_once
 
 FLEET = [DATABASE, "triton.replicas=3", "triton.labels.gpu=a100-80gb", "triton.labels.zone=eu-west-1a"]
@@ -43,6 +42,10 @@ def _render(values: list[str]) -> list[dict[str, Any]]:
 def _one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     [doc] = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
     return doc
+
+
+def _statefulset(values: list[str]) -> dict[str, Any]:
+    return _one(_render(values), "StatefulSet", "modelplane-triton")
 
 
 def _container(statefulset: dict[str, Any], name: str) -> dict[str, Any]:
@@ -84,21 +87,21 @@ def test_three_nodes_each_named_by_its_pod_with_a_stable_dns_name() -> None:
 
 
 def test_node_labels_come_from_values_in_the_form_the_loader_reads() -> None:
-    loader = _env(_container(_one(_render(FLEET), "StatefulSet", "modelplane-triton"), "loader"))
+    loader = _env(_container(_statefulset(FLEET), "loader"))
     text = loader["MODELPLANE_NODE_LABELS"]["value"]
     assert text == "gpu=a100-80gb,zone=eu-west-1a"
     for pair in text.split(","):
         key, value = pair.split("=")
         assert label_problem(key, value) is None
 
-    none = _env(_container(_one(_render([DATABASE]), "StatefulSet", "modelplane-triton"), "loader"))
+    none = _env(_container(_statefulset([DATABASE]), "loader"))
     assert none["MODELPLANE_NODE_LABELS"]["value"] == ""
 
 
 def test_every_variable_an_env_value_uses_is_defined_before_it() -> None:
     """Kubernetes expands $(NAME) only from variables listed earlier; a later one stays literal."""
     for values in (FLEET, [*FLEET, "triton.advertise=podIP"]):
-        statefulset = _one(_render(values), "StatefulSet", "modelplane-triton")
+        statefulset = _statefulset(values)
         for container in statefulset["spec"]["template"]["spec"]["containers"]:
             defined: set[str] = set()
             for env in container.get("env", []):
@@ -108,19 +111,13 @@ def test_every_variable_an_env_value_uses_is_defined_before_it() -> None:
 
 
 def test_pod_ip_can_be_advertised_instead_of_the_dns_name() -> None:
-    loader = _env(
-        _container(_one(_render([*FLEET, "triton.advertise=podIP"]), "StatefulSet", "modelplane-triton"), "loader")
-    )
+    loader = _env(_container(_statefulset([*FLEET, "triton.advertise=podIP"]), "loader"))
     assert loader["MODELPLANE_LOADER_ADVERTISE_HOST"]["value"] == "$(POD_IP)"
     assert loader["MODELPLANE_TRITON_GRPC_ADDRESS"]["value"] == "$(POD_IP):8001"
 
 
 def test_each_node_has_its_own_cache_volume_and_gpu() -> None:
-    statefulset = _one(
-        _render([*FLEET, "loader.cache.size=500Gi", "loader.cache.storageClassName=fast-ssd"]),
-        "StatefulSet",
-        "modelplane-triton",
-    )
+    statefulset = _statefulset([*FLEET, "loader.cache.size=500Gi", "loader.cache.storageClassName=fast-ssd"])
     [claim] = statefulset["spec"]["volumeClaimTemplates"]
     assert claim["spec"]["resources"]["requests"]["storage"] == "500Gi"
     assert claim["spec"]["storageClassName"] == "fast-ssd"
@@ -145,7 +142,7 @@ def _drain_command(statefulset: dict[str, Any]) -> list[str]:
 
 
 def test_the_prestop_hook_drains_the_node_with_the_cli_as_it_parses_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    statefulset = _one(_render(FLEET), "StatefulSet", "modelplane-triton")
+    statefulset = _statefulset(FLEET)
     words = _drain_command(statefulset)
     assert words[0] == "modelplane"
     # The CLI accepts the hook's command line, and takes the node id from the downward API's variable.
@@ -164,11 +161,7 @@ def test_the_prestop_hook_drains_the_node_with_the_cli_as_it_parses_it(monkeypat
 
 
 def test_triton_serves_until_the_drain_is_over_and_the_grace_period_covers_it() -> None:
-    statefulset = _one(
-        _render([*FLEET, "triton.drain.timeoutSeconds=900", "triton.terminationGracePeriodSeconds=960"]),
-        "StatefulSet",
-        "modelplane-triton",
-    )
+    statefulset = _statefulset([*FLEET, "triton.drain.timeoutSeconds=900", "triton.terminationGracePeriodSeconds=960"])
     pod = statefulset["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] == 960
     assert "--timeout 900" in " ".join(_drain_command(statefulset))
@@ -184,7 +177,7 @@ def test_triton_serves_until_the_drain_is_over_and_the_grace_period_covers_it() 
 
 
 def test_without_the_drain_no_hook_holds_the_pod() -> None:
-    statefulset = _one(_render([*FLEET, "triton.drain.enabled=false"]), "StatefulSet", "modelplane-triton")
+    statefulset = _statefulset([*FLEET, "triton.drain.enabled=false"])
     for name in ("loader", "triton"):
         assert "lifecycle" not in _container(statefulset, name)
 
@@ -357,14 +350,7 @@ def test_the_hpa_alternative_reads_the_metric_prometheus_adapter_serves() -> Non
 
 
 def _refusal(values: list[str]) -> str:
-    arguments = [arg for value in values for arg in ("--set", value)]
-    result = subprocess.run(
-        [_helm(), "template", "modelplane", str(CHART), "--namespace", "modelplane", *arguments],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = _template(values)
     assert result.returncode != 0, f"helm rendered {values}"
     return " ".join(result.stderr.split())
 
