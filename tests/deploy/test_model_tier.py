@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 import re
 import shlex
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -175,6 +178,34 @@ def test_triton_serves_until_the_drain_is_over_and_the_grace_period_covers_it() 
         assert mounts["lifecycle"] == "/var/run/modelplane"
     [volume] = [v for v in pod["volumes"] if v["name"] == "lifecycle"]
     assert "emptyDir" in volume
+
+
+def test_the_hooks_run_under_sh_and_hand_over_whatever_the_drain_gives(tmp_path: Path) -> None:
+    """The two preStop scripts, run by /bin/sh as the kubelet runs them (the mark's folder moved to
+    a temporary one): the loader's marks the drain over even when the drain fails; Triton's waits
+    for that mark and then returns."""
+    statefulset = _statefulset(FLEET)
+    script = {
+        name: _container(statefulset, name)["lifecycle"]["preStop"]["exec"]["command"][2].replace(
+            "/var/run/modelplane", str(tmp_path)
+        )
+        for name in ("loader", "triton")
+    }
+    triton = subprocess.Popen(["/bin/sh", "-c", script["triton"]])
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):  # no mark yet: it keeps waiting
+            triton.wait(timeout=1)
+        stub = tmp_path / "bin" / "modelplane"
+        stub.parent.mkdir()
+        stub.write_text('#!/bin/sh\necho "$@" > "$(dirname "$0")/args"\nexit 1\n')  # a drain that failed
+        stub.chmod(0o755)
+        environment = {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}"}
+        subprocess.run(["/bin/sh", "-c", script["loader"]], env=environment, check=False, timeout=30)
+        assert (tmp_path / "bin" / "args").read_text().split() == ["nodes", "drain", "--wait", "--timeout", "600"]
+        assert (tmp_path / "drained").exists()
+        assert triton.wait(timeout=30) == 0
+    finally:
+        triton.kill()
 
 
 def test_without_the_drain_no_hook_holds_the_pod() -> None:
