@@ -21,6 +21,7 @@ from modelplane.common.tls import set_identity
 from modelplane.common.types import Model, ModelSpec, ModelState, Priority, Task
 
 if TYPE_CHECKING:
+    from modelplane.registry.client import RegistryClient
     from modelplane.registry.fleet import Node, Placement
     from modelplane.registry.statistics import ModelStatistics
 
@@ -348,19 +349,96 @@ def _node_json(node: Node, placements: Sequence[Placement], now: datetime) -> di
 
 @nodes_app.command("drain")
 def nodes_drain(
-    node_id: str,
+    node_id: Annotated[
+        str, typer.Argument(envvar="MODELPLANE_NODE_ID", help="The node's id (in Kubernetes its pod's name).")
+    ],
     cancel: Annotated[bool, typer.Option(help="Take the node back into service instead.")] = False,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            help="Then wait until every model the node serves (a READY copy) is READY on another live node too: "
+            "what a pod's preStop hook needs before it lets the node go."
+        ),
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option(help="With --wait: give up after this many seconds (exit 1), naming what did not move.")
+    ] = 600.0,
     registry: RegistryOption = "",
 ) -> None:
     """Drain a node: the placer moves its copies elsewhere and places nothing new on it."""
     from modelplane.registry.client import RegistryClient  # noqa: PLC0415
 
+    if wait and cancel:
+        raise typer.BadParameter("--wait waits for a drain to finish; it cannot go with --cancel", param_hint="--wait")
+
     async def run() -> None:
         async with RegistryClient(registry or _default_registry()) as client:
             node = await client.drain_node(node_id, cancel=cancel)
-        console.print(f"{node.node_id}: {node.state.name}")
+            console.print(f"{node.node_id}: {node.state.name}")
+            if wait:
+                await _wait_drained(client, node_id, timeout)
 
     _run(run())
+
+
+async def _wait_drained(client: RegistryClient, node_id: str, limit_seconds: float) -> None:
+    """Returns once nothing the node serves is served only there; raises typer.Exit(1) when that
+    cannot happen (no other live node) or did not happen within `limit_seconds`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit_seconds
+    waiting: list[str] = []
+    while True:
+        alone, others = await _served_only_here(client, node_id)
+        if not alone:
+            console.print(f"{node_id}: drained; every model it served is READY on another node")
+            return
+        if not others:
+            console.print(
+                f"[red]error:[/red] {node_id} is the only live node that is not draining, so nothing can take "
+                f"its copies of {', '.join(alone)}: they are unavailable until a node joins or this one returns"
+            )
+            raise typer.Exit(1)
+        if loop.time() >= deadline:
+            console.print(
+                f"[red]error:[/red] after {limit_seconds:g} s, {', '.join(alone)} still had no READY copy but on "
+                f"{node_id}: the placer found no room for them elsewhere (see `modelplane models ls`), or "
+                "their loads take longer (raise --timeout and the pod's terminationGracePeriodSeconds)"
+            )
+            raise typer.Exit(1)
+        if alone != waiting:
+            console.print(f"{node_id}: waiting for a READY copy elsewhere of {', '.join(alone)}")
+            waiting = alone
+        await asyncio.sleep(min(1.0, max(0.0, deadline - loop.time())))
+
+
+async def _served_only_here(client: RegistryClient, node_id: str) -> tuple[list[str], list[str]]:
+    """The models with a READY copy on this node and on no other live node; and the live nodes,
+    other than this one and not draining, that could take copies."""
+    from modelplane.registry.fleet import NodeState  # noqa: PLC0415
+
+    nodes = {n.node_id: n for n in await client.list_nodes()}
+    others = sorted(i for i, n in nodes.items() if i != node_id and n.state == NodeState.LIVE)
+    versions = {m.name: m.version for m in await client.list_models()}
+
+    def serving(placement: Placement) -> bool:  # the routing rule: READY, this process, current version
+        node = nodes.get(placement.node_id)
+        return (
+            node is not None
+            and node.state != NodeState.LOST
+            and placement.status.state == ModelState.READY
+            and placement.status.incarnation == node.incarnation
+            and placement.status.version == versions.get(placement.model_name)
+        )
+
+    here = sorted(p.model_name for p in await client.list_placements(node_ids=[node_id]) if serving(p))
+    if not here:
+        return [], others
+    elsewhere = {
+        p.model_name
+        for p in await client.list_placements(model_names=here)
+        if p.node_id != node_id and serving(p) and nodes[p.node_id].state == NodeState.LIVE
+    }
+    return [name for name in here if name not in elsewhere], others
 
 
 @nodes_app.command("delete")

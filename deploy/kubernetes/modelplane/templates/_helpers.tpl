@@ -115,3 +115,38 @@ securityContext:
 {{- define "modelplane.prometheusPeer" -}}
 - namespaceSelector: {{- toYaml .namespaceSelector | nindent 4 }}
 {{- end }}
+
+{{/* Non-empty when an autoscaler (KEDA or an HPA) drives the number of model-tier nodes. */}}
+{{- define "modelplane.tritonAutoscaled" -}}
+{{- if or .Values.triton.autoscaling.keda.enabled .Values.triton.autoscaling.hpa.enabled }}true{{ end -}}
+{{- end -}}
+
+{{/* The nodes' labels as MODELPLANE_NODE_LABELS reads them: k=v,k=v (sorted by key). */}}
+{{- define "modelplane.nodeLabels" -}}
+{{- $pairs := list }}
+{{- range $key, $value := .Values.triton.labels }}
+{{- $pairs = append $pairs (printf "%s=%s" $key $value) }}
+{{- end }}
+{{- join "," $pairs }}
+{{- end -}}
+
+{{/* Values of the model tier that render valid objects but would not work: refused with what to do. */}}
+{{- define "modelplane.checkModelTier" -}}
+{{- $triton := .Values.triton }}
+{{- $scaling := $triton.autoscaling }}
+{{- if and $scaling.keda.enabled $scaling.hpa.enabled }}
+{{- fail "triton.autoscaling: enable either keda or hpa, not both: two autoscalers would fight over the StatefulSet's replicas." }}
+{{- end }}
+{{- if and (not (include "modelplane.tritonAutoscaled" .)) (lt (int $triton.replicas) 1) }}
+{{- fail (printf "triton.replicas is %v: with no node nothing can hold a model. Set it to 1 or more, or enable triton.autoscaling.keda or .hpa." $triton.replicas) }}
+{{- end }}
+{{- if gt (int $scaling.minReplicas) (int $scaling.maxReplicas) }}
+{{- fail (printf "triton.autoscaling.minReplicas (%v) is above maxReplicas (%v): raise maxReplicas or lower minReplicas." $scaling.minReplicas $scaling.maxReplicas) }}
+{{- end }}
+{{- if and $scaling.keda.enabled (not $scaling.keda.serverAddress) }}
+{{- fail "triton.autoscaling.keda.serverAddress is empty: KEDA needs the URL of the Prometheus that scrapes the registry (http://prometheus.monitoring.svc:9090)." }}
+{{- end }}
+{{- if and $triton.drain.enabled (lt (int $triton.terminationGracePeriodSeconds) (add (int $triton.drain.timeoutSeconds) 30)) }}
+{{- fail (printf "triton.terminationGracePeriodSeconds (%v) must be at least triton.drain.timeoutSeconds (%v) + 30: Kubernetes kills the pod when the grace period ends, in the middle of the drain. Raise it, or lower the drain's timeout." $triton.terminationGracePeriodSeconds $triton.drain.timeoutSeconds) }}
+{{- end }}
+{{- end -}}
