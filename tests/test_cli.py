@@ -26,8 +26,11 @@ GIB = 1 << 30
 @pytest.fixture
 async def fleet(tmp_path: Path) -> AsyncIterator[str]:
     """A registry holding two nodes: node-0 with a READY copy of minilm, node-1 loading one."""
+    # No placer: the test writes the placements itself, as a placer would.
     service = RegistryService(
-        RegistrySettings(host="127.0.0.1", port=0, database_url=f"sqlite+aiosqlite:///{tmp_path / 'r.db'}")
+        RegistrySettings(
+            host="127.0.0.1", port=0, database_url=f"sqlite+aiosqlite:///{tmp_path / 'r.db'}", placer=False
+        )
     )
     await service.start()
     address = f"127.0.0.1:{service.port}"

@@ -11,7 +11,8 @@ the in-process libraries. Workloads: fetch (fetch + verify against the SHA-256 f
 (cold and warm loads per phase, and loading without modelplane), embeddings, chat, voice (speech to
 text and text to speech against faster-whisper and piper in-process), overhead,
 preload (benchmarks/bench_preload.py), concurrency (benchmarks/bench_embed_concurrency.py, which
-starts stacks of its own). Writes docs/BENCHMARKS.md, the plots and the raw figures
+starts stacks of its own), placement (benchmarks/bench_placement.py: the placer against per-node LRU
+on a simulated fleet of 100 nodes). Writes docs/BENCHMARKS.md, the plots and the raw figures
 (docs/benchmarks/results.json). The GPU workload is benchmarks/gpu/bench_gpu.py, run where a GPU is.
 """
 
@@ -36,7 +37,18 @@ from pathlib import Path
 from benchmarks.suite import chat, concurrency, embeddings, load, report, tools, voice
 from benchmarks.suite.context import QUICK, REPO, Context, Sizes, llama_python, pip_versions
 
-WORKLOADS = ("fetch", "load", "embeddings", "chat", "tools", "voice", "overhead", "preload", "concurrency")
+WORKLOADS = (
+    "fetch",
+    "load",
+    "embeddings",
+    "chat",
+    "tools",
+    "voice",
+    "overhead",
+    "preload",
+    "concurrency",
+    "placement",
+)
 NEEDS_STACK = {"load", "overhead", "tools", "voice"}
 
 
@@ -117,6 +129,20 @@ def _preload(ctx: Context) -> dict:
     return {"status": "ran", "output": "\n".join(lines), "figures": json.loads(path.read_text())}
 
 
+def _placement(ctx: Context) -> dict:
+    path = ctx.work / "placement.json"
+    script = REPO / "benchmarks" / "bench_placement.py"
+    out = subprocess.run(
+        [sys.executable, str(script), *ctx.sizes.placement_args, "--json", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if out.returncode != 0:
+        return {"status": "failed", "reason": f"bench_placement.py exited {out.returncode}: {out.stderr[-2000:]}"}
+    return {"status": "ran", "output": out.stdout.strip(), "figures": json.loads(path.read_text())}
+
+
 def _run(args: argparse.Namespace, ctx: Context, selected: list[str]) -> dict:
     results: dict = {}
 
@@ -160,6 +186,8 @@ def _run(args: argparse.Namespace, ctx: Context, selected: list[str]) -> dict:
         attempt("preload", lambda: _preload(ctx))
     if "concurrency" in selected:
         attempt("concurrency", lambda: concurrency.run(ctx, infinity=not args.no_infinity))
+    if "placement" in selected:
+        attempt("placement", lambda: _placement(ctx))
     for name in selected:
         results.setdefault(name, {"status": "not run", "reason": "needs the modelplane stack (--no-stack was given)"})
     results["gpu"] = {

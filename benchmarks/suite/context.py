@@ -43,6 +43,7 @@ class Sizes:
     chat_requests: int = 3  # per stream
     preload_args: tuple[str, ...] = ("--repeats", "3")
     concurrency_args: tuple[str, ...] = ("--rounds", "3", "--seconds", "6")
+    placement_args: tuple[str, ...] = ()
     # Create the contenders' own environments (infinity-emb, llama-cpp-python) when missing: minutes.
     create_environments: bool = True
 
@@ -61,6 +62,7 @@ QUICK = Sizes(
     chat_requests=1,
     preload_args=("--repeats", "1", "--days", "0.2"),
     concurrency_args=("--rounds", "1", "--seconds", "0.5", "--no-unbatched"),
+    placement_args=("--quick",),
     create_environments=False,
 )
 

@@ -37,6 +37,7 @@ def write(results: dict, doc: Path, figures: Path) -> None:
         ("chat", chat.plot),
         ("overhead", embeddings.plot_overhead),
         ("preload", _plot_preload),
+        ("placement", _plot_placement),
     ):
         if workloads.get(name, {}).get("status") == "ran":
             path = figures / f"{name}.png"
@@ -57,6 +58,16 @@ def _status_line(data: dict) -> str:
     if data["status"] == "ran":
         return ""
     return f"**Not measured in this run:** {data.get('reason', '')}\n"
+
+
+def _script_section(w: dict, plots: dict[str, str], name: str, title: str, intro: str) -> list[str]:
+    """A workload that runs a script of its own: its printed output, and its plot if it has one."""
+    data = _section(w, name)
+    output = f"```\n{data.get('output', '').strip()}\n```" if data["status"] == "ran" else ""
+    out = [f"## {title}", "", intro, "", _status_line(data) + output, ""]
+    if name in plots:
+        out += [f"![{name}]({plots[name]})", ""]
+    return out
 
 
 def _notes(data: dict) -> str:
@@ -169,17 +180,14 @@ def markdown(results: dict, plots: dict[str, str]) -> str:
     if "overhead" in plots:
         out += [f"![overhead]({plots['overhead']})", ""]
 
-    pre = _section(w, "preload")
-    out += ["## Preloading (issue 4's workload)", ""]
-    out += [
+    out += _script_section(
+        w,
+        plots,
+        "preload",
+        "Preloading (issue 4's workload)",
         "`benchmarks/bench_preload.py`: real load times on the stack, then three days of request traces "
         "replayed through the loader's own budget and preloading code on a virtual clock.",
-        "",
-        _status_line(pre) + (f"```\n{pre.get('output', '').strip()}\n```" if pre["status"] == "ran" else ""),
-        "",
-    ]
-    if "preload" in plots:
-        out += [f"![preload]({plots['preload']})", ""]
+    )
 
     con = _section(w, "concurrency")
     out += ["## Concurrency (issue 10's workload)", ""]
@@ -192,6 +200,17 @@ def markdown(results: dict, plots: dict[str, str]) -> str:
         _status_line(con) + (concurrency.render(con) if con["status"] == "ran" else ""),
         "",
     ]
+
+    out += _script_section(
+        w,
+        plots,
+        "placement",
+        "Placement at scale (issue 17's workload)",
+        "`benchmarks/bench_placement.py`: a simulated fleet of 100 nodes and 1,000 models replays a day of "
+        "requests through the placer's own code (registry/placement.py, with the registry's statistics and the "
+        "loader's forecast and budget), against per-node LRU with random placement (the ModelMesh-like "
+        "baseline) at equal memory. docs/FLEET.md explains the design and these figures.",
+    )
 
     gpu = _section(w, "gpu")
     out += [
@@ -242,6 +261,8 @@ def _targets(w: dict) -> list[tuple[str, str, str]]:
         rows += concurrency.targets(w["concurrency"])
     if w.get("overhead", {}).get("status") == "ran":
         rows.append(embeddings.overhead_target(w["overhead"]))
+    if w.get("placement", {}).get("status") == "ran":
+        rows.append(placement_target(w["placement"]))
     if w.get("fetch", {}).get("status") == "ran":
         fetched = w["fetch"]["rows"]
         hashlib_met = all(r["fetch_verify_s"] / r["hashlib_s"] <= 1.2 for r in fetched)
@@ -285,6 +306,36 @@ def _plot_preload(data: dict, path: Path) -> None:
     axis.set_xticks([x + 0.4 - width / 2 for x in range(len(traces))], list(traces))
     axis.set_ylabel("cold starts (requests that waited for a load)")
     axis.set_title("trace replay, budget holds 3 of 12 models")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def placement_target(data: dict) -> tuple[str, str, str]:
+    """Issue 17's target: the placer has at least 30% fewer cold starts than the baseline."""
+    systems = data["figures"]["systems"]
+    placer, base = systems["placer"]["cold_starts"], systems["random + LRU"]["cold_starts"]
+    fewer = 1 - data["figures"]["cold_start_ratio"]
+    return (
+        "(issue 17) placer: cold starts vs per-node LRU with random placement at equal memory, >= 30% fewer",
+        f"{fewer:.0%} fewer ({placer} vs {base})",
+        "met" if fewer >= 0.3 else "**missed**",
+    )
+
+
+def _plot_placement(data: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    systems = data["figures"]["systems"]
+    days = len(next(iter(systems.values()))["cold_starts_by_day"])
+    figure, axis = plt.subplots(figsize=(9, 4.2))
+    width = 0.8 / len(systems)
+    for i, (label, figures) in enumerate(systems.items()):
+        axis.bar([d + i * width for d in range(days)], figures["cold_starts_by_day"], width, label=label)
+    axis.set_xticks([d + 0.4 - width / 2 for d in range(days)], [f"day {d + 1}" for d in range(days)])
+    axis.set_ylabel("cold starts (requests that found no READY copy)")
+    axis.set_title("simulated fleet: 100 nodes, 1,000 models, equal memory")
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)

@@ -59,7 +59,7 @@ def test_an_unknown_workload_is_refused_with_the_list_of_workloads(tmp_path: Pat
     assert run.returncode == 2
     assert (
         "unknown workload(s) ['embedings']; choose from "
-        "fetch, load, embeddings, chat, tools, voice, overhead, preload, concurrency" in run.stderr
+        "fetch, load, embeddings, chat, tools, voice, overhead, preload, concurrency, placement" in run.stderr
     )
     assert not (tmp_path / "BENCHMARKS.md").exists()
 

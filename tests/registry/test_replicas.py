@@ -31,7 +31,10 @@ async def replicas(database: str) -> AsyncIterator[tuple[RegistryService, Regist
     # Both start at once, as a Deployment's pods do: the migration lock lets one migrate at a time.
     first, second = (
         RegistryService(
-            RegistrySettings(host="127.0.0.1", port=0, database_url=database, node_sweep_interval_seconds=0.2)
+            # No placer: these tests write placements themselves (test_placer.py runs two).
+            RegistrySettings(
+                host="127.0.0.1", port=0, database_url=database, node_sweep_interval_seconds=0.2, placer=False
+            )
         )
         for _ in range(2)
     )

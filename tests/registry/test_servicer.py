@@ -20,7 +20,8 @@ from tests.grpc_reflection_client import describe_methods, list_services
 
 @pytest.fixture
 async def registry(database_url: str) -> AsyncIterator[RegistryService]:
-    service = RegistryService(RegistrySettings(host="127.0.0.1", port=0, database_url=database_url))
+    # No placer: these tests write placements themselves (tests/registry/test_placer.py runs one).
+    service = RegistryService(RegistrySettings(host="127.0.0.1", port=0, database_url=database_url, placer=False))
     await service.start()
     yield service
     await service.stop()

@@ -256,6 +256,13 @@ class RegistryClient:
             from_proto(p, Placement) for p in response.removed
         ]
 
+    async def ensure_placement(self, name: str, request_id: str = "") -> tuple[list[Placement], str]:
+        """A copy of the model for a request that waits for it: its placements and the node to
+        send the request to once that copy is READY. Raises NotFound for an unknown model and
+        ResourceExhausted (NO_NODE_FITS, with why) when no node can take it."""
+        response = await self._call("EnsurePlacement", pb.EnsurePlacementRequest(name=name, request_id=request_id))
+        return [from_proto(p, Placement) for p in response.placements], response.node_id
+
     async def transition_placement(
         self,
         placement: Placement,

@@ -9,6 +9,7 @@ from modelplane.common.errors import (
     InvalidArgument,
     ModelNotFound,
     NotFound,
+    ResourceExhausted,
     Unavailable,
 )
 
@@ -19,6 +20,7 @@ __all__ = [
     "ModelBusy",
     "ModelNotFound",
     "ModelPlaced",
+    "NoNodeFits",
     "NodeIdInUse",
     "NodeLeaseLost",
     "NodeNotFound",
@@ -100,3 +102,9 @@ class NotPlacerLeader(FailedPrecondition):
     """A placement write on behalf of a placer that does not hold the placer's lease."""
 
     reason = "NOT_PLACER_LEADER"
+
+
+class NoNodeFits(ResourceExhausted):
+    """An on-demand placement no live node can take; the message says why (device, labels, budget)."""
+
+    reason = "NO_NODE_FITS"

@@ -11,6 +11,7 @@ from modelplane.common.grpc_server import GrpcServer
 from modelplane.common.service import Service
 from modelplane.registry.fleet_handlers import FleetHandler
 from modelplane.registry.handlers import RegistryHandler
+from modelplane.registry.placer import Placer
 from modelplane.registry.servicer import RegistryServicer
 from modelplane.registry.settings import RegistrySettings
 from modelplane.registry.store import RegistryStore
@@ -30,6 +31,7 @@ ROUTINE_METHODS = frozenset(
         "RenewNodeLease",
         "ListNodes",
         "ListPlacements",
+        "EnsurePlacement",
     )
 )
 
@@ -43,18 +45,23 @@ class RegistryService(Service):
         self.store: RegistryStore | None = None
         self.fleet: FleetHandler | None = None
         self.port = 0
+        self.placer: Placer | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._placing: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.store = await RegistryStore.open(self.settings.database_url)
         self.fleet = FleetHandler(self.store)
+        self.placer = Placer(self.store, self.fleet, self.settings)
         self.server.add_servicer(
             registry_service_pb2_grpc.add_RegistryServiceServicer_to_server,
-            RegistryServicer(RegistryHandler(self.store), self.fleet),
+            RegistryServicer(RegistryHandler(self.store), self.fleet, self.placer),
             SERVICE_FULL_NAME,
         )
         self.port = await self.server.start()
         self._sweeper = asyncio.create_task(self._sweep_lost_nodes(self.fleet), name="sweep-lost-nodes")
+        if self.settings.placer:
+            self._placing = asyncio.create_task(self.placer.run(), name="placer")
 
     async def _sweep_lost_nodes(self, fleet: FleetHandler) -> None:
         """Records as LOST, and announces, each node whose lease lapses (every replica sweeps;
@@ -67,10 +74,11 @@ class RegistryService(Service):
                 log.exception("cannot sweep for lost nodes")
 
     async def stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        for task in (self._placing, self._sweeper):  # the placer first: it gives its lease up
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         # Watch streams never end on their own; end them so the server's grace period is not spent waiting.
         if self.store is not None:
             self.store.changes.close()

@@ -14,14 +14,16 @@ from modelplane.registry import converters
 from modelplane.registry.fleet import NodeState
 from modelplane.registry.fleet_handlers import FleetHandler
 from modelplane.registry.handlers import RegistryHandler
+from modelplane.registry.placer import Placer
 from modelplane.registry.v1 import registry_service_pb2 as pb
 from modelplane.registry.v1 import registry_service_pb2_grpc as pb_grpc
 
 
 class RegistryServicer(pb_grpc.RegistryServiceServicer):
-    def __init__(self, handler: RegistryHandler, fleet: FleetHandler) -> None:
+    def __init__(self, handler: RegistryHandler, fleet: FleetHandler, placer: Placer) -> None:
         self.handler = handler
         self.fleet = fleet
+        self.placer = placer
 
     async def RegisterModel(
         self, request: pb.RegisterModelRequest, context: grpc.aio.ServicerContext
@@ -172,6 +174,14 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         if event is not None:
             response.event.CopyFrom(to_proto(event, model_pb2.ModelEvent))
         return response
+
+    async def EnsurePlacement(
+        self, request: pb.EnsurePlacementRequest, context: grpc.aio.ServicerContext
+    ) -> pb.EnsurePlacementResponse:
+        placements, node_id = await self.placer.ensure(request.name, request.request_id or current_request_id.get())
+        return pb.EnsurePlacementResponse(
+            placements=[converters.placement_to_proto(p) for p in placements], node_id=node_id
+        )
 
 
 __all__ = ["RegistryServicer"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Literal
+
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from modelplane.common.settings import ServerSettings, modelplane_home
@@ -24,3 +26,29 @@ class RegistrySettings(ServerSettings):
     """How often the registry looks for nodes whose lease has lapsed, records them as LOST and
     tells watchers (seconds). Reads see a lapsed lease as LOST at once; this bounds how late the
     watchers hear of it."""
+    placer: bool = True
+    """Whether this replica runs a placer. Every replica may: one at a time places (the one that
+    holds the "placer" lease), the others take over when it stops renewing."""
+    placer_interval_seconds: float = Field(default=2.0, gt=0)
+    """How often the placer plans when nothing changes (seconds); also how often it renews its lease
+    and how often the other replicas try to take it."""
+    placer_debounce_seconds: float = Field(default=0.2, ge=0)
+    """After a change the placer waits this long for more before it plans (seconds)."""
+    placer_lease_seconds: float = Field(default=10.0, gt=0)
+    """How long the placer's leadership lasts without renewal (seconds): a replica that stops
+    renewing is replaced within this plus one interval. At least three intervals."""
+    placer_strategy: Literal["spread", "binpack"] = "spread"
+    """Where new copies go among nodes with room: spread (the most memory left) or binpack (the
+    least left)."""
+    placer_forecast_horizon_seconds: float = Field(default=300.0, gt=0)
+    """The horizon over which request rates are forecast for placing copies ahead of requests
+    (seconds; the loader's preloading horizon)."""
+
+    @model_validator(mode="after")
+    def _lease_outlasts_rounds(self) -> RegistrySettings:
+        if self.placer_lease_seconds < 3 * self.placer_interval_seconds:
+            raise ValueError(
+                f"placer_lease_seconds ({self.placer_lease_seconds:g}) must be at least three times "
+                f"placer_interval_seconds ({self.placer_interval_seconds:g}), so the leader renews in time"
+            )
+        return self

@@ -1499,3 +1499,60 @@ class TransitionPlacementResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TransitionPlacementResponse: _TypeAlias = TransitionPlacementResponse  # noqa: Y015
+
+@_typing.final
+class EnsurePlacementRequest(_message.Message):
+    """Request of RegistryService.EnsurePlacement."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The model's name."""
+    request_id: _builtins.str
+    """The request that waits for the model, for the placement's event."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnsurePlacementRequest: _TypeAlias = EnsurePlacementRequest  # noqa: Y015
+
+@_typing.final
+class EnsurePlacementResponse(_message.Message):
+    """Response of RegistryService.EnsurePlacement."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLACEMENTS_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    """The node to send the request to once its copy is READY: a node whose
+    copy is READY when there is one, else the one whose copy is furthest
+    along, else the node the placer just chose.
+    """
+    @_builtins.property
+    def placements(self) -> _containers.RepeatedCompositeFieldContainer[_fleet_pb2.Placement]:
+        """The model's placements after the call, ordered by node id."""
+
+    def __init__(
+        self,
+        *,
+        placements: _abc.Iterable[_fleet_pb2.Placement] | None = ...,
+        node_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "placements", b"placements"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnsurePlacementResponse: _TypeAlias = EnsurePlacementResponse  # noqa: Y015

@@ -140,6 +140,11 @@ class RegistryServiceStub:
                 request_serializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.TransitionPlacementRequest.SerializeToString,
                 response_deserializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.TransitionPlacementResponse.FromString,
                 _registered_method=True)
+        self.EnsurePlacement = channel.unary_unary(
+                '/modelplane.registry.v1.RegistryService/EnsurePlacement',
+                request_serializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.EnsurePlacementRequest.SerializeToString,
+                response_deserializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.EnsurePlacementResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServiceServicer:
@@ -336,6 +341,22 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EnsurePlacement(self, request, context):
+        """Makes sure a model has a copy somewhere, for a request that waits for
+        it; called by the inference service when no node holds a READY copy.
+        When the model already has placements (READY or on their way), returns
+        them and the node chosen, and changes nothing. Otherwise the placer
+        decides for this model now (as for a model a request waits for, which
+        may displace colder copies), writes the placement and returns it. Fails
+        with NOT_FOUND for an unknown model and RESOURCE_EXHAUSTED when no node
+        can take it, with a message that says why: no live node has the device
+        it needs, the largest free budget is below its footprint, or no node
+        carries the labels of its node_selector.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -438,6 +459,11 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.TransitionPlacement,
                     request_deserializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.TransitionPlacementRequest.FromString,
                     response_serializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.TransitionPlacementResponse.SerializeToString,
+            ),
+            'EnsurePlacement': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnsurePlacement,
+                    request_deserializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.EnsurePlacementRequest.FromString,
+                    response_serializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.EnsurePlacementResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -986,6 +1012,33 @@ class RegistryService:
             '/modelplane.registry.v1.RegistryService/TransitionPlacement',
             modelplane_dot_registry_dot_v1_dot_registry__service__pb2.TransitionPlacementRequest.SerializeToString,
             modelplane_dot_registry_dot_v1_dot_registry__service__pb2.TransitionPlacementResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnsurePlacement(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelplane.registry.v1.RegistryService/EnsurePlacement',
+            modelplane_dot_registry_dot_v1_dot_registry__service__pb2.EnsurePlacementRequest.SerializeToString,
+            modelplane_dot_registry_dot_v1_dot_registry__service__pb2.EnsurePlacementResponse.FromString,
             options,
             channel_credentials,
             insecure,

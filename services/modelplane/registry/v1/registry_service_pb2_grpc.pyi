@@ -138,6 +138,18 @@ class RegistryServiceStub:
     removed it: unload the copy), and ABORTED when the version is not the
     placement's or expected_from_state does not match.
     """
+    EnsurePlacement: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.EnsurePlacementRequest, _registry_service_pb2.EnsurePlacementResponse]
+    """Makes sure a model has a copy somewhere, for a request that waits for
+    it; called by the inference service when no node holds a READY copy.
+    When the model already has placements (READY or on their way), returns
+    them and the node chosen, and changes nothing. Otherwise the placer
+    decides for this model now (as for a model a request waits for, which
+    may displace colder copies), writes the placement and returns it. Fails
+    with NOT_FOUND for an unknown model and RESOURCE_EXHAUSTED when no node
+    can take it, with a message that says why: no live node has the device
+    it needs, the largest free budget is below its footprint, or no node
+    carries the labels of its node_selector.
+    """
 
 @_typing.type_check_only
 class RegistryServiceAsyncStub(RegistryServiceStub):
@@ -248,6 +260,18 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     node's lease, NOT_FOUND when the placement does not exist (the placer
     removed it: unload the copy), and ABORTED when the version is not the
     placement's or expected_from_state does not match.
+    """
+    EnsurePlacement: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.EnsurePlacementRequest, _registry_service_pb2.EnsurePlacementResponse]  # type: ignore[assignment]
+    """Makes sure a model has a copy somewhere, for a request that waits for
+    it; called by the inference service when no node holds a READY copy.
+    When the model already has placements (READY or on their way), returns
+    them and the node chosen, and changes nothing. Otherwise the placer
+    decides for this model now (as for a model a request waits for, which
+    may displace colder copies), writes the placement and returns it. Fails
+    with NOT_FOUND for an unknown model and RESOURCE_EXHAUSTED when no node
+    can take it, with a message that says why: no live node has the device
+    it needs, the largest free budget is below its footprint, or no node
+    carries the labels of its node_selector.
     """
 
 class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -476,6 +500,24 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         node's lease, NOT_FOUND when the placement does not exist (the placer
         removed it: unload the copy), and ABORTED when the version is not the
         placement's or expected_from_state does not match.
+        """
+
+    @_abc_1.abstractmethod
+    def EnsurePlacement(
+        self,
+        request: _registry_service_pb2.EnsurePlacementRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.EnsurePlacementResponse, _abc.Awaitable[_registry_service_pb2.EnsurePlacementResponse]]:
+        """Makes sure a model has a copy somewhere, for a request that waits for
+        it; called by the inference service when no node holds a READY copy.
+        When the model already has placements (READY or on their way), returns
+        them and the node chosen, and changes nothing. Otherwise the placer
+        decides for this model now (as for a model a request waits for, which
+        may displace colder copies), writes the placement and returns it. Fails
+        with NOT_FOUND for an unknown model and RESOURCE_EXHAUSTED when no node
+        can take it, with a message that says why: no live node has the device
+        it needs, the largest free budget is below its footprint, or no node
+        carries the labels of its node_selector.
         """
 
 def add_RegistryServiceServicer_to_server(servicer: RegistryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
