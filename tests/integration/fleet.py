@@ -187,6 +187,9 @@ def running_fleet(home: Path, count: int, *, database_url: str = "", **node_env:
         "MODELPLANE_REGISTRY_HOST": "127.0.0.1",
         "MODELPLANE_REGISTRY_PORT": str(port),
         "MODELPLANE_REGISTRY_DATABASE_URL": database_url or f"sqlite+aiosqlite:///{home / 'registry.db'}",
+        # The tests place copies themselves (SetPlacements), as the placer would, so that what each
+        # node must hold is known; the placer's own decisions are tested in tests/registry.
+        "MODELPLANE_REGISTRY_PLACER": "false",
     }
     with log.open("wb") as output:
         registry_process = subprocess.Popen(

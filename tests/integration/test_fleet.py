@@ -169,7 +169,7 @@ async def test_a_node_killed_loses_its_lease_and_its_models_are_ready_elsewhere(
         lost_after = time.monotonic() - killed
         enc2 = await registry.get_model("enc-2")
         assert enc2.state != ModelState.READY, "a copy on a LOST node does not count"
-        # The placer's part (its loop is not in this branch yet): the lost node's copy moves.
+        # The placer's part (off in these tests: they place copies themselves): the copy moves.
         await registry.set_placements(
             [PlacementTarget(model_name="enc-2", node_id="node-0", decision="moved off lost node-1")],
             [("enc-2", "node-1")],
