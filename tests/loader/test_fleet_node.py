@@ -92,3 +92,27 @@ async def test_a_node_holds_its_placements_but_not_what_it_evicted_or_failed_at_
         ("elsewhere", False),
         ("evicted", None),
     ]
+
+
+class _Recording(_Registry):
+    def __init__(self, placement: Placement) -> None:
+        super().__init__([], [placement])
+        self.steps: list[tuple[int, ModelState]] = []
+
+    async def transition_placement(
+        self, placement: Placement, incarnation: int, to_state: ModelState, message: str = "", **_: object
+    ) -> tuple[Placement, Model]:
+        self.steps.append((incarnation, to_state))
+        status = placement.status.model_copy(update={"state": to_state, "incarnation": incarnation})
+        return placement.model_copy(update={"status": status}), _model(placement.model_name, to_state)
+
+
+async def test_a_restarted_node_takes_over_its_copy_along_legal_steps_to_where_its_load_goes_on() -> None:
+    # The copy was READY under incarnation 2; incarnation 3 finds its files cached and stages it at
+    # once. Found by `MODELPLANE_NODES=2 modelplane up` with node-1 SIGKILLed: REGISTERED -> STAGED
+    # was refused (STALE_TRANSITION) and the copy was recorded FAILED.
+    registry = _Recording(_placement("m", ModelState.READY, incarnation=2))
+    states = PlacementStates(registry, _Node())  # type: ignore[arg-type]
+    seen = await states.transition(_model("m", ModelState.REGISTERED), ModelState.STAGED, "staged")
+    assert registry.steps == [(3, ModelState.REGISTERED), (3, ModelState.VERIFYING), (3, ModelState.STAGED)]
+    assert seen.state == ModelState.STAGED

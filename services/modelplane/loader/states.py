@@ -30,6 +30,7 @@ from modelplane.common.types import (
 from modelplane.registry.client import RegistryClient
 from modelplane.registry.errors import PlacementNotFound
 from modelplane.registry.fleet import Placement
+from modelplane.registry.lifecycle import path_before
 
 
 class ModelReader(Protocol):
@@ -229,9 +230,12 @@ class PlacementStates:
         if stale and placement.status.state != ModelState.REGISTERED and to_state != ModelState.REGISTERED:
             # An earlier process of this node recorded this copy's state: that process is gone, and
             # what it recorded holds nothing here now. Start the copy over under this incarnation.
-            placement, _ = await self.registry.transition_placement(
-                placement, incarnation, ModelState.REGISTERED, f"taken over by incarnation {incarnation}"
-            )
+            # From REGISTERED, along the lifecycle to where this write may follow (a cached copy's
+            # load goes on to STAGED or LOADING directly).
+            for step in [ModelState.REGISTERED, *path_before(ModelState.REGISTERED, to_state)]:
+                placement, _ = await self.registry.transition_placement(
+                    placement, incarnation, step, f"taken over by incarnation {incarnation}"
+                )
         if to_state == ModelState.STAGED and model.name in self._releasing and not fields.get("progress_only"):
             self._releasing.discard(model.name)
             evicted = True
