@@ -116,3 +116,12 @@ async def test_a_restarted_node_takes_over_its_copy_along_legal_steps_to_where_i
     seen = await states.transition(_model("m", ModelState.REGISTERED), ModelState.STAGED, "staged")
     assert registry.steps == [(3, ModelState.REGISTERED), (3, ModelState.VERIFYING), (3, ModelState.STAGED)]
     assert seen.state == ModelState.STAGED
+
+
+async def test_a_copy_new_to_a_node_whose_cache_holds_it_is_staged_along_legal_steps() -> None:
+    # Found by test_fleet's restarted node given a model it held before: REGISTERED -> STAGED was
+    # refused and the copy recorded FAILED.
+    registry = _Recording(_placement("m", ModelState.REGISTERED))
+    states = PlacementStates(registry, _Node())  # type: ignore[arg-type]
+    await states.transition(_model("m", ModelState.REGISTERED), ModelState.STAGED, "staged")
+    assert registry.steps == [(3, ModelState.VERIFYING), (3, ModelState.STAGED)]

@@ -227,15 +227,19 @@ class PlacementStates:
             )
         incarnation = self.node.incarnation
         stale = placement.status.incarnation not in (0, incarnation)
-        if stale and placement.status.state != ModelState.REGISTERED and to_state != ModelState.REGISTERED:
+        steps: list[tuple[ModelState, str]] = []
+        state = placement.status.state
+        if stale and state != ModelState.REGISTERED and to_state != ModelState.REGISTERED:
             # An earlier process of this node recorded this copy's state: that process is gone, and
             # what it recorded holds nothing here now. Start the copy over under this incarnation.
-            # From REGISTERED, along the lifecycle to where this write may follow (a cached copy's
-            # load goes on to STAGED or LOADING directly).
-            for step in [ModelState.REGISTERED, *path_before(ModelState.REGISTERED, to_state)]:
-                placement, _ = await self.registry.transition_placement(
-                    placement, incarnation, step, f"taken over by incarnation {incarnation}"
-                )
+            steps.append((ModelState.REGISTERED, f"taken over by incarnation {incarnation}"))
+            state = ModelState.REGISTERED
+        if state == ModelState.REGISTERED and not fields.get("progress_only"):
+            # A copy new to this node (or taken over) whose files this node's cache already holds:
+            # its load goes on to STAGED or LOADING at once; record the steps the lifecycle asks for.
+            steps += [(step, "found in this node's cache") for step in path_before(state, to_state)]
+        for step, why in steps:
+            placement, _ = await self.registry.transition_placement(placement, incarnation, step, why)
         if to_state == ModelState.STAGED and model.name in self._releasing and not fields.get("progress_only"):
             self._releasing.discard(model.name)
             evicted = True
