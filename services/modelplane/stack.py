@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import TypeVar
 
 import grpc
 import httpx
+import psutil
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -29,12 +31,13 @@ from modelplane.common.channels import open_channel
 from modelplane.common.errors import ModelplaneError
 from modelplane.common.process import die_with_parent
 from modelplane.common.settings import ServerSettings, TritonSettings, modelplane_home
-from modelplane.common.types import ModelSpec, Task
+from modelplane.common.types import ModelSpec, ModelState, Task
 from modelplane.gateway.settings import GatewaySettings
 from modelplane.inference.settings import InferenceSettings
 from modelplane.loader.client import LoaderClient
 from modelplane.loader.settings import LoaderSettings
 from modelplane.registry.client import RegistryClient
+from modelplane.registry.fleet import Node
 from modelplane.registry.settings import RegistrySettings
 from modelplane.triton.embedded import EmbeddedTriton
 
@@ -58,6 +61,7 @@ class ChildProcess:
 
     name: str
     env: dict[str, str]
+    service: str = ""  # the service it runs (`modelplane serve <service>`); its name when empty
     process: asyncio.subprocess.Process | None = None
     restarts: int = 0
     started_at: float = 0.0
@@ -69,7 +73,7 @@ class ChildProcess:
             "-m",
             "modelplane.cli",
             "serve",
-            self.name,
+            self.service or self.name,
             env=self.env,
             stdin=asyncio.subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches the supervisor only, which stops children in order
@@ -121,6 +125,9 @@ class StackLayout:
     inference: InferenceSettings
     gateway: GatewaySettings
     triton: TritonSettings
+    # The fleet's nodes (MODELPLANE_NODES, 1 by default): node-0 listens where the settings say,
+    # each further one on ports of its own, with its own Triton repository and cache.
+    nodes: tuple[NodeLayout, ...] = ()
 
     @classmethod
     def from_environment(cls) -> StackLayout:
@@ -129,14 +136,22 @@ class StackLayout:
                 return settings
             return settings.model_copy(update={"metrics_port": DEFAULT_METRICS_PORTS[service]})
 
+        home = modelplane_home()
+        loader = with_metrics(LoaderSettings(), "loader")
+        triton = TritonSettings()
         return cls(
-            home=modelplane_home(),
+            home=home,
             registry=with_metrics(RegistrySettings(), "registry"),
-            loader=with_metrics(LoaderSettings(), "loader"),
+            loader=loader,
             inference=with_metrics(InferenceSettings(), "inference"),
             gateway=GatewaySettings(),
-            triton=TritonSettings(),
+            triton=triton,
+            nodes=NodeLayout.fleet(_node_count(), home, loader, triton),
         )
+
+    @property
+    def fleet(self) -> bool:
+        return len(self.nodes) > 1
 
     @property
     def gateway_scheme(self) -> str:
@@ -152,6 +167,10 @@ class StackLayout:
         }
         if self.triton.embedded:
             endpoints["triton"] = f"http://127.0.0.1:{self.triton.metrics_port}/metrics"
+        for node in self.nodes[1:]:
+            endpoints[f"loader {node.node_id}"] = f"http://127.0.0.1:{node.loader.metrics_port}/metrics"
+            if self.triton.embedded:
+                endpoints[f"triton {node.node_id}"] = f"http://127.0.0.1:{node.triton.metrics_port}/metrics"
         return endpoints
 
     def environment(self) -> dict[str, str]:
@@ -184,7 +203,86 @@ class StackLayout:
                 "MODELPLANE_TRITON_MODEL_REPOSITORY": str(self.triton.model_repository),
             }
         )
+        if self.fleet:
+            env.update(self.nodes[0].environment())
         return env
+
+
+@dataclass(frozen=True)
+class NodeLayout:
+    """One node of the fleet `up` runs on this machine: its Triton and its loader."""
+
+    node_id: str
+    loader: LoaderSettings
+    triton: TritonSettings
+    home: Path
+
+    @classmethod
+    def fleet(cls, count: int, home: Path, loader: LoaderSettings, triton: TritonSettings) -> tuple[NodeLayout, ...]:
+        """node-0 where the settings say; node-1… on free ports, each under home/nodes/<id>.
+        Unless a budget is configured, the nodes share this machine's memory evenly."""
+        if count > 1 and not loader.host_memory_bytes:
+            loader = loader.model_copy(update={"host_memory_bytes": psutil.virtual_memory().total // count})
+        nodes = [cls(loader.node_id if count == 1 else "node-0", loader, triton, home)]
+        for index in range(1, count):
+            node_home = home / "nodes" / f"node-{index}"
+            grpc_port, http_port, metrics_port, loader_port, loader_metrics = (_free_port() for _ in range(5))
+            nodes.append(
+                cls(
+                    f"node-{index}",
+                    loader.model_copy(
+                        update={
+                            "port": loader_port,
+                            "metrics_port": loader_metrics,
+                            "cache_dir": node_home / "cache",
+                        }
+                    ),
+                    triton.model_copy(
+                        update={
+                            "grpc_address": f"127.0.0.1:{grpc_port}",
+                            "http_port": http_port,
+                            "metrics_port": metrics_port,
+                            "model_repository": node_home / "triton" / "models",
+                        }
+                    ),
+                    node_home,
+                )
+            )
+        return tuple(nodes)
+
+    @property
+    def loader_address(self) -> str:
+        return f"127.0.0.1:{self.loader.port}"
+
+    def environment(self) -> dict[str, str]:
+        """What this node's loader is told on top of the stack's environment."""
+        return {
+            "MODELPLANE_NODE_ID": self.node_id,
+            "MODELPLANE_LOADER_FLEET": "true",
+            "MODELPLANE_LOADER_ADVERTISE_HOST": "127.0.0.1",
+            "MODELPLANE_LOADER_PORT": str(self.loader.port),
+            "MODELPLANE_LOADER_METRICS_PORT": str(self.loader.metrics_port),
+            "MODELPLANE_LOADER_CACHE_DIR": str(self.loader.cache_dir),
+            "MODELPLANE_LOADER_HOST_MEMORY_BYTES": str(self.loader.host_memory_bytes),
+            "MODELPLANE_LOADER_TRITON_METRICS_URL": f"http://127.0.0.1:{self.triton.metrics_port}/metrics",
+            "MODELPLANE_TRITON_GRPC_ADDRESS": self.triton.grpc_address,
+            "MODELPLANE_TRITON_HTTP_PORT": str(self.triton.http_port),
+            "MODELPLANE_TRITON_METRICS_PORT": str(self.triton.metrics_port),
+            "MODELPLANE_TRITON_MODEL_REPOSITORY": str(self.triton.model_repository),
+        }
+
+
+def _node_count() -> int:
+    text = os.environ.get("MODELPLANE_NODES", "1").strip() or "1"
+    if not text.isdigit() or not 1 <= int(text) <= 16:
+        raise StackError(f"MODELPLANE_NODES={text!r} is not a number of nodes from 1 to 16 (1 runs one node).")
+    return int(text)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 class Stack:
@@ -192,20 +290,36 @@ class Stack:
         self.layout = layout
         self.load_bundled = load_bundled
         env = layout.environment()
-        self.triton = EmbeddedTriton(layout.triton, workdir=layout.home / "triton") if layout.triton.embedded else None
+        embedded = layout.triton.embedded
+        self.triton = EmbeddedTriton(layout.triton, workdir=layout.home / "triton") if embedded else None
         self.children = {name: ChildProcess(name, env) for name in ("registry", "loader", "inference", "gateway")}
+        # Further nodes of a fleet: a Triton and a loader each (node-0's are the ones above).
+        self.node_tritons = [
+            EmbeddedTriton(node.triton, workdir=node.home / "triton") for node in layout.nodes[1:] if embedded
+        ]
+        self.node_loaders = {
+            node.node_id: ChildProcess(f"loader {node.node_id}", {**env, **node.environment()}, service="loader")
+            for node in layout.nodes[1:]
+        }
         self._supervisors: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        if self.triton is not None:
-            await self.triton.start()
+        await asyncio.gather(*(t.start() for t in ([self.triton] if self.triton else []) + self.node_tritons))
         await self._start_child("registry", self.layout.registry.port)
         await asyncio.gather(
             self._start_child("loader", self.layout.loader.port),
             self._start_child("inference", self.layout.inference.port),
+            *(self._start_node_loader(node.node_id, node.loader.port) for node in self.layout.nodes[1:]),
         )
         await self._start_gateway()
-        self._supervisors = [asyncio.create_task(child.supervise()) for child in self.children.values()]
+        children = [*self.children.values(), *self.node_loaders.values()]
+        self._supervisors = [asyncio.create_task(child.supervise()) for child in children]
+
+    async def _start_node_loader(self, node_id: str, port: int) -> None:
+        child = self.node_loaders[node_id]
+        await child.start()
+        await _wait_grpc_serving(child, f"127.0.0.1:{port}")
+        log.info("service ready", service="loader", node=node_id, port=port)
 
     async def _start_child(self, name: str, port: int) -> None:
         child = self.children[name]
@@ -232,6 +346,8 @@ class Stack:
 
     async def register_bundled(self) -> list[ModelSpec]:
         """Registers the bundled models and waits until each is READY, printing progress."""
+        if self.layout.fleet:
+            return await self._register_bundled_on_fleet()
         registry = RegistryClient(f"127.0.0.1:{self.layout.registry.port}")
         loader = LoaderClient(f"127.0.0.1:{self.layout.loader.port}")
         specs = []
@@ -254,13 +370,50 @@ class Stack:
             await loader.close()
         return specs
 
+    async def _register_bundled_on_fleet(self, limit_seconds: float = 1800) -> list[ModelSpec]:
+        """On a fleet the placer decides where each model runs: register them wanted LOADED and
+        wait until each is READY on some node."""
+        registry = RegistryClient(f"127.0.0.1:{self.layout.registry.port}")
+        specs = []
+        try:
+            for spec in bundled_models():
+                await registry.register(spec, load=True)
+                specs.append(spec)
+            deadline = time.monotonic() + limit_seconds
+            waiting = {spec.name for spec in specs}
+            said: dict[str, str] = {}
+            while waiting:
+                for model in [m for m in await registry.list_models() if m.name in waiting]:
+                    line = f"{model.state.name}: {model.status.reason}"
+                    if said.get(model.name) != line:
+                        said[model.name] = line
+                        log.info("loading bundled model", model=model.name, phase=model.state.name, message=line)
+                    if model.state == ModelState.READY:
+                        waiting.discard(model.name)
+                    elif model.state == ModelState.FAILED:
+                        raise StackError(f"bundled model '{model.name}' failed: {model.status.reason}")
+                if waiting and time.monotonic() > deadline:
+                    raise StackError(f"bundled models not READY within {limit_seconds:.0f} s: {sorted(waiting)}")
+                await asyncio.sleep(0.5)
+        finally:
+            await registry.close()
+        return specs
+
+    async def nodes(self) -> list[Node]:
+        registry = RegistryClient(f"127.0.0.1:{self.layout.registry.port}")
+        try:
+            return await registry.list_nodes()
+        finally:
+            await registry.close()
+
     async def stop(self) -> None:
         for task in self._supervisors:
             task.cancel()
-        for name in ("gateway", "inference", "loader", "registry"):
+        for name in ("gateway", "inference"):
             await self.children[name].stop()
-        if self.triton is not None:
-            await self.triton.stop()
+        await asyncio.gather(self.children["loader"].stop(), *(c.stop() for c in self.node_loaders.values()))
+        await self.children["registry"].stop()
+        await asyncio.gather(*(t.stop() for t in ([self.triton] if self.triton else []) + self.node_tritons))
 
 
 async def _wait_grpc_serving(child: ChildProcess, address: str, limit_seconds: float = 60.0) -> None:
@@ -278,7 +431,7 @@ async def _wait_grpc_serving(child: ChildProcess, address: str, limit_seconds: f
     raise StackError(f"the {child.name} service was not healthy within {limit_seconds:.0f} s")
 
 
-def banner(layout: StackLayout, models: list[ModelSpec]) -> str:
+def banner(layout: StackLayout, models: list[ModelSpec], nodes: list[Node] | None = None) -> str:
     base = f"{layout.gateway_scheme}://localhost:{layout.gateway.port}/v1"
     embedder = next((m.name for m in models if m.task == Task.EMBEDDING), "MODEL")
     chat = [
@@ -311,12 +464,26 @@ def banner(layout: StackLayout, models: list[ModelSpec]) -> str:
             *chat,
             *speech,
             voice_notice(),
+            *_node_lines(nodes or []),
             "  Prometheus metrics:",
             *metrics,
             f"  State and logs live in {layout.home}. Press Ctrl-C to stop.",
             "",
         ]
     )
+
+
+def _node_lines(nodes: list[Node]) -> list[str]:
+    if not nodes:
+        return []
+    lines = [f"  Nodes ({len(nodes)}; watch placement and failover: modelplane nodes ls, modelplane models ls):"]
+    for node in sorted(nodes, key=lambda n: n.node_id):
+        budget = ", ".join(f"{d.device} {d.capacity_bytes / 2**30:.1f} GiB" for d in node.devices) or "no budget yet"
+        lines.append(
+            f"    {node.node_id:<8} {node.state.name:<8} loader {node.loader_address}  Triton {node.triton_address}  "
+            f"({budget})"
+        )
+    return lines
 
 
 async def run_stack(*, load_bundled: bool = True) -> None:
@@ -350,4 +517,11 @@ async def _start_and_load(stack: Stack, layout: StackLayout, load_bundled: bool)
             models = await stack.register_bundled()
         except ModelplaneError as error:
             log.error("a bundled model did not load; the stack keeps running", error=error.message)
-    print(banner(layout, models), file=sys.stderr, flush=True)
+        except StackError as error:
+            log.error("a bundled model did not load; the stack keeps running", error=str(error))
+    nodes: list[Node] = []
+    try:
+        nodes = await stack.nodes()
+    except ModelplaneError as error:
+        log.warning("nodes not listed", error=error.message)
+    print(banner(layout, models, nodes), file=sys.stderr, flush=True)

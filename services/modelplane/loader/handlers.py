@@ -9,7 +9,8 @@ their decisions to the residency to carry out; memory.py admits loads into the b
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Callable
 
 import structlog
 
@@ -18,16 +19,17 @@ from modelplane.common.types import DesiredState, Model, ModelState
 from modelplane.loader.decisions import Decision, Discard, Load
 from modelplane.loader.maintenance import BudgetMaintenance
 from modelplane.loader.memory import DeviceReport, MemoryManager
+from modelplane.loader.node import NodeAgent
 from modelplane.loader.pipeline import LoadPipeline
-from modelplane.loader.reconcile import CatalogueDesire, Reconciler, ReconcileResult
+from modelplane.loader.reconcile import CatalogueDesire, DesiredSource, PlacementDesire, Reconciler, ReconcileResult
 from modelplane.loader.residency import NodeResidency
 from modelplane.loader.settings import LoaderSettings
-from modelplane.loader.states import RegistryStates
+from modelplane.loader.states import ModelReader, PlacementStates, RegistryStates, StateWriter
 from modelplane.loader.triton_control import TritonControl
 from modelplane.loader.triton_repo import ModelRepository
 from modelplane.loader.types import LoadUpdate
 from modelplane.registry.client import RegistryClient
-from modelplane.registry.watch import ChangeType
+from modelplane.registry.watch import Change, ChangeType, ModelChange, PlacementChange
 
 log = structlog.get_logger()
 
@@ -41,6 +43,9 @@ class LoaderHandler:
         triton: TritonControl,
         repository: ModelRepository,
         memory: MemoryManager | None = None,
+        *,
+        triton_address: str = "",
+        loader_port: Callable[[], int] = lambda: 0,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -48,12 +53,27 @@ class LoaderHandler:
         self.repository = repository
         # Without a way to see the backends' processes or GPUs: host memory, estimated footprints.
         self.memory = memory = memory or MemoryManager(settings, repository, processes=None, gpus=None)
-        self.residency = NodeResidency(
-            settings, registry, RegistryStates(registry), pipeline, triton, repository, memory
+        self.node = NodeAgent(
+            settings, registry, memory, triton_address=triton_address or triton.address, loader_port=loader_port
         )
-        self.reconciler = Reconciler(CatalogueDesire(registry), triton, memory)
+        self.node.on_lost = self._on_node_lost
+        # A single node holds every model the registry wants loaded and records model states; a
+        # node of a fleet holds its placements and records its copies' states (docs/FLEET.md).
+        states: StateWriter
+        desired: DesiredSource
+        reader: ModelReader
+        if settings.fleet:
+            self.placements: PlacementStates | None = PlacementStates(registry, self.node)
+            states = desired_states = self.placements
+            reader, desired = desired_states, PlacementDesire(registry, desired_states)
+        else:
+            self.placements = None
+            states, reader, desired = RegistryStates(registry), registry, CatalogueDesire(registry)
+        self.residency = NodeResidency(settings, reader, states, pipeline, triton, repository, memory)
+        self.reconciler = Reconciler(desired, triton, memory)
         self.maintenance = BudgetMaintenance(settings, memory)
         self._background: list[asyncio.Task[None]] = []
+        self._kick = asyncio.Event()  # a placement of this node changed: reconcile now
 
     # The operations of the loader's API -----------------------------------------------------
 
@@ -104,8 +124,22 @@ class LoaderHandler:
 
     # Background work -----------------------------------------------------------------------
 
+    async def register_node(self) -> None:
+        """Registers this node. A node of a fleet must hold its id to start (a second process with
+        a live id is refused); a single node registers in the background, so that it starts as
+        before and `modelplane nodes ls` shows it once registered."""
+        if self.settings.fleet:
+            await self.node.register()
+
+    async def _on_node_lost(self) -> None:
+        """Registered again under a new incarnation: what the old one recorded holds nothing now."""
+        if self.placements is not None:
+            self.placements.remember([], complete=True)
+        self._kick.set()
+
     def start_background(self) -> None:
         self._background = [
+            asyncio.create_task(self.node.keep_lease(), name="node-lease"),
             asyncio.create_task(self._watch_registry(), name="watch-registry"),
             asyncio.create_task(self._watch_triton(), name="watch-triton"),
             asyncio.create_task(self._maintain_forever(), name="maintain-budget"),
@@ -122,7 +156,9 @@ class LoaderHandler:
             await asyncio.sleep(self.settings.statistics_interval_seconds)
             try:
                 statistics = await self.registry.statistics()
-                models = await self.registry.list_models() if self.settings.preload else []
+                # On a fleet the placer decides what each node holds: no node preloads on its own.
+                preload = self.settings.preload and not self.settings.fleet
+                models = await self.registry.list_models() if preload else []
                 decisions = await self.maintenance.decide(
                     statistics,
                     models,
@@ -137,21 +173,30 @@ class LoaderHandler:
         backoff = 0.5
         while True:
             try:
-                async for change in self.registry.watch(include_initial=False):
+                async for change in self._changes():
                     backoff = 0.5
-                    await self.residency.carry_out(self._on_change(change.change_type, change.model))
+                    if isinstance(change, PlacementChange):
+                        self._kick.set()  # level-triggered: the next round reads every placement again
+                    elif isinstance(change, ModelChange):
+                        await self.residency.carry_out(self._on_change(change.change_type, change.model))
             except ModelplaneError as error:
                 log.warning("registry watch interrupted; reconnecting", error=error.message, in_seconds=backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 10.0)
             await self._reconcile_quietly()
 
+    def _changes(self) -> AsyncIterator[Change]:
+        if self.settings.fleet:
+            return self.registry.watch_fleet(node_ids=[self.node.node_id], include_initial=False, include_nodes=False)
+        return self.registry.watch(include_initial=False)
+
     def _on_change(self, change_type: ChangeType, model: Model) -> list[Decision]:
         if change_type == ChangeType.DELETED:
             return [Discard(model.name, unload=True)]
         self.memory.update_spec(model)
         if (
-            change_type == ChangeType.REGISTERED
+            not self.settings.fleet  # on a fleet, a placement says what to load
+            and change_type == ChangeType.REGISTERED
             and model.desired_state == DesiredState.LOADED
             and model.state == ModelState.REGISTERED
             and model.name not in self.residency.jobs
@@ -173,5 +218,11 @@ class LoaderHandler:
             if was_live and not live:
                 log.warning("triton is gone; models will be reloaded when it is back")
             was_live = live
-            await asyncio.sleep(1.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), timeout=1.0)
             since_reconcile += 1.0
+            if self._kick.is_set():
+                self._kick.clear()  # with Triton gone, the round when it is back covers it
+                if live:
+                    await self._reconcile_quietly()
+                    since_reconcile = 0.0

@@ -8,7 +8,8 @@ rebuilds the memory budget from what Triton holds. It never touches the state of
 node does not own, nor of one its residency is working on.
 
 What this node should hold comes from a `DesiredSource`: today `CatalogueDesire` (one node holds
-every model; those the registry wants LOADED); with placements (issue 17), this node's placements.
+every model; those the registry wants LOADED) on a single node; `PlacementDesire` (this node's
+placements) on a node of a fleet.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from modelplane.common.types import WORKING_STATES, DesiredState, Model, ModelSt
 from modelplane.loader.budget import effective
 from modelplane.loader.decisions import Discard, Load, Reset, Unload
 from modelplane.loader.memory import MemoryManager
+from modelplane.loader.states import PlacementStates, node_view
 from modelplane.loader.triton_control import TritonControl
 from modelplane.registry.client import RegistryClient
 
@@ -56,6 +58,37 @@ class CatalogueDesire:
         models = {m.name: m for m in await self.registry.list_models()}
         wanted = frozenset(name for name, m in models.items() if m.desired_state == DesiredState.LOADED)
         return NodeView(models=models, owned=frozenset(models), wanted=wanted)
+
+
+class PlacementDesire:
+    """A node of a fleet: it owns the models the placer placed on it, and should hold each loaded
+    unless it acted on the placement's current generation by letting it go (evicted) or failing;
+    a new generation from the placer asks again. Level-triggered, so the node and the placer never
+    undo each other: the node does not load back what it evicted, the placer decides anew."""
+
+    def __init__(self, registry: RegistryClient, states: PlacementStates) -> None:
+        self.registry = registry
+        self.states = states
+
+    async def read(self) -> NodeView:
+        node = self.states.node
+        models = {m.name: m for m in await self.registry.list_models()}
+        placements = await self.registry.list_placements(node_ids=[node.node_id])
+        self.states.remember(placements, complete=True)
+        owned: set[str] = set()
+        wanted: set[str] = set()
+        for placement in placements:
+            model = models.get(placement.model_name)
+            if model is None:
+                continue
+            models[model.name] = node_view(model, placement, node.incarnation)
+            owned.add(model.name)
+            status = placement.status
+            done = status.observed_generation >= placement.generation
+            if done and (status.evicted or status.state == ModelState.FAILED):
+                continue
+            wanted.add(model.name)
+        return NodeView(models=models, owned=frozenset(owned), wanted=frozenset(wanted))
 
 
 @dataclass(frozen=True)

@@ -41,11 +41,10 @@ from modelplane.loader.errors import (
 from modelplane.loader.memory import MemoryManager
 from modelplane.loader.pipeline import LoadPipeline, ModelTracker
 from modelplane.loader.settings import LoaderSettings
-from modelplane.loader.states import ShadowStates, StateWriter
+from modelplane.loader.states import ModelReader, ShadowStates, StateWriter
 from modelplane.loader.triton_control import TritonControl
 from modelplane.loader.triton_repo import BuiltEntry, ModelRepository
 from modelplane.loader.types import LoadUpdate
-from modelplane.registry.client import RegistryClient
 from modelplane.registry.errors import StaleTransition
 
 log = structlog.get_logger()
@@ -107,7 +106,7 @@ class NodeResidency:
     def __init__(
         self,
         settings: LoaderSettings,
-        registry: RegistryClient,
+        registry: ModelReader,
         states: StateWriter,
         pipeline: LoadPipeline,
         triton: TritonControl,
@@ -304,6 +303,9 @@ class NodeResidency:
                 await self._refresh_not_applied(job, transient.message)
                 raise _untouched(job.name, transient) from None
             await self._settle(tracker, f"load stopped: {transient.message}")
+            if isinstance(transient, BudgetExceeded):
+                with contextlib.suppress(ModelplaneError):
+                    tracker.model = await self.states.refused(tracker.model, transient.message)
             raise transient from None
         except ModelplaneError as refused:
             if job.served is not None:

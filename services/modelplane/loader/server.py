@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import structlog
+
+from modelplane.common.errors import ModelplaneError
 from modelplane.common.grpc_server import GrpcServer
 from modelplane.common.service import Service
 from modelplane.common.settings import TritonSettings
@@ -19,6 +22,7 @@ from modelplane.loader.v1 import loader_service_pb2, loader_service_pb2_grpc
 from modelplane.registry.client import RegistryClient
 from modelplane.triton.client import TritonTls
 
+log = structlog.get_logger()
 SERVICE_FULL_NAME = loader_service_pb2.DESCRIPTOR.services_by_name["LoaderService"].full_name
 
 
@@ -47,11 +51,30 @@ class LoaderService(Service):
             self.settings.triton_metrics_url or f"http://127.0.0.1:{self.triton_settings.metrics_port}/metrics"
         )
         memory = MemoryManager(self.settings, repository, processes=processes, gpus=GpuMemoryReader(metrics_url))
-        self.handler = LoaderHandler(self.settings, registry, pipeline, triton, repository, memory)
+        self.handler = LoaderHandler(
+            self.settings,
+            registry,
+            pipeline,
+            triton,
+            repository,
+            memory,
+            triton_address=self.triton_settings.grpc_address,
+            loader_port=lambda: self.port,
+        )
         self.server.add_servicer(
             loader_service_pb2_grpc.add_LoaderServiceServicer_to_server, LoaderServicer(self.handler), SERVICE_FULL_NAME
         )
         self.port = await self.server.start()
+        try:
+            await self.handler.register_node()
+        except ModelplaneError as refused:
+            # Another process holds this node id (or the registry refused the node as configured):
+            # this one must not act as the node. Say who holds it and stop with a non-zero status.
+            log.error(
+                "node not registered; the loader does not start", node=self.settings.node_id, error=refused.message
+            )
+            await self.stop()
+            raise SystemExit(f"error: {refused.message}") from None
         self.handler.start_background()
 
     async def stop(self) -> None:

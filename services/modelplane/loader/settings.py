@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from modelplane.common.settings import ServerSettings, modelplane_home
@@ -12,7 +12,9 @@ from modelplane.common.types import RuntimeTarget
 
 
 class LoaderSettings(ServerSettings):
-    model_config = SettingsConfigDict(env_prefix="MODELPLANE_LOADER_", use_attribute_docstrings=True, extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="MODELPLANE_LOADER_", use_attribute_docstrings=True, extra="ignore", populate_by_name=True
+    )
 
     port: int = 50052
     """TCP port of the loader's gRPC API."""
@@ -76,6 +78,26 @@ class LoaderSettings(ServerSettings):
     """Requests that may wait for a free slot of a GGUF model before new ones are refused (503)."""
     reconcile_interval_seconds: float = 30.0
     """How often the loader compares the registry with Triton and converges them."""
+
+    # The fleet (docs/FLEET.md) -------------------------------------------------------------------
+    node_id: str = Field("node-0", validation_alias=AliasChoices("MODELPLANE_NODE_ID", "MODELPLANE_LOADER_NODE_ID"))
+    """This node's stable id (MODELPLANE_NODE_ID): a DNS label such as node-1 or the StatefulSet pod
+    name. One node needs no configuration: node-0."""
+    node_labels: str = Field(
+        "", validation_alias=AliasChoices("MODELPLANE_NODE_LABELS", "MODELPLANE_LOADER_NODE_LABELS")
+    )
+    """This node's labels (MODELPLANE_NODE_LABELS), matched by a model's placement.node_selector:
+    `gpu=h100,zone=a`."""
+    node_lease_seconds: float = 10.0
+    """How long this node's lease lasts without a renewal (renewed every third of it): a node killed
+    without a goodbye is LOST, and its models placed elsewhere, this long after its last renewal."""
+    advertise_host: str = ""
+    """The host other services reach this loader at (its node's loader address); empty means the
+    listening host, or this machine's name when it listens on every interface."""
+    fleet: bool = False
+    """Hold the models the placer places on this node (its placements) rather than every model the
+    registry wants loaded, and record their states per node. `modelplane up` sets it when
+    MODELPLANE_NODES is 2 or more; a Kubernetes StatefulSet of several nodes sets it too."""
 
     # Sources ---------------------------------------------------------------------------------
     download_part_bytes: int = 8 * 1024 * 1024

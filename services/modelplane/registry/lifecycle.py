@@ -43,6 +43,24 @@ _NEXT: dict[ModelState, frozenset[ModelState]] = {
 S = TypeVar("S", ModelStatus, PlacementStatus)
 
 
+def path_before(start: ModelState, goal: ModelState) -> list[ModelState]:
+    """The states after `start` that a status passes through, by the fewest legal steps, before it
+    may step to `goal` (empty when it may step there at once, or cannot reach it)."""
+    paths: dict[ModelState, list[ModelState]] = {start: []}
+    frontier = [start]
+    while frontier:
+        following = []
+        for state in frontier:
+            if goal in _NEXT.get(state, frozenset()) or goal in (ModelState.FAILED, ModelState.REGISTERED, state):
+                return paths[state]
+            for step in sorted(_NEXT.get(state, frozenset())):
+                if step not in paths:
+                    paths[step] = [*paths[state], step]
+                    following.append(step)
+        frontier = following
+    return []
+
+
 def check_step(
     subject: str,
     current: ModelState,
