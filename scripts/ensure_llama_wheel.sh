@@ -20,6 +20,7 @@
 #   LLAMA_EXTRA_CMAKE_ARGS  appended to the flavour's CMake arguments (part of the cache key)
 #   MODELPLANE_WHEEL_DIR    cache folder (default ${XDG_CACHE_HOME:-$HOME/.cache}/modelplane/wheels)
 #   BUILD_JOBS              parallel compile jobs (default: nproc)
+#   LLAMA_WHEEL_BUILD       no: fail (exit 3) instead of building when the wheel is not cached
 set -euo pipefail
 
 PY="${1:-python3}"
@@ -27,10 +28,20 @@ VERSION="${LLAMA_CPP_VERSION:-0.3.36}"
 FLAVOUR="${LLAMA_FLAVOUR:-auto}"
 CACHE_ROOT="${MODELPLANE_WHEEL_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/modelplane/wheels}"
 
+# Under pipefail a pipe whose last stage stops reading early (head, grep -q) can kill the stage
+# before it with SIGPIPE, and the script would end without a word: read the flags without one.
+has_avx512() {
+  local flags=" " line extension
+  while read -r line; do
+    case "$line" in flags*) flags=" ${line#*:} "; break ;; esac
+  done < /proc/cpuinfo
+  for extension in avx512f avx512bw avx512vl avx512dq avx512vbmi avx512_vnni avx512_bf16; do
+    case "$flags" in *" $extension "*) ;; *) return 1 ;; esac
+  done
+}
 if [ "$FLAVOUR" = auto ]; then
   FLAVOUR=portable
-  if awk '/^flags/ {print; exit}' /proc/cpuinfo 2>/dev/null | tr ' ' '\n' | sort -u | \
-     grep -cxE 'avx512(f|bw|vl|dq|vbmi|_vnni|_bf16)' | grep -qx 7; then
+  if [ -r /proc/cpuinfo ] && has_avx512; then
     FLAVOUR=avx512
   fi
 fi
@@ -49,8 +60,11 @@ CMAKE_ARGS_FULL="$FLAVOUR_ARGS -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_BLAS=OFF 
 ARCH="$(uname -m)"
 # getconf, not `ldd --version | head -1`: under pipefail that pipe dies of SIGPIPE about one run in
 # two (ldd writes in pieces, head closes early), and the script then ends without a word.
-GLIBC="$(getconf GNU_LIBC_VERSION | awk '{print $2}')"
-ARGS_HASH="$(printf '%s' "$CMAKE_ARGS_FULL" | sha256sum | cut -c1-12)"
+GLIBC="$(getconf GNU_LIBC_VERSION)"  # "glibc 2.36"
+GLIBC="${GLIBC##* }"
+# A pipe is safe under pipefail only when its last stage reads all of its input, as sha256sum does.
+ARGS_HASH="$(printf '%s' "$CMAKE_ARGS_FULL" | sha256sum)"
+ARGS_HASH="${ARGS_HASH:0:12}"
 DEST="$CACHE_ROOT/llama-cpp-python/$FLAVOUR-$ARGS_HASH-glibc$GLIBC-$ARCH"
 mkdir -p "$DEST"
 
@@ -66,6 +80,10 @@ if WHEEL="$(find_wheel)"; then
   echo "llama-cpp-python $VERSION ($FLAVOUR) already built: $WHEEL" >&2
   echo "$WHEEL"
   exit 0
+fi
+if [ "${LLAMA_WHEEL_BUILD:-yes}" = no ]; then
+  echo "llama-cpp-python $VERSION ($FLAVOUR) is not built in $DEST, and LLAMA_WHEEL_BUILD=no" >&2
+  exit 3
 fi
 
 # Build into a private temp folder and move the finished wheel in at the end, so an
