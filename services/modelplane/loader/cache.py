@@ -84,13 +84,16 @@ class PackageCache:
             os.utime(path)
 
     def index(self) -> list[CachedPackage]:
-        """Every cached package, least recently used first."""
+        """Every cached package, least recently used first. A file's bytes count once however many
+        names it has: converters hard-link package files into their artifacts, and such a file is
+        charged to the least recently used package that holds it."""
+        packages = sorted((p for p in self.packages.iterdir() if p.is_dir()), key=_mtime)
+        counted: set[tuple[int, int]] = set()
         entries = []
-        for path in self.packages.iterdir():
-            if path.is_dir():
-                size = _tree_bytes(path) + _tree_bytes(self.artifacts / path.name)
-                entries.append(CachedPackage(path.name, size, path.stat().st_mtime))
-        return sorted(entries, key=lambda e: e.last_used)
+        for path in packages:
+            size = _tree_bytes(path, counted) + _tree_bytes(self.artifacts / path.name, counted)
+            entries.append(CachedPackage(path.name, size, _mtime(path)))
+        return entries
 
     # Room ---------------------------------------------------------------------------------
 
@@ -244,15 +247,27 @@ def _sync_directory_tree(root: Path) -> None:
             os.close(fd)
 
 
-def _tree_bytes(root: Path) -> int:
+def _tree_bytes(root: Path, counted: set[tuple[int, int]]) -> int:
+    """Bytes of the files under `root` whose inodes are not in `counted` yet (adds them)."""
     total = 0
     for directory, _, names in os.walk(root):
         for name in names:
             try:
-                total += os.lstat(os.path.join(directory, name)).st_size
+                status = os.lstat(os.path.join(directory, name))
             except FileNotFoundError:
                 continue  # evicted or published while we counted
+            inode = (status.st_dev, status.st_ino)
+            if inode not in counted:
+                counted.add(inode)
+                total += status.st_size
     return total
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0  # evicted while we listed
 
 
 def _size(n: int) -> str:
