@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -52,22 +51,6 @@ async def test_the_cache_reindexes_itself_after_a_restart_and_discards_partials(
     restarted = PackageCache(tmp_path / "cache", budget_bytes=10 * MiB)
     assert [(e.digest, e.size_bytes) for e in restarted.index()] == [(digest, MiB)]
     assert not any(restarted.partial.iterdir())
-
-
-@pytest.fixture
-def tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A real 8 MiB tmpfs: the cache's disk, full after 8 MiB."""
-    mount = tmp_path / "small-disk"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True, check=False
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()}); needs root")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 async def test_a_package_larger_than_the_disk_is_refused_before_any_byte(

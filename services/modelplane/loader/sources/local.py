@@ -59,9 +59,11 @@ class LocalSource(PackageSource):
             raise PackageRefused(f"Source directory {self.path} is empty; it holds no model files.")
         return files
 
+    def local_path(self, file: SourceFile) -> Path:
+        return self.path if self.path.is_file() else self.path / file.path
+
     async def read(self, file: SourceFile) -> AsyncIterator[bytes]:
-        full = self.path if self.path.is_file() else self.path / file.path
-        handle = await asyncio.to_thread(open, full, "rb")
+        handle = await asyncio.to_thread(open, self.local_path(file), "rb")
         try:
             while chunk := await asyncio.to_thread(handle.read, CHUNK_BYTES):
                 yield chunk
