@@ -126,7 +126,7 @@ class HttpSource(PackageSource):
         ends early when the server answers a part with the whole file (it does not honour ranges)."""
         part = max(1, self.settings.download_part_bytes)
         ranges = collections.deque((start, min(start + part, file.size) - 1) for start in range(0, file.size, part))
-        window: collections.deque[asyncio.Task[bytes | None]] = collections.deque()
+        window: collections.deque[asyncio.Task[bytearray | None]] = collections.deque()
         try:
             while ranges or window:
                 while ranges and len(window) < max(1, self.settings.download_concurrency):
@@ -141,7 +141,7 @@ class HttpSource(PackageSource):
                 task.cancel()
             await asyncio.gather(*window, return_exceptions=True)
 
-    async def _get_part(self, file: SourceFile, first: int, last: int) -> bytes | None:
+    async def _get_part(self, file: SourceFile, first: int, last: int) -> bytearray | None:
         """One ranged GET, read to its end and retried with backoff; None when the server sent the
         whole file instead (its body is not read)."""
         headers = {"Range": f"bytes={first}-{last}"}
@@ -161,9 +161,16 @@ class HttpSource(PackageSource):
                     start = response.headers.get("Content-Range", "").removeprefix("bytes ").split("-")[0]
                     if start != str(first):
                         raise SourceUnavailable(f"{self._where(file.path)} answered a part with the wrong byte range.")
-                    body = await response.aread()
-                if len(body) != last - first + 1:
-                    raise _Retry(f"a part ended after {len(body)} of {last - first + 1} bytes")
+                    body, received = bytearray(last - first + 1), 0  # one buffer: memory is one part
+                    async for piece in response.aiter_bytes():
+                        if received + len(piece) > len(body):
+                            raise SourceUnavailable(
+                                f"{self._where(file.path)} sent more than the part it was asked for."
+                            )
+                        body[received : received + len(piece)] = piece
+                        received += len(piece)
+                if received != len(body):
+                    raise _Retry(f"a part ended after {received} of {len(body)} bytes")
                 return body
             except (httpx.TransportError, _Retry) as error:
                 failures += 1
