@@ -1,9 +1,10 @@
 """`modelplane up`: the whole embedded stack in one process tree.
 
 The supervisor starts the embedded Triton, then each service in its own process
-(`modelplane serve <name>`, exactly as in production), waits until each is healthy, registers and
-loads the bundled models, and prints the URL to give Dify. A child that dies is restarted with
-backoff; Ctrl-C or SIGTERM stops the gateway first and Triton last.
+(`modelplane serve <name>`, exactly as in production), waits until each is healthy, registers the
+bundled models and loads them all at once, prints the URL to give Dify as soon as the first serves
+(modelplane/startup.py reports what is still coming), and a last line when every one is READY. A
+child that dies is restarted with backoff; Ctrl-C or SIGTERM stops the gateway first and Triton last.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -28,13 +30,14 @@ from modelplane.common.channels import open_channel
 from modelplane.common.errors import ModelplaneError
 from modelplane.common.process import die_with_parent
 from modelplane.common.settings import ServerSettings, TritonSettings, modelplane_home
-from modelplane.common.types import ModelSpec, Task
+from modelplane.common.types import Task
 from modelplane.gateway.settings import GatewaySettings
 from modelplane.inference.settings import InferenceSettings
 from modelplane.loader.client import LoaderClient
 from modelplane.loader.settings import LoaderSettings
 from modelplane.registry.client import RegistryClient
 from modelplane.registry.settings import RegistrySettings
+from modelplane.startup import BundledLoad, BundledLoads
 from modelplane.triton.embedded import EmbeddedTriton
 
 log = structlog.get_logger()
@@ -229,29 +232,19 @@ class Stack:
                 await asyncio.sleep(0.2)
         raise StackError("the gateway did not answer /healthz within 60 s")
 
-    async def register_bundled(self) -> list[ModelSpec]:
-        """Registers the bundled models and waits until each is READY, printing progress."""
+    async def register_bundled(
+        self, on_serving: Callable[[list[BundledLoad]], None], started: float | None = None
+    ) -> list[BundledLoad]:
+        """Registers the bundled models and loads them all at once, saying what serves and what is
+        still coming; `on_serving` is called when the first is READY. Returns how each load ended."""
         registry = RegistryClient(f"127.0.0.1:{self.layout.registry.port}")
         loader = LoaderClient(f"127.0.0.1:{self.layout.loader.port}")
-        specs = []
         try:
-            for spec in bundled_models():
-                await registry.register(spec, load=True)
-                specs.append(spec)
-                last_phase = None
-                async for update in loader.load(spec.name, reason="bundled", timeout_seconds=1800):
-                    if update.progress.phase != last_phase or update.done:
-                        last_phase = update.progress.phase
-                        log.info(
-                            "loading bundled model",
-                            model=spec.name,
-                            phase=last_phase.name,
-                            message=update.progress.message,
-                        )
+            models = [(await registry.register(spec, load=True))[0] for spec in bundled_models()]
+            return await BundledLoads(loader, _say, on_serving).run(models, started)
         finally:
             await registry.close()
             await loader.close()
-        return specs
 
     async def stop(self) -> None:
         for task in self._supervisors:
@@ -277,32 +270,56 @@ async def _wait_grpc_serving(child: ChildProcess, address: str, limit_seconds: f
     raise StackError(f"the {child.name} service was not healthy within {limit_seconds:.0f} s")
 
 
-def banner(layout: StackLayout, models: list[ModelSpec]) -> str:
+def banner(layout: StackLayout, loads: list[BundledLoad], elapsed_seconds: float) -> str:
+    """What the user needs once something serves: the URL, what serves, what is coming."""
     base = f"{layout.gateway_scheme}://localhost:{layout.gateway.port}/v1"
-    embedder = next((m.name for m in models if m.task == Task.EMBEDDING), "MODEL")
-    chat = [
-        f"    curl -sN {base}/chat/completions -H 'Content-Type: application/json' \\\n"
-        f'      -d \'{{"model": "{m.name}", "stream": true, "messages": [{{"role": "user", "content": "Hello"}}]}}\''
-        for m in models
-        if m.task == Task.GENERATION
-    ][:1]
+    now = time.monotonic()
+    ready = [load for load in loads if load.ready_after is not None]
+    coming = [load for load in loads if load.coming]
+    embedder = next((load.name for load in loads if load.model.spec.task == Task.EMBEDDING), "MODEL")
     metrics = [f"    {name:<10} {url}" for name, url in layout.metrics_endpoints().items()]
+    serving = ", ".join(f"{load.name} ({load.what})" for load in ready) or "no model yet (none is bundled or ready)"
     return "\n".join(
         [
             "",
-            "modelplane is up.",
+            f"modelplane is serving, {elapsed_seconds:.0f} s after start.",
             f"  Base URL for Dify (OpenAI-API-compatible provider):  {base}",
-            f"  Models: {', '.join(m.name for m in models) or '(none registered)'}",
+            f"  Serving: {serving}",
+            *[f"  Coming:  {load.describe(now)}" for load in coming],
             "  Try:",
             f"    curl -s {base}/embeddings -H 'Content-Type: application/json' \\",
             f'      -d \'{{"model": "{embedder}", "input": ["hello", "world"]}}\'',
-            *chat,
+            *[_chat_example(base, load.name) for load in loads if load.model.spec.task == Task.GENERATION][:1],
             "  Prometheus metrics:",
             *metrics,
             f"  State and logs live in {layout.home}. Press Ctrl-C to stop.",
             "",
         ]
     )
+
+
+def _chat_example(base: str, model: str) -> str:
+    return (
+        f"    curl -sN {base}/chat/completions -H 'Content-Type: application/json' \\\n"
+        f'      -d \'{{"model": "{model}", "stream": true, "messages": [{{"role": "user", "content": "Hello"}}]}}\''
+    )
+
+
+def finished(loads: list[BundledLoad], elapsed_seconds: float) -> str:
+    """The last line of a start: every bundled model READY, or which were not."""
+    failed = [load for load in loads if load.failure]
+    if not failed:
+        names = ", ".join(load.name for load in loads) or "none are bundled"
+        return f"modelplane is up. Every bundled model is ready ({names}), {elapsed_seconds:.0f} s after start."
+    return (
+        f"modelplane is up. Not every bundled model loaded ({elapsed_seconds:.0f} s after start): "
+        + "; ".join(f"{load.name}: {load.failure}" for load in failed)
+        + ". See `modelplane models events NAME`."
+    )
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 async def run_stack(*, load_bundled: bool = True) -> None:
@@ -329,11 +346,18 @@ async def run_stack(*, load_bundled: bool = True) -> None:
 
 
 async def _start_and_load(stack: Stack, layout: StackLayout, load_bundled: bool) -> None:
+    started = time.monotonic()
     await stack.start()
-    models: list[ModelSpec] = []
+
+    def serving(loads: list[BundledLoad]) -> None:
+        _say(banner(layout, loads, time.monotonic() - started))
+
+    loads: list[BundledLoad] = []
     if load_bundled:
         try:
-            models = await stack.register_bundled()
+            loads = await stack.register_bundled(serving, started)
         except ModelplaneError as error:
-            log.error("a bundled model did not load; the stack keeps running", error=error.message)
-    print(banner(layout, models), file=sys.stderr, flush=True)
+            log.error("the bundled models could not be registered; the stack keeps running", error=error.message)
+    else:
+        serving(loads)
+    _say(finished(loads, time.monotonic() - started))
