@@ -69,8 +69,11 @@ STACK_PID=$!
 # The first model of a task that /v1/models lists, once the gateway answers.
 model_of() {
   curl -sf --max-time 5 "$GATEWAY/v1/models" 2>/dev/null |
-    python3 -c 'import json, sys; print(next((m["id"] for m in json.load(sys.stdin)["data"] if m["task"] == sys.argv[1]), ""))' "$1" ||
-    true
+    python3 -c '
+import json, sys
+text = sys.stdin.read()
+models = json.loads(text)["data"] if text.strip() else []
+print(next((m["id"] for m in models if m["task"] == sys.argv[1]), ""))' "$1" || true
 }
 
 embedded="" chatted="" everything="" installed=""
