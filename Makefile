@@ -1,7 +1,9 @@
 # The two commands of the README, and what they are made of.
-#   make run   - bootstrap, then start the embedded stack and print the URL to give Dify
-#   make test  - bootstrap, then lint (ruff, buf), check the generated code, run the tests
-#   make bench - every benchmark in one run, written to docs/BENCHMARKS.md
+#   make run       - bootstrap, then start the embedded stack and print the URL to give Dify
+#   make test      - bootstrap, then lint (ruff, buf), check the generated code, run every test, and
+#                    build the container image and call the embeddings of a stack started from it
+#   make test-fast - the unit and single-service tests only (no full stack, no Triton): everyday work
+#   make bench     - every benchmark in one run, written to docs/BENCHMARKS.md
 
 SHELL := /bin/bash
 # Every recipe line and every $(shell …) stops at the first failing command, a failing stage of a pipe
@@ -32,12 +34,16 @@ $(error constraints.txt pins no llama_cpp_python==VERSION; pin one (its wheel is
 endif
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test install lint format protos check-generated pytest bench clean
+.PHONY: run test test-fast install lint format protos check-generated pytest image-check bench clean
 
 run: install
 	$(BIN)/modelplane up
 
-test: install lint check-generated pytest
+test: install lint check-generated pytest image-check
+
+# Tests marked `slow` (the full stack, the embedded Triton, real conversions, the image) are left out.
+test-fast: install $(HELM)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 install: $(INSTALL_STAMP)
 
@@ -92,6 +98,10 @@ check-generated: install
 
 pytest: install $(HELM)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# deploy/Dockerfile built with podman and started with buildah (scripts/image_check.sh says how).
+image-check: install
+	PYTHON=$(BIN)/python scripts/image_check.sh
 
 # Every contender and workload in one run (benchmarks/suite): writes docs/BENCHMARKS.md, its plots
 # and docs/benchmarks/results.json. BENCH_ARGS='--only embeddings,overhead' runs a subset.
