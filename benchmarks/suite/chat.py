@@ -81,12 +81,13 @@ async def _http_load(url: str, model: str, streams: int, requests: int, max_toke
         return {"wall_s": time.perf_counter() - started, "requests": records}
 
 
-def _start_server(python: Path, gguf: Path, ctx: Context) -> Server:
+def start_llama_server(python: Path, gguf: Path | str, ctx: Context, chat_format: str = "gemma") -> Server:
+    """llama-cpp-python's own OpenAI-compatible server on the GGUF, on a free loopback port."""
     port = free_port()
-    log = ctx.work / "llama-server.log"
+    log = ctx.work / f"llama-server-{chat_format}.log"
     command = [
         str(python), "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-        "--n_ctx", "4096", "--chat_format", "gemma",
+        "--n_ctx", "4096", "--chat_format", chat_format,
         # By default a new request interrupts the one being generated: concurrent streams would end
         # early, cut off. Queued instead, they are served in turn, as modelplane's one slot serves them.
         "--interrupt_requests", "false",
@@ -147,7 +148,7 @@ async def run(ctx: Context) -> dict:
     if gateway_why:
         notes.append(f"The gateway was not measured: {gateway_why}.")
     ctx.say("starting llama-cpp-python's server")
-    server = _start_server(python, gguf, ctx)
+    server = start_llama_server(python, gguf, ctx)
     results: dict[str, dict[str, list[dict]]] = {}
     try:
         for round_number in range(ctx.sizes.rounds):

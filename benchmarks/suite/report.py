@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from benchmarks.suite import chat, concurrency, embeddings, load
+from benchmarks.suite import chat, concurrency, embeddings, load, tools, voice
 from benchmarks.suite.measure import fmt, median
 
 REPRODUCE = "make bench"
@@ -144,6 +144,24 @@ def markdown(results: dict, plots: dict[str, str]) -> str:
     if "chat" in plots:
         out += [f"![chat]({plots['chat']})", ""]
 
+    tool = _section(w, "tools")
+    out += ["## 3b. Tools and structured output", ""]
+    out += [
+        " ".join(tools.__doc__.split()).removeprefix("Workload: "),
+        "",
+        _status_line(tool) + (tools.render(tool) if tool["status"] == "ran" else ""),
+        _notes(tool),
+    ]
+
+    speech = _section(w, "voice")
+    out += ["## Voice (issue 19's workload)", ""]
+    out += [
+        " ".join(voice.__doc__.split()).removeprefix("Workload: voice. "),
+        "",
+        _status_line(speech) + (voice.render(speech) if speech["status"] == "ran" else ""),
+        _notes(speech),
+    ]
+
     over = _section(w, "overhead")
     out += ["## 4. Overhead of the gateway and the inference service", ""]
     out += [
@@ -221,6 +239,10 @@ def _targets(w: dict) -> list[tuple[str, str, str]]:
                 f"not measured: {reason}",
             )
         )
+    if w.get("tools", {}).get("status") == "ran":
+        rows += tools.targets(w["tools"])
+    if w.get("voice", {}).get("status") == "ran":
+        rows += voice.targets(w["voice"])
     if w.get("concurrency", {}).get("status") == "ran":
         rows += concurrency.targets(w["concurrency"])
     if w.get("overhead", {}).get("status") == "ran":

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -18,11 +19,17 @@ from rich.table import Table
 from modelplane.common.errors import ModelplaneError
 from modelplane.common.logging import configure_logging
 from modelplane.common.tls import set_identity
-from modelplane.common.types import FileDigest, ModelSpec, ModelState, Priority, Task
+from modelplane.common.types import FileDigest, Model, ModelSpec, ModelState, Priority, Task
+
+if TYPE_CHECKING:
+    from modelplane.registry.fleet import Node, Placement
+    from modelplane.registry.statistics import ModelStatistics
 
 app = typer.Typer(help="modelplane: serve your own models to a private Dify deployment.", no_args_is_help=True)
 models_app = typer.Typer(help="Register, load, unload and inspect models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+nodes_app = typer.Typer(help="Inspect and drain the nodes (Triton + loader) that hold models.", no_args_is_help=True)
+app.add_typer(nodes_app, name="nodes")
 certs_app = typer.Typer(help="Certificates for mTLS between the services.", no_args_is_help=True)
 app.add_typer(certs_app, name="certs")
 console = Console(stderr=True)
@@ -30,10 +37,13 @@ console = Console(stderr=True)
 SERVICES = ("registry", "loader", "inference", "gateway")
 RegistryOption = Annotated[str, typer.Option(envvar="MODELPLANE_CLI_REGISTRY", help="host:port of the registry.")]
 LoaderOption = Annotated[str, typer.Option(envvar="MODELPLANE_CLI_LOADER", help="host:port of the loader.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON (for scripts) instead of a table.")]
 
 
 def _run(work: Coroutine[Any, Any, None]) -> None:
-    """Runs one command's work; a refusal from a service is printed as its message, not a trace."""
+    """Runs one command's work; a refusal from a service is printed as its message, not a trace.
+    Log lines go to stderr, so that stdout holds only the command's output (`--json`)."""
+    configure_logging("cli")
     try:
         asyncio.run(work)
     except ModelplaneError as error:
@@ -130,9 +140,20 @@ def _default_loader() -> str:
     return os.environ.get("MODELPLANE_CLI_LOADER") or f"localhost:{os.environ.get('MODELPLANE_LOADER_PORT', '50052')}"
 
 
+def _capabilities(model: Model) -> str:
+    """A generation model's context and capabilities, once the loader has staged it."""
+    profile = model.status.profile
+    if model.spec.task != Task.GENERATION or profile is None:
+        return "-"
+    caps = profile.capabilities
+    names = [n for n in ("tools", "json_schema", "reasoning", "vision") if caps is not None and getattr(caps, n)]
+    return f"ctx {profile.context_length}" + (f"; {', '.join(names)}" if names else "")
+
+
 @models_app.command("ls")
-def models_ls(registry: RegistryOption = "", loader: LoaderOption = "") -> None:
-    """List models with their state, priority, footprint and last use, then the memory budget."""
+def models_ls(registry: RegistryOption = "", loader: LoaderOption = "", as_json: JsonOption = False) -> None:
+    """List models with their state, priority, footprint, last use, capabilities and where their copies are,
+    then the memory budget."""
     from modelplane.loader.client import LoaderClient  # noqa: PLC0415
     from modelplane.registry.client import RegistryClient  # noqa: PLC0415
 
@@ -140,6 +161,8 @@ def models_ls(registry: RegistryOption = "", loader: LoaderOption = "") -> None:
         async with RegistryClient(registry or _default_registry()) as client:
             models = await client.list_models()
             statistics = {s.model_name: s for s in await client.statistics()}
+            placements = await client.list_placements()
+            nodes = {n.node_id: n for n in await client.list_nodes()}
         budget = None
         try:
             async with LoaderClient(loader or _default_loader(), timeout_seconds=5.0) as client:
@@ -147,8 +170,26 @@ def models_ls(registry: RegistryOption = "", loader: LoaderOption = "") -> None:
         except ModelplaneError as error:
             console.print(f"[yellow]budget unavailable:[/yellow] {error.message}")
         held = {h.model_name: h for d in budget.devices for h in d.holders} if budget else {}
+        copies = {m.name: _copies(m, [p for p in placements if p.model_name == m.name], nodes) for m in models}
+        if as_json:
+            rows = [_model_json(m, statistics.get(m.name), copies[m.name]) for m in models]
+            devices = [d.model_dump(mode="json") for d in budget.devices] if budget else None
+            print(json.dumps({"models": rows, "budget": devices}, indent=2))
+            return
         now = datetime.now(UTC)
-        table = Table("NAME", "TASK", "STATE", "PRIORITY", "FOOTPRINT", "LAST USED", "REQUESTS", "REASON")
+        table = Table(
+            "NAME",
+            "TASK",
+            "STATE",
+            "PRIORITY",
+            "FOOTPRINT",
+            "LAST USED",
+            "REQUESTS",
+            "COPIES",
+            "WHERE",
+            "CAPABILITIES",
+            "REASON",
+        )
         for m in models:
             holder = held.get(m.name)
             if holder is not None:
@@ -157,6 +198,7 @@ def models_ls(registry: RegistryOption = "", loader: LoaderOption = "") -> None:
                 footprint = _size(m.status.footprint_bytes) if m.status.footprint_bytes else "-"
             stats = statistics.get(m.name)
             last = stats.last_request_time if stats else None
+            where = copies[m.name]
             table.add_row(
                 m.name,
                 m.spec.task.name.lower(),
@@ -165,6 +207,9 @@ def models_ls(registry: RegistryOption = "", loader: LoaderOption = "") -> None:
                 footprint,
                 _ago(now - last) if last else "never",
                 str(stats.total_requests) if stats else "0",
+                f"{sum(c['ready'] for c in where)}/{len(where)}" if where else "-",
+                ", ".join(c["node_id"] if c["ready"] else f"{c['node_id']}:{c['state']}" for c in where) or "-",
+                _capabilities(m),
                 m.status.reason[:60],
             )
         out = Console()
@@ -187,6 +232,148 @@ def models_ls(registry: RegistryOption = "", loader: LoaderOption = "") -> None:
     _run(run())
 
 
+def _copies(model: Model, placements: Sequence[Placement], nodes: dict[str, Node]) -> list[dict[str, Any]]:
+    """Where a model's copies are: one entry per placement, READY ones first. A copy counts as
+    ready only while its node is alive and its state was reported by the node's current process."""
+    now = datetime.now(UTC)
+    entries = []
+    for p in placements:
+        node = nodes.get(p.node_id)
+        current = node is not None and node.lease_valid(now) and p.status.incarnation == node.incarnation
+        state = p.status.state.name if current else ("LOST" if node is None or not node.lease_valid(now) else "-")
+        entries.append(
+            {
+                "node_id": p.node_id,
+                "state": state,
+                "ready": current and p.status.state == ModelState.READY and p.status.version == model.version,
+                "version": p.version,
+                "generation": p.generation,
+                "observed_generation": p.status.observed_generation,
+                "footprint_bytes": p.status.footprint_bytes,
+            }
+        )
+    return sorted(entries, key=lambda e: (not e["ready"], e["node_id"]))
+
+
+def _model_json(model: Model, stats: ModelStatistics | None, copies: list[dict[str, Any]]) -> dict[str, Any]:
+    last = stats.last_request_time if stats else None
+    return {
+        "name": model.name,
+        "task": model.spec.task.name.lower(),
+        "version": model.version,
+        "state": model.state.name,
+        "desired_state": model.desired_state.name,
+        "priority": model.spec.effective_priority.name.lower(),
+        "footprint_bytes": model.status.footprint_bytes,
+        "last_request_time": last.isoformat() if last else None,
+        "requests": stats.total_requests if stats else 0,
+        "reason": model.status.reason,
+        "capabilities": _capabilities(model),
+        "copies": {"ready": sum(c["ready"] for c in copies), "placed": len(copies)},
+        "nodes": copies,
+    }
+
+
+@nodes_app.command("ls")
+def nodes_ls(registry: RegistryOption = "", as_json: JsonOption = False) -> None:
+    """List nodes with their state, lease age, budget per device and the models they hold."""
+    from modelplane.registry.client import RegistryClient  # noqa: PLC0415
+
+    async def run() -> None:
+        async with RegistryClient(registry or _default_registry()) as client:
+            nodes = await client.list_nodes()
+            placements = await client.list_placements()
+        now = datetime.now(UTC)
+        rows = [_node_json(n, [p for p in placements if p.node_id == n.node_id], now) for n in nodes]
+        if as_json:
+            print(json.dumps(rows, indent=2))
+            return
+        table = Table("NODE", "STATE", "LEASE", "DEVICES (USED / FREE)", "MODELS", "LOADER", "TRITON")
+        for row in rows:
+            age = row["lease_age_seconds"]
+            lease = (
+                f"renewed {_ago(timedelta(seconds=age))}"
+                if row["state"] != "LOST"
+                else (f"expired {_ago(timedelta(seconds=-row['lease_expires_in_seconds']))}")
+            )
+            devices = "\n".join(
+                f"{d['device']}: {_size(d['used_bytes'])} / {_size(d['free_bytes'])}" for d in row["devices"]
+            )
+            held = ", ".join(f"{m['name']}:{m['state']}" for m in row["models"])
+            table.add_row(
+                row["node_id"],
+                row["state"],
+                lease,
+                devices or "-",
+                held or "-",
+                row["loader_address"],
+                row["triton_address"],
+            )
+        Console().print(table)
+
+    _run(run())
+
+
+def _node_json(node: Node, placements: Sequence[Placement], now: datetime) -> dict[str, Any]:
+    renewed = node.lease_renew_time or now
+    expires = node.lease_expire_time or now
+    return {
+        "node_id": node.node_id,
+        "state": node.state.name,
+        "draining": node.draining,
+        "incarnation": node.incarnation,
+        "holder": node.holder,
+        "loader_address": node.loader_address,
+        "triton_address": node.triton_address,
+        "labels": node.labels,
+        "lease_age_seconds": round((now - renewed).total_seconds(), 3),
+        "lease_expires_in_seconds": round((expires - now).total_seconds(), 3),
+        "devices": [{**d.model_dump(mode="json"), "free_bytes": d.free_bytes} for d in node.devices],
+        "models": [
+            {
+                "name": p.model_name,
+                "version": p.version,
+                # A state reported by an earlier process of the node says nothing of what it holds now.
+                "state": p.status.state.name if p.status.incarnation == node.incarnation else "PLACED",
+                "generation": p.generation,
+                "observed_generation": p.status.observed_generation,
+                "footprint_bytes": p.status.footprint_bytes,
+            }
+            for p in placements
+        ],
+    }
+
+
+@nodes_app.command("drain")
+def nodes_drain(
+    node_id: str,
+    cancel: Annotated[bool, typer.Option(help="Take the node back into service instead.")] = False,
+    registry: RegistryOption = "",
+) -> None:
+    """Drain a node: the placer moves its copies elsewhere and places nothing new on it."""
+    from modelplane.registry.client import RegistryClient  # noqa: PLC0415
+
+    async def run() -> None:
+        async with RegistryClient(registry or _default_registry()) as client:
+            node = await client.drain_node(node_id, cancel=cancel)
+        console.print(f"{node.node_id}: {node.state.name}")
+
+    _run(run())
+
+
+@nodes_app.command("delete")
+def nodes_delete(node_id: str, registry: RegistryOption = "") -> None:
+    """Forget a LOST node and its placements (after the fleet was scaled in)."""
+    from modelplane.registry.client import RegistryClient  # noqa: PLC0415
+
+    async def run() -> None:
+        async with RegistryClient(registry or _default_registry()) as client:
+            await client.delete_node(node_id)
+        console.print(f"{node_id}: deleted")
+
+    _run(run())
+
+
 def _size(value: int) -> str:
     return f"{value / 2**30:.1f} GiB" if value >= 2**30 else f"{value / 2**20:.0f} MiB"
 
@@ -203,7 +390,7 @@ def _ago(delta: timedelta) -> str:
 def models_register(
     name: Annotated[str, typer.Argument(help="Name clients will use.")],
     source: Annotated[str, typer.Option(help="Path, file://, s3:// or http(s):// URI of the package.")],
-    task: Annotated[str, typer.Option(help="embedding, rerank or generation.")],
+    task: Annotated[str, typer.Option(help="embedding, rerank, generation, speech2text or tts.")],
     sha256: Annotated[str, typer.Option(help="Expected SHA-256 (see `modelplane digest`).")] = "",
     priority: Annotated[str, typer.Option(help="pinned, high, normal or low.")] = "normal",
     load: Annotated[bool, typer.Option(help="Load it right away.")] = False,

@@ -30,7 +30,7 @@ from modelplane.common.channels import open_channel
 from modelplane.common.errors import ModelplaneError
 from modelplane.common.process import die_with_parent
 from modelplane.common.settings import ServerSettings, TritonSettings, modelplane_home
-from modelplane.common.types import Task
+from modelplane.common.types import ModelSpec, Task
 from modelplane.gateway.settings import GatewaySettings
 from modelplane.inference.settings import InferenceSettings
 from modelplane.loader.client import LoaderClient
@@ -289,7 +289,7 @@ def banner(layout: StackLayout, loads: list[BundledLoad], elapsed_seconds: float
             "  Try:",
             f"    curl -s {base}/embeddings -H 'Content-Type: application/json' \\",
             f'      -d \'{{"model": "{embedder}", "input": ["hello", "world"]}}\'',
-            *[_chat_example(base, load.name) for load in loads if load.model.spec.task == Task.GENERATION][:1],
+            *_examples(base, [load.model.spec for load in loads]),
             "  Prometheus metrics:",
             *metrics,
             f"  State and logs live in {layout.home}. Press Ctrl-C to stop.",
@@ -298,11 +298,25 @@ def banner(layout: StackLayout, loads: list[BundledLoad], elapsed_seconds: float
     )
 
 
-def _chat_example(base: str, model: str) -> str:
-    return (
-        f"    curl -sN {base}/chat/completions -H 'Content-Type: application/json' \\\n"
-        f'      -d \'{{"model": "{model}", "stream": true, "messages": [{{"role": "user", "content": "Hello"}}]}}\''
-    )
+def _examples(base: str, specs: list[ModelSpec]) -> list[str]:
+    """A request for the first bundled model of each task beyond embeddings: chat, speech, transcription."""
+    chat = next((spec.name for spec in specs if spec.task == Task.GENERATION), None)
+    tts = next((spec.name for spec in specs if spec.task == Task.TTS), None)
+    stt = next((spec.name for spec in specs if spec.task == Task.SPEECH2TEXT), None)
+    examples = []
+    if chat:
+        examples.append(
+            f"    curl -sN {base}/chat/completions -H 'Content-Type: application/json' \\\n"
+            f'      -d \'{{"model": "{chat}", "stream": true, "messages": [{{"role": "user", "content": "Hello"}}]}}\''
+        )
+    if tts:
+        examples.append(
+            f"    curl -s {base}/audio/speech -H 'Content-Type: application/json' \\\n"
+            f'      -d \'{{"model": "{tts}", "input": "Hello from modelplane.", "voice": "alloy"}}\' -o hello.mp3'
+        )
+    if stt:
+        examples.append(f"    curl -s {base}/audio/transcriptions -F file=@hello.mp3 -F model={stt}")
+    return examples
 
 
 def finished(loads: list[BundledLoad], elapsed_seconds: float) -> str:

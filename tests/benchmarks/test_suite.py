@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.suite import concurrency
+from benchmarks.suite import concurrency, voice
 from benchmarks.suite.measure import percentile, ratio_per_round
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,8 +64,8 @@ def test_an_unknown_workload_is_refused_with_the_list_of_workloads(tmp_path: Pat
     run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
     assert run.returncode == 2
     assert (
-        "unknown workload(s) ['embedings']; choose from fetch, load, embeddings, chat, overhead, preload, concurrency"
-        in run.stderr
+        "unknown workload(s) ['embedings']; choose from "
+        "fetch, load, embeddings, chat, tools, voice, overhead, preload, concurrency" in run.stderr
     )
     assert not (tmp_path / "BENCHMARKS.md").exists()
 
@@ -101,3 +101,26 @@ def test_issue_10s_targets_are_read_from_the_concurrency_scripts_figures() -> No
         ("(issue 10) 16 single-text clients / infinity-emb, same load >= 2x", "2.33× (2.86, 1.80)", "met"),
         ("(issue 10) p99 at 1 client / the unbatched stack's <= 1.2x", "1.15× (1.10, 1.20)", "met"),
     ]
+
+
+def test_issue_19s_voice_figures_and_targets() -> None:
+    """Real-time factors per contender, and the speech-to-text target as the per-round ratio."""
+    data = {
+        "status": "ran",
+        "audio_s": 30.0,
+        "stt": {
+            voice.GATEWAY: [{"wall_s": 10.0}, {"wall_s": 12.0}],
+            voice.IN_PROCESS: [{"wall_s": 9.0}, {"wall_s": 10.0}],
+        },
+        "tts": {
+            voice.GATEWAY: [{"first_byte_s": 0.4, "wall_s": 5.0, "audio_s": 30.0}],
+            voice.IN_PROCESS: [{"first_byte_s": 0.3, "wall_s": 4.0, "audio_s": 30.0}],
+        },
+    }
+    table = voice.render(data)
+    assert "| modelplane gateway | 2.8 | 11.00 |" in table  # 30 s of speech in 10 and 12 s
+    assert "| modelplane gateway | 400 | 6.0 | 30.0 |" in table
+    (stt, stt_ratio, stt_verdict), (_, tts_ratio, _) = voice.targets(data)
+    # Rounds: 9/10 and 10/12 of in-process speed, median 0.87: below the 0.9 target.
+    assert "0.9× faster-whisper" in stt and (stt_ratio, stt_verdict) == ("0.87× (0.90, 0.83)", "**missed**")
+    assert tts_ratio == "0.80×"

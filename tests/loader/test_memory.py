@@ -1,9 +1,10 @@
-"""The loader's admission of a load into the budget, with the unloads it sets off. No Triton: the
-unloads are the handler's, stood in for by a callable that frees the memory after a delay."""
+"""The loader's admission of a load into the budget, with the unloads it names. No Triton: the
+unloads are the residency's, stood in for by a callable that frees the memory after a delay."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,16 @@ def resident(memory: MemoryManager, name: str, mib: int, used: float) -> None:
     memory.budget.hold(Holder(name, mib * MIB, Priority.NORMAL, ("cpu",), ModelState.READY, last_used=used))
 
 
+async def admit(
+    memory: MemoryManager, loading: Model, unload: Callable[[str, str, str], None], publish: Callable[[str], None]
+) -> Holder:
+    """Admission as the residency runs it: reserve, start the evictions it names, then admit."""
+    reservation = await memory.reserve(loading, publish)
+    for eviction in reservation.evictions:
+        unload(eviction.name, eviction.reason, eviction.detail)
+    return await memory.admit(reservation, loading, publish)
+
+
 async def test_a_load_starts_only_once_the_evicted_memory_is_released(memory: MemoryManager) -> None:
     resident(memory, "old", 600, used=1.0)
     resident(memory, "recent", 300, used=2.0)
@@ -53,9 +64,8 @@ async def test_a_load_starts_only_once_the_evicted_memory_is_released(memory: Me
 
         asyncio.get_running_loop().create_task(later())
 
-    memory.start_unload = unload
     messages: list[str] = []
-    holder = await memory.admit(model("new", 500), messages.append)
+    holder = await admit(memory, model("new", 500), unload, messages.append)
     admitted_at = asyncio.get_running_loop().time()
     assert evicted == [("old", "eviction", "new")]
     assert released_at and admitted_at >= released_at[0]
@@ -66,9 +76,8 @@ async def test_a_load_starts_only_once_the_evicted_memory_is_released(memory: Me
 
 async def test_a_load_whose_memory_is_never_freed_is_refused_after_the_wait(memory: MemoryManager) -> None:
     resident(memory, "stuck", 900, used=1.0)
-    memory.start_unload = lambda name, reason, detail: None  # the unload never finishes
     with pytest.raises(BudgetExceeded) as refused:
-        await memory.admit(model("new", 500), lambda _: None)
+        await admit(memory, model("new", 500), lambda name, reason, detail: None, lambda _: None)  # never unloads
     assert refused.value.message.startswith("Waited 2 s for memory in vain.")
     assert "'stuck' (normal, 900 MiB, UNLOADING)" in refused.value.message
     assert not memory.budget.claims  # the claim is given back
@@ -83,8 +92,7 @@ async def test_concurrent_loads_evict_once_each_and_all_fit(memory: MemoryManage
         victims.append(name)
         asyncio.get_running_loop().create_task(memory.release(name))
 
-    memory.start_unload = unload
-    holders = await asyncio.gather(*(memory.admit(model(f"n{i}", 250), lambda _: None) for i in range(2)))
+    holders = await asyncio.gather(*(admit(memory, model(f"n{i}", 250), unload, lambda _: None) for i in range(2)))
     assert sorted(victims) == ["r0", "r1"]  # the two least recently used, nothing more
     assert {h.name for h in holders} == {"n0", "n1"}
     assert memory.budget.used("cpu") == 1000 * MIB

@@ -39,3 +39,20 @@ def test_write_replaces_an_entry_and_leaves_no_staging_behind(tmp_path: Path) ->
     assert (entry / "2" / "model.onnx").read_bytes() == b"v2"
     assert list(repository.staging.iterdir()) == [] and list(repository.trash.iterdir()) == []
     assert [p.name for p in repository.root.iterdir()] == ["minilm"]
+
+
+def test_an_entry_built_beside_is_swapped_in_and_the_served_one_can_be_put_back(tmp_path: Path) -> None:
+    """A refresh builds the new entry beside the served one; if Triton refuses it, the served
+    entry goes back, so a later restart loads what was serving."""
+    repository = ModelRepository(tmp_path / "models")
+    served, new = tmp_path / "served.onnx", tmp_path / "new.onnx"
+    served.write_bytes(b"served")
+    new.write_bytes(b"new")
+    entry = repository.write(_config(), 1, {"model.onnx": served})
+    built = repository.build(_config(), 1, {"model.onnx": new})
+    assert (entry / "1" / "model.onnx").read_bytes() == b"served"  # untouched until the swap
+    retired = repository.swap_in(built)
+    assert (entry / "1" / "model.onnx").read_bytes() == b"new"
+    repository.restore("minilm", retired)
+    assert (entry / "1" / "model.onnx").read_bytes() == b"served"
+    assert list(repository.staging.iterdir()) == [] and list(repository.trash.iterdir()) == []

@@ -57,11 +57,12 @@ async def test_a_first_schema_database_upgrades_to_head_with_its_data(database_u
         assert (model.version, model.state, model.spec.expected_sha256) == (2, ModelState.STAGED, "ab" * 32)
         assert model.create_time == WHEN
         [event] = await store.list_events(name="minilm", limit=10)
-        assert (event.from_state, event.to_state, event.message, event.request_id) == (
+        assert (event.from_state, event.to_state, event.message, event.request_id, event.node_id) == (
             ModelState.CONVERTING,
             ModelState.STAGED,
             "converted",
             "req-1",
+            "",  # the event of the model as a whole, from before nodes existed
         )
         [asset] = await store.get_assets("minilm")
         assert (asset.name, asset.content) == ("tokenizer.json", b'{"vocab": {}}')

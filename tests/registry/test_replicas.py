@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 import asyncpg
 import pytest
@@ -11,9 +12,10 @@ import pytest
 from modelplane.common.errors import Unavailable
 from modelplane.common.types import ModelSpec, ModelState, Task
 from modelplane.registry.client import RegistryClient
+from modelplane.registry.fleet import Node, NodeState, PlacementTarget
 from modelplane.registry.server import RegistryService
 from modelplane.registry.settings import RegistrySettings
-from modelplane.registry.watch import ChangeType, ModelChange
+from modelplane.registry.watch import Change, ChangeType, ModelChange, NodeChange, PlacementChange
 from tests.postgres import PostgresServer
 
 
@@ -28,7 +30,10 @@ async def database(postgres: PostgresServer) -> AsyncIterator[str]:
 async def replicas(database: str) -> AsyncIterator[tuple[RegistryService, RegistryService]]:
     # Both start at once, as a Deployment's pods do: the migration lock lets one migrate at a time.
     first, second = (
-        RegistryService(RegistrySettings(host="127.0.0.1", port=0, database_url=database)) for _ in range(2)
+        RegistryService(
+            RegistrySettings(host="127.0.0.1", port=0, database_url=database, node_sweep_interval_seconds=0.2)
+        )
+        for _ in range(2)
     )
     await asyncio.gather(first.start(), second.start())
     yield first, second
@@ -118,3 +123,85 @@ async def test_watchers_resync_when_the_listen_connection_drops(
         await writer_side.register(ModelSpec(name="after", task=Task.EMBEDDING, source_uri="/m/after"))
         change = await asyncio.wait_for(anext(stream), timeout=10)
         assert (change.change_type, change.model.name) == (ChangeType.REGISTERED, "after")
+
+
+async def test_registrations_through_both_replicas_at_once_number_versions_without_gaps_or_doubles(
+    replicas: tuple[RegistryService, RegistryService],
+) -> None:
+    first, second = replicas
+    async with (
+        RegistryClient(f"127.0.0.1:{first.port}") as one,
+        RegistryClient(f"127.0.0.1:{second.port}") as other,
+    ):
+        # 16 new packages of one model, and one new model registered twice with the same package,
+        # all at the same moment, half through each replica.
+        clients = [one, other] * 8
+        results = await asyncio.gather(
+            *(
+                client.register(ModelSpec(name="busy", task=Task.EMBEDDING, source_uri=f"/m/busy-{index}"))
+                for index, client in enumerate(clients)
+            ),
+            one.register(ModelSpec(name="fresh", task=Task.EMBEDDING, source_uri="/m/fresh")),
+            other.register(ModelSpec(name="fresh", task=Task.EMBEDDING, source_uri="/m/fresh")),
+        )
+        busy, fresh = results[:16], results[16:]
+        assert sorted(model.version for model, created in busy if created) == list(range(1, 17))
+        assert (await other.get_model("busy")).version == 16
+        events = await one.events("busy")
+        assert sorted(e.version for e in events) == list(range(1, 17))
+        assert sorted(created for _, created in fresh) == [False, True]
+        assert {model.version for model, _ in fresh} == {1}
+
+
+async def test_node_and_placement_changes_reach_a_watcher_of_the_other_replica(
+    replicas: tuple[RegistryService, RegistryService],
+) -> None:
+    first, second = replicas
+    async with (
+        RegistryClient(f"127.0.0.1:{first.port}") as watcher_side,
+        RegistryClient(f"127.0.0.1:{second.port}") as writer_side,
+    ):
+        await writer_side.register(ModelSpec(name="minilm", task=Task.EMBEDDING, source_uri="/m/minilm"))
+        stream = watcher_side.watch_fleet(include_initial=True)
+        assert isinstance(await anext(stream), ModelChange)  # the snapshot: subscribed from here on
+        node_0 = Node(node_id="node-0", loader_address="10.0.0.5:50052", triton_address="10.0.0.5:8001", holder="a")
+        node = await writer_side.register_node(node_0, lease_duration=timedelta(seconds=60))
+        [placement], _ = await writer_side.set_placements([PlacementTarget(model_name="minilm", node_id="node-0")])
+        for state in (ModelState.FETCHING, ModelState.VERIFYING, ModelState.STAGED, ModelState.LOADING):
+            await writer_side.transition_placement(placement, node.incarnation, state)
+        await writer_side.transition_placement(placement, node.incarnation, ModelState.READY, observed_generation=1)
+        # The same process shortens its lease, then stops renewing it (it hung, or was killed).
+        assert (await writer_side.register_node(node_0, lease_duration=timedelta(seconds=1))).incarnation == 1
+
+        seen: list[Change] = []
+        while True:
+            seen.append(await asyncio.wait_for(anext(stream), timeout=10))
+            if isinstance(seen[-1], NodeChange) and seen[-1].node.state == NodeState.LOST:
+                break
+        placements = [c.placement for c in seen if isinstance(c, PlacementChange)]
+        assert [p.status.state for p in placements] == [
+            ModelState.REGISTERED,
+            ModelState.FETCHING,
+            ModelState.VERIFYING,
+            ModelState.STAGED,
+            ModelState.LOADING,
+            ModelState.READY,
+        ]
+        models = [c.model for c in seen if isinstance(c, ModelChange)]
+        assert ModelState.READY in [m.state for m in models]
+        nodes = [(c.change_type, c.node.state) for c in seen if isinstance(c, NodeChange)]
+        assert nodes == [
+            (ChangeType.REGISTERED, NodeState.LIVE),
+            (ChangeType.UPDATED, NodeState.LIVE),  # the shorter lease
+            (ChangeType.UPDATED, NodeState.LOST),
+        ]
+        after = await asyncio.wait_for(anext(stream), timeout=10)
+        assert isinstance(after, ModelChange) and after.model.state == ModelState.REGISTERED
+        assert after.model.status.reason == "not held by any live node"
+        # Both replicas sweep several times a second; the loss was recorded and announced once:
+        # the next change is the one written after a few more sweeps.
+        await asyncio.sleep(1.0)
+        await writer_side.drain_node("node-0")
+        drained = await asyncio.wait_for(anext(stream), timeout=10)
+        assert isinstance(drained, NodeChange) and drained.node.draining
+        await stream.aclose()

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
 
-from modelplane.common.errors import InvalidArgument, NotFound
-from modelplane.common.types import ModelSpec, ModelState, RequestCount, Task
+from modelplane.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from modelplane.common.types import ModelSpec, ModelState, PlacementPolicy, RequestCount, Task
 from modelplane.registry.client import RegistryClient
+from modelplane.registry.fleet import Node, NodeDevice, NodeState, PlacementTarget
 from modelplane.registry.server import RegistryService
 from modelplane.registry.settings import RegistrySettings
 from tests.grpc_reflection_client import describe_methods, list_services
@@ -94,3 +95,83 @@ async def test_request_statistics_round_trip_with_every_rate(client: RegistryCli
     assert stats.hour_of_day_counts[now.hour] == 60
     assert stats.last_request_time is not None and abs((stats.last_request_time - now).total_seconds()) < 0.001
     assert await client.statistics(["ghost"]) == []
+
+
+def _node(holder: str, **fields: object) -> Node:
+    values: dict[str, object] = {"loader_address": "10.0.0.5:50052", "triton_address": "10.0.0.5:8001", **fields}
+    return Node(node_id="node-0", holder=holder, **values)  # type: ignore[arg-type]
+
+
+async def test_a_second_process_claiming_a_live_node_id_gets_already_exists(client: RegistryClient) -> None:
+    await client.register_node(_node("loader@a pid 1 aa"), lease_duration=timedelta(seconds=30))
+    with pytest.raises(AlreadyExists) as refused:
+        await client.register_node(_node("loader@b pid 2 bb"))
+    assert refused.value.code == grpc.StatusCode.ALREADY_EXISTS
+    assert refused.value.reason == "NODE_ID_IN_USE"
+    assert refused.value.message.startswith("Node id 'node-0' is in use: held by loader@a pid 1 aa")
+    assert refused.value.metadata["holder"] == "loader@a pid 1 aa"
+    assert 25 < refused.value.retry_after_seconds <= 30  # type: ignore[operator]
+
+
+async def test_a_process_replacing_a_crashed_one_waits_for_its_lease_to_lapse(client: RegistryClient) -> None:
+    await client.register_node(_node("loader@a pid 1 aa"), lease_duration=timedelta(seconds=1))
+    # The first process died without a word: the replacement waits out its lease, then takes over.
+    replacement = await client.register_node(_node("loader@a pid 7 cc"), wait_seconds=10)
+    assert (replacement.holder, replacement.incarnation, replacement.state) == ("loader@a pid 7 cc", 2, NodeState.LIVE)
+
+
+async def test_a_node_its_placements_and_the_derived_model_over_grpc(client: RegistryClient) -> None:
+    devices = [NodeDevice(device="gpu:0", product="NVIDIA L4", capacity_bytes=20 << 30, used_bytes=1 << 30)]
+    node = await client.register_node(
+        _node("loader@a pid 1 aa", labels={"gpu": "l4"}, devices=devices), lease_duration=timedelta(seconds=30)
+    )
+    assert node.lease_duration == timedelta(seconds=30) and node.devices == devices
+    [listed] = await client.list_nodes(states=[NodeState.LIVE])
+    assert listed == node
+    await client.register(
+        ModelSpec(
+            name="minilm",
+            task=Task.EMBEDDING,
+            source_uri="/m",
+            placement=PlacementPolicy(min_copies=1, max_copies=3, node_selector={"gpu": "l4"}),
+        ),
+        load=True,
+    )
+    assert (await client.get_model("minilm")).spec.placement == PlacementPolicy(
+        min_copies=1, max_copies=3, node_selector={"gpu": "l4"}
+    )
+    [placement], _ = await client.set_placements([PlacementTarget(model_name="minilm", node_id="node-0")])
+    for state in (ModelState.FETCHING, ModelState.VERIFYING, ModelState.STAGED, ModelState.LOADING):
+        placement, model = await client.transition_placement(placement, node.incarnation, state)
+    placement, model = await client.transition_placement(
+        placement, node.incarnation, ModelState.READY, "loaded", footprint_bytes=1 << 28, observed_generation=1
+    )
+    assert (placement.status.state, placement.status.observed_generation) == (ModelState.READY, 1)
+    assert model.state == ModelState.READY and model.status.footprint_bytes == 1 << 28
+    assert await client.list_placements(node_ids=["node-0"]) == [placement]
+    renewed = await client.renew_node_lease("node-0", node.incarnation)
+    assert renewed.lease_expire_time > node.lease_expire_time  # type: ignore[operator]
+    drained = await client.drain_node("node-0")
+    assert drained.state == NodeState.DRAINING
+    assert await client.list_nodes(states=[NodeState.LIVE]) == []
+    with pytest.raises(FailedPrecondition) as lost:
+        await client.renew_node_lease("node-0", node.incarnation + 1)
+    assert lost.value.reason == "NODE_LEASE_LOST"
+    assert "no longer holds it: stop serving its copies and register again" in lost.value.message
+
+
+async def test_reflection_describes_the_fleet_rpcs(registry: RegistryService) -> None:
+    methods = await asyncio.to_thread(
+        describe_methods, f"127.0.0.1:{registry.port}", "modelplane.registry.v1.RegistryService"
+    )
+    for name in (
+        "RegisterNode",
+        "RenewNodeLease",
+        "DrainNode",
+        "DeleteNode",
+        "ListNodes",
+        "ListPlacements",
+        "SetPlacements",
+        "TransitionPlacement",
+    ):
+        assert methods[name][:2] == (f"modelplane.registry.v1.{name}Request", f"modelplane.registry.v1.{name}Response")

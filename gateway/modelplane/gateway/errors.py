@@ -188,7 +188,15 @@ def service_error_response(error: ModelplaneError) -> JSONResponse:
         retry_after = _DEFAULT_RETRY_AFTER_SECONDS
     # A model that cannot serve says which state it is in, for the admin who reads the error.
     extra = {"state": error.metadata["state"]} if status == 409 and "state" in error.metadata else None
-    return error_response(status, error.message, error_type, error.reason.lower(), retry_after=retry_after, extra=extra)
+    return error_response(
+        status,
+        error.message,
+        error_type,
+        error.reason.lower(),
+        param=error.metadata.get("param"),
+        retry_after=retry_after,
+        extra=extra,
+    )
 
 
 def stream_error_chunk(error: Exception) -> dict[str, object]:

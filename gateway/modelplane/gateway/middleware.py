@@ -34,11 +34,13 @@ _JSON = b"application/json"
 
 
 def _json_content_type(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """Every request body of this API is JSON. `curl -d` labels bodies as form data and some
-    clients send no type at all, so anything not labelled JSON is read as JSON."""
+    """Every request body of this API is JSON but an audio upload's (multipart, as OpenAI's
+    transcription API takes it). `curl -d` labels bodies as form data and some clients send no
+    type at all, so anything not labelled JSON or multipart is read as JSON."""
     kept = [(k, v) for k, v in headers if k.lower() != b"content-type"]
     declared = next((v for k, v in headers if k.lower() == b"content-type"), b"")
-    if declared.split(b";")[0].strip().lower().endswith((b"/json", b"+json")):
+    media_type = declared.split(b";")[0].strip().lower()
+    if media_type.endswith((b"/json", b"+json")) or media_type == b"multipart/form-data":
         return headers
     return [*kept, (b"content-type", _JSON)]
 

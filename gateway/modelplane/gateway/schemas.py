@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 # A token id of the model's own tokenizer; the inference service checks it against the vocabulary.
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
@@ -105,8 +105,16 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "modelplane"
-    task: str = Field(description="embedding, rerank or generation.")
+    task: str = Field(description="embedding, rerank, generation, speech2text or tts.")
     state: str = Field(description="Lifecycle state: READY, or a state from which a request loads it.")
+    context_length: int | None = Field(
+        default=None, description="Tokens of context a generation model is served with (known once it is staged)."
+    )
+    capabilities: list[str] | None = Field(
+        default=None,
+        description="What a generation model can do besides text: `tools`, `json_schema`, `reasoning`, `vision` "
+        "(known once it is staged).",
+    )
 
 
 class ModelList(BaseModel):
@@ -148,6 +156,23 @@ class TextPart(BaseModel):
     text: str = ""
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(max_length=256)
+    arguments: str | dict = Field(default="{}", description="The arguments, a JSON object as text.")
+
+
+class ToolCallIn(BaseModel):
+    """An assistant's earlier tool call, sent back in the conversation."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str = ""
+    type: str = "function"
+    function: FunctionCall
+
+
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -156,6 +181,24 @@ class ChatMessageIn(BaseModel):
         default=None, description="A text, or a list of text parts that are joined."
     )
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = Field(default=None, description="An assistant message's tool calls.")
+    tool_call_id: str | None = Field(default=None, description="A `tool` message's call id (required there).")
+    function_call: FunctionCall | None = Field(default=None, description="The legacy form of one tool call.")
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(max_length=256)
+    description: str | None = None
+    parameters: object | None = Field(default=None, description="A JSON schema of the arguments.")
+
+
+class ToolIn(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(default="function", description="`function`; tools of other types are ignored.")
+    function: FunctionDefinition | None = None
 
 
 class StreamOptions(BaseModel):
@@ -190,10 +233,24 @@ class SamplingFields(BaseModel):
     n: int | None = Field(default=None, ge=1, description="Only 1 is served.")
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: dict | None = Field(
+        default=None,
+        description='`{"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema"}}` (the '
+        "schema itself in place of `json_schema` is accepted). The output is constrained to it as it is generated; "
+        "a schema that cannot be enforced, or a model that cannot constrain its output, is refused with 400.",
+    )
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessageIn] = Field(min_length=1, description="The conversation, oldest first.")
+    tools: list[ToolIn] | None = Field(
+        default=None, description="Functions the model may call; their arguments always validate against `parameters`."
+    )
+    tool_choice: str | dict | None = Field(
+        default=None, description='`"auto"` (default with tools), `"none"`, `"required"`, or a named function.'
+    )
+    functions: list[FunctionDefinition] | None = Field(default=None, description="The legacy form of `tools`.")
+    function_call: str | dict | None = Field(default=None, description="The legacy form of `tool_choice`.")
 
 
 class CompletionRequest(SamplingFields):
@@ -206,15 +263,35 @@ class CompletionUsage(BaseModel):
     total_tokens: int
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str = Field(description="A JSON object as text; it validates against the tool's parameters.")
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class ChatCompletionMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None = Field(description="The answer; null when the model called tools without text.")
+    tool_calls: list[ToolCallOut] | None = None
+    function_call: FunctionCallOut | None = Field(default=None, description="With the legacy `functions` only.")
+    reasoning_content: str | None = Field(default=None, description="The thinking of a reasoning model.")
+
+    @model_serializer(mode="wrap")
+    def _without_absent_extras(self, handler: SerializerFunctionWrapHandler) -> dict:
+        """`content` is always there (null or text: Dify reads the key); the other fields only when set."""
+        data = handler(self)
+        return {k: v for k, v in data.items() if v is not None or k in ("role", "content")}
 
 
 class ChatCompletionChoice(BaseModel):
     index: int = 0
     message: ChatCompletionMessage
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls", "function_call"]
     logprobs: None = None
 
 
@@ -241,3 +318,49 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: CompletionUsage
+
+
+# Audio -----------------------------------------------------------------------------------------
+
+
+class SpeechRequest(BaseModel):
+    """OpenAI's speech request, as Dify's OpenAI-API-compatible provider and OpenAI's clients send it."""
+
+    # Clients send fields this API does not use (instructions); they are accepted and ignored.
+    model_config = ConfigDict(extra="allow")
+
+    model: ModelName
+    input: str = Field(description="The text to speak.", examples=["Hello from modelplane."])
+    voice: str = Field(
+        default="",
+        description="One of the model's voices; OpenAI's names (alloy, echo, ...) speak with its default voice.",
+        examples=["alloy"],
+    )
+    response_format: str = Field(
+        default="mp3", description="`mp3`, `wav`, `opus`, `flac` or `pcm` (16-bit, 24 kHz, mono).", examples=["mp3"]
+    )
+    speed: float | None = Field(default=None, description="Speaking rate, 0.25 to 4; 1 is the voice's own.")
+    stream_format: str | None = Field(default=None, description="`audio` (the only one served).")
+
+
+class TranscriptionSegment(BaseModel):
+    id: int
+    seek: int
+    start: float
+    end: float
+    text: str
+    tokens: list[int]
+    temperature: float
+    avg_logprob: float
+    compression_ratio: float
+    no_speech_prob: float
+
+
+class TranscriptionResponse(BaseModel):
+    """`json` gives `text` alone; `verbose_json` adds the language, duration and segments."""
+
+    text: str
+    task: Literal["transcribe"] | None = None
+    language: str | None = None
+    duration: float | None = None
+    segments: list[TranscriptionSegment] | None = None

@@ -23,6 +23,8 @@ class Task(enum.IntEnum):
     EMBEDDING = 1
     RERANK = 2
     GENERATION = 3
+    SPEECH2TEXT = 4
+    TTS = 5
 
 
 class ModelFormat(enum.IntEnum):
@@ -32,6 +34,7 @@ class ModelFormat(enum.IntEnum):
     ONNX = 3
     TENSORRT_PLAN = 4
     GGUF = 5
+    CTRANSLATE2 = 6
 
 
 class ModelState(enum.IntEnum):
@@ -59,6 +62,7 @@ class DesiredState(enum.IntEnum):
     UNSPECIFIED = 0
     LOADED = 1
     UNLOADED = 2
+    HELD_UNLOADED = 3  # an operator unloaded it: no preload brings it back
 
 
 class Priority(enum.IntEnum):
@@ -141,6 +145,15 @@ class RuntimeHints(Record):
     chat_template: str = ""
     rerank_scoring: RerankScoring = RerankScoring.UNSPECIFIED
     parity_tolerance: float = 0.0
+    default_max_tokens: int = 0
+
+
+class PlacementPolicy(Record):
+    """Where and in how many copies the placer may hold a model across a fleet's nodes."""
+
+    min_copies: int = 0
+    max_copies: int = 0
+    node_selector: dict[str, str] = Field(default_factory=dict)
 
 
 class ModelSpec(Record):
@@ -157,6 +170,7 @@ class ModelSpec(Record):
     idle_ttl: ProtoDuration | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     description: str = ""
+    placement: PlacementPolicy | None = None
 
     @property
     def effective_priority(self) -> Priority:
@@ -178,6 +192,20 @@ class PhaseDuration(Record):
     duration: ProtoDuration
 
 
+class ModelCapabilities(Record):
+    tools: bool = False
+    json_schema: bool = False
+    reasoning: bool = False
+    vision: bool = False
+
+
+class SpeechProfile(Record):
+    sample_rate_hz: int = 0
+    voices: list[str] = Field(default_factory=list)
+    default_voice: str = ""
+    languages: list[str] = Field(default_factory=list)
+
+
 class ServingProfile(Record):
     triton_model_name: str = ""
     embedding_dimension: int = 0
@@ -192,6 +220,8 @@ class ServingProfile(Record):
     max_batch_size: int = 0
     special_tokens: dict[str, str] = Field(default_factory=dict)
     runtime_memory_bytes: int = 0
+    capabilities: ModelCapabilities | None = None
+    speech: SpeechProfile | None = None
 
 
 class ModelAsset(Record):
@@ -237,6 +267,7 @@ class ModelEvent(Record):
     message: str = ""
     create_time: datetime | None = None
     request_id: str = ""
+    node_id: str = ""
 
 
 class RequestCount(Record):

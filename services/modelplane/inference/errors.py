@@ -5,6 +5,8 @@ from __future__ import annotations
 from modelplane.common.errors import FailedPrecondition, InvalidArgument, ModelNotFound, Unavailable
 
 __all__ = [
+    "AudioTooLong",
+    "AudioUnreadable",
     "InputTooLong",
     "InvalidRequest",
     "ModelLoading",
@@ -12,6 +14,7 @@ __all__ = [
     "ModelNotServable",
     "TemplateMissing",
     "TritonUnavailable",
+    "UnknownVoice",
     "WrongTask",
 ]
 
@@ -48,3 +51,19 @@ class TemplateMissing(InvalidArgument):
     """A chat was asked of a model without a chat template."""
 
     reason = "CHAT_TEMPLATE_MISSING"
+
+
+class AudioUnreadable(InvalidArgument):
+    """An upload that is empty, not audio, or damaged beyond decoding."""
+
+    reason = "AUDIO_UNREADABLE"
+
+
+class AudioTooLong(InvalidArgument):
+    """An upload longer than the service transcribes in one request."""
+
+    reason = "AUDIO_TOO_LONG"
+
+
+class UnknownVoice(InvalidArgument):
+    reason = "UNKNOWN_VOICE"

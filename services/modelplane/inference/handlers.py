@@ -7,6 +7,7 @@ made ready (loading it on demand), in chunks Triton accepts, with exact token co
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -15,9 +16,10 @@ import numpy as np
 import structlog
 
 from modelplane.common.request_context import current_request_id
-from modelplane.common.types import Task, Usage
-from modelplane.inference import generation
+from modelplane.common.types import ModelCapabilities, Task, Usage
+from modelplane.inference import generation, speech, structured, tool_calls
 from modelplane.inference import rerank as reranking
+from modelplane.inference.audio import AudioFormat
 from modelplane.inference.catalog import ModelCatalog, ServingModel
 from modelplane.inference.coalescing import EncoderCalls, EncoderModel
 from modelplane.inference.errors import InputTooLong, InvalidRequest, WrongTask
@@ -177,14 +179,20 @@ class InferenceHandler:
         prompt: str,
         parameters: generation.SamplingParameters,
         *,
+        response_format: structured.ResponseFormat = structured.ResponseFormat(),  # noqa: B008 - immutable
         deadline_seconds: float | None = None,
     ) -> AsyncIterator[generation.GenerationChunk]:
         """Completes the prompt as it is, streaming the text as it is generated."""
         serving = await self._serving(model, Task.GENERATION, deadline_seconds)
-        async for chunk in generation.generate(
-            self.triton, serving, prompt, parameters, request_id=current_request_id.get()
-        ):
-            yield chunk
+        schema = _response_schema(serving, response_format)
+        chunks = generation.generate(
+            self.triton, serving, prompt, parameters, schema=schema, request_id=current_request_id.get()
+        )
+        if schema is not None:
+            chunks = generation.structured_answer(chunks, schema, model)
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                yield chunk
 
     async def chat(
         self,
@@ -192,15 +200,90 @@ class InferenceHandler:
         messages: Sequence[generation.ChatMessage],
         parameters: generation.SamplingParameters,
         *,
+        tools: Sequence[tool_calls.Tool] = (),
+        tool_choice: tool_calls.ToolChoice = tool_calls.ToolChoice(),  # noqa: B008 - immutable
+        response_format: structured.ResponseFormat = structured.ResponseFormat(),  # noqa: B008 - immutable
         deadline_seconds: float | None = None,
     ) -> AsyncIterator[generation.GenerationChunk]:
-        """Answers the conversation, rendered with the model's chat template, streaming the text."""
+        """Answers the conversation, rendered with the model's chat template, streaming the text;
+        with tools, the answer is either complete tool calls or text; with a response format, text
+        constrained to it; a model that thinks has its thought returned apart."""
         serving = await self._serving(model, Task.GENERATION, deadline_seconds)
-        prompt = generation.render_chat(serving, messages)
-        async for chunk in generation.generate(
-            self.triton, serving, prompt, parameters, request_id=current_request_id.get()
+        capabilities = serving.profile.capabilities or ModelCapabilities()
+        response = _response_schema(serving, response_format)
+        plan = tool_calls.plan_tools(tools, tool_choice, response)
+        if plan is not None and not capabilities.tools:
+            raise InvalidRequest(
+                f"Model '{model}' cannot call tools: it needs a chat template and an engine that constrains its output "
+                "(a GGUF model). Send the request without tools, or use a model whose capabilities in GET /v1/models "
+                "include tools.",
+                metadata={"model": model, "param": "tools"},
+            )
+        prompt = generation.render_chat(serving, messages, plan)
+        schema = plan.output_schema() if plan is not None else response
+        chunks = generation.generate(
+            self.triton, serving, prompt, parameters, schema=schema, request_id=current_request_id.get()
+        )
+        if plan is not None and schema is not None:
+            chunks = generation.tool_answer(chunks, plan, schema, model)
+        elif schema is not None:
+            chunks = generation.structured_answer(chunks, schema, model)
+        elif capabilities.reasoning:
+            chunks = generation.split_reasoning(chunks, prompt)
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                yield chunk
+
+    async def transcribe(
+        self,
+        model: str,
+        data: bytes,
+        *,
+        filename: str = "",
+        language: str = "",
+        prompt: str = "",
+        temperature: float | None = None,
+        deadline_seconds: float | None = None,
+    ) -> speech.Transcript:
+        """The transcript of an audio file of any container FFmpeg reads, long ones in chunks."""
+        serving = await self._serving(model, Task.SPEECH2TEXT, deadline_seconds)
+        return await speech.transcribe(
+            self.triton,
+            serving,
+            data,
+            filename=filename,
+            language=language,
+            prompt=prompt,
+            temperature=temperature,
+            max_seconds=self.settings.max_audio_seconds,
+            chunk_seconds=self.settings.transcribe_chunk_seconds,
+            request_id=current_request_id.get(),
+            timeout_seconds=deadline_seconds,
+        )
+
+    async def synthesize(
+        self,
+        model: str,
+        text: str,
+        *,
+        voice: str = "",
+        audio_format: AudioFormat = AudioFormat.MP3,
+        speed: float | None = None,
+        deadline_seconds: float | None = None,
+    ) -> AsyncIterator[speech.SpeechPiece]:
+        """Speaks the text, streaming the encoded audio sentence by sentence."""
+        serving = await self._serving(model, Task.TTS, deadline_seconds)
+        async for piece in speech.synthesize(
+            self.triton,
+            serving,
+            text,
+            voice=voice,
+            audio_format=audio_format,
+            speed=speed,
+            max_chars=self.settings.max_speech_input_chars,
+            request_id=current_request_id.get(),
         ):
-            yield chunk
+            yield piece
 
     async def _run_encoder(
         self, serving: ServingModel, sequences: list[tuple[list[int], list[int]]]
@@ -230,6 +313,21 @@ class InferenceHandler:
             truncated=[cut for chunk in chunks for cut in chunk.truncated],
         )
         return np.concatenate(outputs).astype(np.float32, copy=False), facts
+
+
+def _response_schema(serving: ServingModel, response_format: structured.ResponseFormat) -> dict | None:
+    """The checked schema the answer must satisfy, refused for a model that cannot constrain its output."""
+    schema = structured.response_schema(response_format)
+    schema = structured.finite(schema) if schema is not None else None
+    capabilities = serving.profile.capabilities or ModelCapabilities()
+    if schema is not None and not capabilities.json_schema:
+        raise InvalidRequest(
+            f"Model '{serving.name}' cannot constrain its output to JSON (its engine has no grammar support), so "
+            "response_format cannot be honoured; use a GGUF model, whose capabilities in GET /v1/models include "
+            "json_schema, or drop response_format.",
+            metadata={"model": serving.name, "param": "response_format"},
+        )
+    return schema
 
 
 def _check_vocabulary(ids: Sequence[int], tokenizer: EncoderTokenizer, model: str, index: int) -> None:

@@ -50,6 +50,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             request.model,
             request.prompt,
             converters.sampling_from_proto(request.parameters),
+            response_format=converters.response_format_from_proto(request.response_format),
             deadline_seconds=_deadline(context),
         )
         async for chunk in chunks:
@@ -60,7 +61,38 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             request.model,
             converters.chat_messages_from_proto(request),
             converters.sampling_from_proto(request.parameters),
+            tools=converters.tools_from_proto(request),
+            tool_choice=converters.tool_choice_from_proto(request),
+            response_format=converters.response_format_from_proto(request.response_format),
             deadline_seconds=_deadline(context),
         )
         async for chunk in chunks:
             yield converters.chat_chunk_to_proto(chunk)
+
+    async def Transcribe(
+        self, request: pb.TranscribeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TranscribeResponse:
+        result = await self.handler.transcribe(
+            request.model,
+            request.audio,
+            filename=request.filename,
+            language=request.language,
+            prompt=request.prompt,
+            temperature=request.temperature if request.HasField("temperature") else None,
+            deadline_seconds=_deadline(context),
+        )
+        return converters.transcript_to_proto(result)
+
+    async def Synthesize(
+        self, request: pb.SynthesizeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.SynthesizeResponse]:
+        pieces = self.handler.synthesize(
+            request.model,
+            request.input,
+            voice=request.voice,
+            audio_format=converters.audio_format_from_proto(request.format),
+            speed=request.speed if request.HasField("speed") else None,
+            deadline_seconds=_deadline(context),
+        )
+        async for piece in pieces:
+            yield converters.speech_piece_to_proto(piece)

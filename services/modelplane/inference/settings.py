@@ -31,3 +31,12 @@ class InferenceSettings(ServerSettings):
     many are running go to Triton together in the next call, which saves each its own call's cost
     (docs/BATCHING.md). With several Triton instances of the model (`instance_count`), set it to
     their number; 0 sends every request as its own call."""
+    max_audio_seconds: float = 1800.0
+    """Longest recording one transcription request may carry, in seconds (30 minutes); longer ones
+    are refused with INVALID_ARGUMENT. With the gateway's 32 MiB body limit that is about a
+    128 kbit/s MP3 of that length."""
+    transcribe_chunk_seconds: float = 120.0
+    """Long recordings go to the speech-to-text model in chunks of at most this many seconds, each
+    cut at a pause and prompted with the end of the chunk before it."""
+    max_speech_input_chars: int = 10000
+    """Most characters one text-to-speech request may speak."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import AsyncIterator, Mapping
@@ -94,6 +95,37 @@ class TritonInferer:
             _tensor("return_num_output_tokens", True, "BOOL"),
         ]
 
+        async with contextlib.aclosing(self._stream(model, inputs, request_id)) as results:
+            async for result in results:
+                chunk = _chunk(result)
+                yield chunk
+                if chunk.final:
+                    return
+
+    async def synthesize(
+        self, model: str, text: str, *, speaker: str, speed: float, request_id: str = ""
+    ) -> AsyncIterator[tuple[np.ndarray, int]]:
+        """Streams (int16 samples, sample rate) per sentence from a decoupled text-to-speech model.
+        Closing the iterator early cancels the request inside Triton."""
+        inputs = [_tensor("text_input", text.encode(), "BYTES")]
+        if speaker:
+            inputs.append(_tensor("speaker", speaker.encode(), "BYTES"))
+        speed_tensor = InferInput("speed", [1], "FP32")
+        speed_tensor.set_data_from_numpy(np.array([speed], dtype=np.float32))
+        inputs.append(speed_tensor)
+
+        async with contextlib.aclosing(self._stream(model, inputs, request_id)) as results:
+            async for result in results:
+                samples = result.as_numpy("audio")
+                if samples is not None and samples.size:
+                    yield samples.reshape(-1), int(result.as_numpy("sample_rate").reshape(-1)[0])
+                if _is_final(result):
+                    return
+
+    async def _stream(self, model: str, inputs: list[InferInput], request_id: str) -> AsyncIterator[Any]:
+        """The responses of one request to a decoupled model, as they arrive, with its errors
+        translated. Closing the iterator cancels the request inside Triton."""
+
         async def requests() -> AsyncIterator[dict[str, Any]]:
             yield {"model_name": model, "inputs": inputs, "request_id": request_id}
 
@@ -102,14 +134,16 @@ class TritonInferer:
             async for result, error in responses:
                 if error is not None:
                     raise _translate_generation(model, error)
-                chunk = _chunk(result)
-                yield chunk
-                if chunk.final:
-                    return
+                yield result
         except InferenceServerException as error:
             raise _translate(model, error) from None
         finally:
             responses.cancel()
+
+
+def _is_final(result: Any) -> bool:
+    final = result.get_response().parameters.get("triton_final_response")
+    return bool(final is not None and final.bool_param)
 
 
 def _chunk(result: Any) -> GeneratedChunk:
@@ -119,13 +153,12 @@ def _chunk(result: Any) -> GeneratedChunk:
 
     text = first("text_output")
     reason = first("finish_reason")
-    final = result.get_response().parameters.get("triton_final_response")
     return GeneratedChunk(
         text=text.decode() if isinstance(text, bytes) else str(text or ""),
         new_tokens=int(first("num_output_tokens") or 0),
         prompt_tokens=int(first("num_input_tokens") or 0),
         finish_reason=reason.decode() if isinstance(reason, bytes) else "",
-        final=bool(final is not None and final.bool_param),
+        final=_is_final(result),
     )
 
 

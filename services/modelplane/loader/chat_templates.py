@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from modelplane.common.types import ModelCapabilities
+
 # Gemma's turn format, as Google's own template writes it: `user` and `model` turns, a system
 # message folded into the first user turn (Gemma has no system role). The base Gemma 3 GGUFs
 # carry no template; the instruction-tuned ones use this exact format.
@@ -56,3 +58,16 @@ def from_tokenizer_files(folder: Path) -> str:
         named = {item.get("name"): item.get("template", "") for item in template if isinstance(item, dict)}
         template = named.get("default", "")
     return template if isinstance(template, str) else ""
+
+
+def capabilities(template: str, constrained_decoding: bool) -> ModelCapabilities:
+    """What a generation model served with this template can do. Tool calls need a template (a
+    chat) and constrained decoding, so that their arguments always validate; they use modelplane's
+    generic JSON form, which works with any template. No model served here reads images: vision
+    needs a multimodal projector, which no model package modelplane knows ships."""
+    return ModelCapabilities(
+        tools=bool(template) and constrained_decoding,
+        json_schema=constrained_decoding,
+        reasoning="<think>" in template,
+        vision=False,
+    )

@@ -23,6 +23,7 @@ __all__ = [
     "ModelNotFound",
     "NotAModel",
     "PackageRefused",
+    "PreloadStoodDown",
     "QuotaExceeded",
     "SignatureRefused",
     "SourceUnavailable",
@@ -84,6 +85,12 @@ class LoadTimedOut(DeadlineExceeded):
 
 class LoadCancelled(Cancelled):
     reason = "LOAD_CANCELLED"
+
+
+class PreloadStoodDown(Cancelled):
+    """A preload gave way to an operator who unloaded the model; who joined it loads it anew."""
+
+    reason = "PRELOAD_STOOD_DOWN"
 
 
 class CacheFull(ResourceExhausted):

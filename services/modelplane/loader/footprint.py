@@ -44,6 +44,8 @@ FORMAT_FACTORS: dict[ModelFormat, float] = {
     ModelFormat.ONNX: 1.4,
     ModelFormat.TENSORRT_PLAN: 1.2,
     ModelFormat.GGUF: 1.3,
+    # CTranslate2 converts a Whisper model's float16 weights to int8 on the CPU as it loads them.
+    ModelFormat.CTRANSLATE2: 1.2,
 }
 
 

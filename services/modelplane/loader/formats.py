@@ -13,6 +13,8 @@ GGUF_MAGIC = b"GGUF"
 def detect_format(package: Path, manifest: PackageManifest) -> ModelFormat:
     names = {f.path for f in manifest.files}
     top_level = {name for name in names if "/" not in name}
+    if "model.bin" in top_level and any(name.startswith("vocabulary.") for name in top_level):
+        return ModelFormat.CTRANSLATE2
     if "config.json" in top_level:
         if any(name.endswith(".safetensors") for name in top_level):
             return ModelFormat.HUGGINGFACE
@@ -30,5 +32,6 @@ def detect_format(package: Path, manifest: PackageManifest) -> ModelFormat:
     shown = ", ".join(sorted(top_level)[:8]) + (" …" if len(top_level) > 8 else "")
     raise NotAModel(
         f"The package holds no model this loader recognises (found: {shown}). Expected a Hugging Face directory "
-        "(config.json with *.safetensors or *.bin weights), an *.onnx file, or a *.gguf file."
+        "(config.json with *.safetensors or *.bin weights), an *.onnx file, a *.gguf file, or a CTranslate2 "
+        "directory (model.bin with vocabulary.*)."
     )

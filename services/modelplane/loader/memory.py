@@ -1,9 +1,10 @@
-"""The loader's memory decisions: admitting a load into the budget (evicting, then waiting for the
-memory to be actually free), measuring what a loaded model holds, and the periodic work —
-recency from request statistics, quotas, idle expiry, staying within budget, and preloading.
+"""The loader's memory: each device's budget, admission of a load into it, and measurement.
 
-It decides; the handler acts. Unloads and preloads are asked of the handler through the two
-callables it passes in, so one place runs every load and every unload.
+Admission plans what a load must evict and claims its bytes (`reserve`), then waits until that
+memory is actually free and holds it for the load (`admit`). The evictions it plans are returned,
+not carried out: the node's residency runs every unload. Measurement reads what loaded models
+really hold and how recently they were used. What to unload or preload over time is decided by the
+periodic budget work in maintenance.py.
 """
 
 from __future__ import annotations
@@ -13,27 +14,22 @@ import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 import structlog
 
 from modelplane.common.types import Model, ModelState, Priority, RuntimeTarget
 from modelplane.loader import metrics
-from modelplane.loader.budget import Claim, Holder, MemoryBudget, effective, eviction_order, mib
+from modelplane.loader.budget import Claim, Holder, MemoryBudget, effective, mib
+from modelplane.loader.decisions import Unload
 from modelplane.loader.devices import HOST, DeviceMemory, GpuMemoryReader, host_memory
 from modelplane.loader.errors import BudgetExceeded, QuotaExceeded
 from modelplane.loader.footprint import BackendProcesses, estimate_footprint
-from modelplane.loader.preload import Candidate, PreloadPolicy, forecast
 from modelplane.loader.settings import LoaderSettings
 from modelplane.loader.triton_repo import ModelRepository
 from modelplane.registry.statistics import ModelStatistics
 
 log = structlog.get_logger()
 
-# Asks the handler to unload a model: (name, reason, detail: the model it makes room for, or why).
-StartUnload = Callable[[str, str, str], object]
-# Asks the handler to preload a model.
-StartPreload = Callable[[str], object]
 Publish = Callable[[str], None]
 
 _RECHECK_SECONDS = 0.5
@@ -62,6 +58,20 @@ class DeviceReport:
     holders: list[HolderReport] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Reservation:
+    """A load's bytes claimed in the budget, with the unloads that must free them."""
+
+    name: str
+    bytes: int
+    measured: bool
+    devices: tuple[str, ...]
+    priority: Priority
+    deadline: float  # event-loop time after which the wait for memory gives up
+    victims: tuple[str, ...] = ()  # the models unloaded to free the bytes
+    evictions: list[Unload] = field(default_factory=list)  # those of them this reservation must start
+
+
 class MemoryManager:
     def __init__(
         self,
@@ -81,17 +91,8 @@ class MemoryManager:
         self.changed = asyncio.Condition()
         self.observed: dict[str, DeviceMemory] = {}
         self.statistics: dict[str, ModelStatistics] = {}
-        self.preloader = PreloadPolicy(
-            settings.preload_horizon_seconds,
-            settings.preload_min_expected_requests,
-            settings.preload_hysteresis,
-            settings.preload_protect_seconds,
-        )
         self.waiting = 0
         self._runtime_measured = False  # the shared runtime's bytes, measured once a stub runs
-        # Set by the handler, which runs every load and unload.
-        self.start_unload: StartUnload = lambda name, reason, detail: None
-        self.start_preload: StartPreload = lambda name: None
 
     # Devices --------------------------------------------------------------------------------
 
@@ -123,6 +124,13 @@ class MemoryManager:
         entry = self.repository.entry_path(model.name)
         return estimate_footprint(model, entry, self.settings.estimate_overhead_bytes), False
 
+    def idle_ttl(self, model: Model) -> float:
+        """Seconds without a request after which the model is unloaded; 0 means never."""
+        if effective(model.spec.priority) == Priority.PINNED:
+            return 0.0
+        ttl = model.spec.idle_ttl
+        return ttl.total_seconds() if ttl is not None else self.settings.idle_ttl_seconds
+
     def _observed_room(self, nbytes: int, devices: Sequence[str]) -> bool:
         """Whether each device itself reports the bytes free, beyond what the budget believes:
         memory used outside modelplane is memory a load cannot have."""
@@ -132,9 +140,11 @@ class MemoryManager:
 
     # Admission ------------------------------------------------------------------------------
 
-    async def admit(self, model: Model, publish: Publish) -> Holder:
-        """Reserves the model's memory, evicting what the policy allows, and returns once that
-        memory is actually free; raises BudgetExceeded when it cannot be had in time."""
+    async def reserve(self, model: Model, publish: Publish) -> Reservation:
+        """Claims the model's bytes, naming the models to evict for them (the caller starts those
+        unloads); waits while loads in flight may still change the picture. Raises BudgetExceeded
+        when no eviction the policy allows can make room. A claim the model already has (a
+        preload's) is taken over as it is."""
         if not self.budget.devices:
             await self.refresh_devices()
         name = model.name
@@ -145,35 +155,61 @@ class MemoryManager:
         self.note_waiting(+1)
         try:
             async with self.changed:
-                while True:
-                    claim = self.budget.claims.get(name)
-                    if claim is None:
-                        plan = self.budget.plan(name, nbytes, priority, devices)
-                        if plan.must_wait:
-                            publish(f"waiting for {mib(nbytes)}: other loads hold the memory it needs")
-                            await self._wait(deadline, name, nbytes, priority, devices)
-                            continue
+                while (claim := self.budget.claims.get(name)) is None:
+                    plan = self.budget.plan(name, nbytes, priority, devices)
+                    if not plan.must_wait:
                         claim = Claim(name, nbytes, priority, devices, [v.name for v in plan.victims])
                         self.budget.claim(claim)
-                        self._evict(plan.victims, name, "load")
-                    if self.budget.fits_physically(claim.bytes, devices) and self._observed_room(claim.bytes, devices):
-                        self.budget.drop_claim(name)
-                        holder = self._holder(model, claim.bytes, measured, devices, ModelState.LOADING)
-                        self.budget.hold(holder)
-                        self.publish_metrics()
-                        return holder
-                    if claim.victims:
-                        publish(f"waiting for {mib(claim.bytes)} to be freed: unloading {', '.join(claim.victims)}")
-                    await self._wait(deadline, name, claim.bytes, priority, devices)
+                        evictions = self.evict(plan.victims, name, "load")
+                        return Reservation(
+                            name, nbytes, measured, devices, priority, deadline, tuple(claim.victims), evictions
+                        )
+                    publish(f"waiting for {mib(nbytes)}: other loads hold the memory it needs")
+                    await self._wait(deadline, name, nbytes, priority, devices)
+                return Reservation(name, claim.bytes, measured, devices, priority, deadline, tuple(claim.victims))
         except BaseException:
-            async with self.changed:
-                self.budget.drop_claim(name)
-                self.changed.notify_all()
+            await self.drop_claim(name)
             raise
         finally:
             self.note_waiting(-1)
 
-    def _holder(self, model: Model, nbytes: int, measured: bool, devices: tuple[str, ...], state: ModelState) -> Holder:
+    async def wait_for_room(self, reservation: Reservation, publish: Publish) -> None:
+        """Returns once the reserved bytes are actually free on every device (the evicted models'
+        processes have exited, and nothing outside modelplane holds the memory); raises
+        BudgetExceeded, giving the claim back, when they are not free in time."""
+        name, nbytes, devices = reservation.name, reservation.bytes, reservation.devices
+        self.note_waiting(+1)
+        try:
+            async with self.changed:
+                while not (self.budget.fits_physically(nbytes, devices) and self._observed_room(nbytes, devices)):
+                    if reservation.victims:
+                        victims = ", ".join(reservation.victims)
+                        publish(f"waiting for {mib(nbytes)} to be freed: unloading {victims}")
+                    await self._wait(reservation.deadline, name, nbytes, reservation.priority, devices)
+        except BaseException:
+            await self.drop_claim(name)
+            raise
+        finally:
+            self.note_waiting(-1)
+
+    async def admit(self, reservation: Reservation, model: Model, publish: Publish) -> Holder:
+        """Waits for the reserved memory, then holds it for the model's load (LOADING)."""
+        await self.wait_for_room(reservation, publish)
+        async with self.changed:
+            self.budget.drop_claim(reservation.name)
+            holder = self._holder(model, reservation.bytes, reservation.measured, reservation.devices)
+            self.budget.hold(holder)
+        self.publish_metrics()
+        return holder
+
+    def _holder(
+        self,
+        model: Model,
+        nbytes: int,
+        measured: bool,
+        devices: tuple[str, ...],
+        state: ModelState = ModelState.LOADING,
+    ) -> Holder:
         now = self.clock()
         return Holder(
             name=model.name,
@@ -181,18 +217,12 @@ class MemoryManager:
             priority=effective(model.spec.priority),
             devices=devices,
             state=state,
-            last_used=self._last_request(model.name) or now,
+            last_used=self.last_request(model.name) or now,
             measured=measured,
             quota_bytes=model.spec.memory_quota_bytes,
-            idle_ttl_seconds=self._idle_ttl(model),
+            idle_ttl_seconds=self.idle_ttl(model),
             loaded_at=now,
         )
-
-    def _idle_ttl(self, model: Model) -> float:
-        if effective(model.spec.priority) == Priority.PINNED:
-            return 0.0
-        ttl = model.spec.idle_ttl
-        return ttl.total_seconds() if ttl is not None else self.settings.idle_ttl_seconds
 
     async def _wait(self, deadline: float, name: str, nbytes: int, priority: Priority, devices: Sequence[str]) -> None:
         remaining = deadline - asyncio.get_running_loop().time()
@@ -224,14 +254,27 @@ class MemoryManager:
         self.waiting += delta
         metrics.LOADS_WAITING.set(self.waiting)
 
-    def _evict(self, victims: Sequence[Holder], for_model: str, why: str) -> None:
+    def evict(self, victims: Sequence[Holder], for_model: str, why: str) -> list[Unload]:
+        """Marks the victims UNLOADING now, so no other plan counts on their memory, and returns
+        the unloads that free it (`why`: what the room is for: a load, a preload, the budget)."""
         now = self.clock()
+        evictions = []
         for victim in victims:
-            victim.state = ModelState.UNLOADING  # now, so no other plan counts on it
+            victim.state = ModelState.UNLOADING
             metrics.EVICTIONS.labels(why).inc()
             metrics.EVICTION_AGE.observe(max(0.0, now - victim.last_used))
             log.info("evicting", model=victim.name, for_model=for_model, why=why, idle_seconds=now - victim.last_used)
-            self.start_unload(victim.name, "eviction", for_model)
+            evictions.append(Unload(victim.name, "eviction", for_model))
+        return evictions
+
+    def claim(self, claim: Claim) -> None:
+        """Reserves bytes for a load that is yet to start (a preload); its admission takes the claim over."""
+        self.budget.claim(claim)
+
+    async def drop_claim(self, name: str) -> None:
+        async with self.changed:
+            if self.budget.drop_claim(name):
+                self.changed.notify_all()
 
     # Measurement ----------------------------------------------------------------------------
 
@@ -248,7 +291,24 @@ class MemoryManager:
             holder.bytes, holder.measured = measured, True
             self._note_shared(resident.shared_bytes)
             self.changed.notify_all()
-        self._check_quota(holder)
+        if (over := self.over_quota(holder)) is not None:
+            raise over
+        return measured
+
+    async def remeasure(self) -> list[Holder]:
+        """Measures every loaded model again; returns those measured now."""
+        if self.processes is None:
+            return []
+        resident = await self.processes.measure()
+        self._note_shared(resident.shared_bytes)
+        measured = []
+        for holder in [h for h in self.budget.holders.values() if h.state == ModelState.READY]:
+            nbytes = resident.own.get(holder.name)
+            if nbytes is None:
+                continue
+            holder.bytes, holder.measured = nbytes, True
+            metrics.MODEL_FOOTPRINT_BYTES.labels(holder.name).set(nbytes)
+            measured.append(holder)
         return measured
 
     def _note_shared(self, nbytes: int) -> None:
@@ -260,18 +320,34 @@ class MemoryManager:
             self.budget.set_shared(HOST, max(nbytes, known))
             self._runtime_measured = True
 
-    def _check_quota(self, holder: Holder) -> None:
-        if holder.quota_bytes and holder.bytes > holder.quota_bytes:
-            raise QuotaExceeded(
-                f"Model '{holder.name}' holds {mib(holder.bytes)} ({holder.bytes} bytes) once loaded, over its memory "
-                f"quota of {mib(holder.quota_bytes)} ({holder.quota_bytes} bytes); it was unloaded. Raise its "
-                "memory_quota_bytes if that much is expected, or serve a smaller model.",
-                metadata={
-                    "model": holder.name,
-                    "measured_bytes": str(holder.bytes),
-                    "quota_bytes": str(holder.quota_bytes),
-                },
-            )
+    def over_quota(self, holder: Holder) -> QuotaExceeded | None:
+        """The refusal of a model that holds more than its memory quota, or None."""
+        if not holder.quota_bytes or holder.bytes <= holder.quota_bytes:
+            return None
+        return QuotaExceeded(
+            f"Model '{holder.name}' holds {mib(holder.bytes)} ({holder.bytes} bytes) once loaded, over its memory "
+            f"quota of {mib(holder.quota_bytes)} ({holder.quota_bytes} bytes); it was unloaded. Raise its "
+            "memory_quota_bytes if that much is expected, or serve a smaller model.",
+            metadata={
+                "model": holder.name,
+                "measured_bytes": str(holder.bytes),
+                "quota_bytes": str(holder.quota_bytes),
+            },
+        )
+
+    def note_usage(self, statistics: Sequence[ModelStatistics]) -> None:
+        """Takes in the registry's request statistics: each loaded model's last use."""
+        self.statistics = {s.model_name: s for s in statistics}
+        for holder in self.budget.holders.values():
+            last = self.last_request(holder.name)
+            if last:
+                holder.last_used = max(holder.last_used, last)
+
+    def last_request(self, name: str) -> float | None:
+        stats = self.statistics.get(name)
+        return stats.last_request_time.timestamp() if stats and stats.last_request_time else None
+
+    # Holding --------------------------------------------------------------------------------
 
     async def loaded(self, holder: Holder) -> None:
         async with self.changed:
@@ -280,6 +356,12 @@ class MemoryManager:
             self.changed.notify_all()
         metrics.MODEL_FOOTPRINT_BYTES.labels(holder.name).set(holder.bytes)
         self.publish_metrics()
+
+    def unloading(self, name: str) -> None:
+        """The model's unload has begun: its memory is promised elsewhere, but held until released."""
+        holder = self.budget.holders.get(name)
+        if holder is not None:
+            holder.state = ModelState.UNLOADING
 
     async def wait_released(self, name: str) -> None:
         """Returns once the model's backend processes have exited (its memory is back), or after
@@ -325,114 +407,7 @@ class MemoryManager:
         if holder is not None:
             holder.priority = effective(model.spec.priority)
             holder.quota_bytes = model.spec.memory_quota_bytes
-            holder.idle_ttl_seconds = self._idle_ttl(model)
-
-    # Periodic work --------------------------------------------------------------------------
-
-    def _last_request(self, name: str) -> float | None:
-        stats = self.statistics.get(name)
-        return stats.last_request_time.timestamp() if stats and stats.last_request_time else None
-
-    async def maintain(
-        self, statistics: list[ModelStatistics], models: list[Model], *, loads_running: int, preloading: bool
-    ) -> None:
-        """One round of periodic work, with fresh request statistics and the registry's models."""
-        await self.refresh_devices()
-        self.statistics = {s.model_name: s for s in statistics}
-        for holder in self.budget.holders.values():
-            last = self._last_request(holder.name)
-            if last:
-                holder.last_used = max(holder.last_used, last)
-        await self._remeasure()
-        self._expire_idle()
-        self._stay_within_budget()
-        # A preload only takes an idle load slot, one at a time, never ahead of a load that waits.
-        idle_slot = loads_running < self.settings.max_concurrent_loads and not self.waiting
-        if self.settings.preload and idle_slot and not preloading and not self.budget.claims:
-            await self._preload(models)
-        self.publish_metrics()
-
-    async def _remeasure(self) -> None:
-        if self.processes is None:
-            return
-        resident = await self.processes.measure()
-        self._note_shared(resident.shared_bytes)
-        for holder in [h for h in self.budget.holders.values() if h.state == ModelState.READY]:
-            measured = resident.own.get(holder.name)
-            if measured is None:
-                continue
-            holder.bytes, holder.measured = measured, True
-            metrics.MODEL_FOOTPRINT_BYTES.labels(holder.name).set(measured)
-            try:
-                self._check_quota(holder)
-            except QuotaExceeded as over:
-                log.warning("model over its memory quota; unloading it", model=holder.name, error=over.message)
-                holder.state = ModelState.UNLOADING
-                self.start_unload(holder.name, "quota", over.message)
-
-    def _expire_idle(self) -> None:
-        now = self.clock()
-        for holder in list(self.budget.holders.values()):
-            ttl = holder.idle_ttl_seconds
-            if holder.state == ModelState.READY and ttl and now - holder.last_used > ttl:
-                log.info("unloading idle model", model=holder.name, idle_seconds=round(now - holder.last_used))
-                holder.state = ModelState.UNLOADING
-                self.start_unload(holder.name, "idle", "")
-
-    def _stay_within_budget(self) -> None:
-        """Measurements can exceed estimates; evict (lowest class, least recent first) until each
-        device is back within its budget."""
-        for device in self.budget.devices:
-            excess = self.budget.committed(device) - self.budget.devices[device].capacity_bytes
-            if excess <= 0:
-                continue
-            ready = [
-                h
-                for h in self.budget.holders.values()
-                if device in h.devices and h.state == ModelState.READY and effective(h.priority) != Priority.PINNED
-            ]
-            victims = []
-            for holder in sorted(ready, key=eviction_order):
-                if excess <= 0:
-                    break
-                victims.append(holder)
-                excess -= holder.bytes
-            if victims:
-                log.warning("over budget; evicting", device=device, models=[v.name for v in victims])
-                self._evict(victims, "", "over-budget")
-
-    async def _preload(self, models: list[Model]) -> None:
-        rates = forecast(self.statistics, datetime.fromtimestamp(self.clock(), UTC), self.preloader.horizon_seconds)
-        candidates = [
-            Candidate(
-                name=m.name,
-                bytes=self.footprint(m)[0],
-                priority=effective(m.spec.priority),
-                devices=self.placement(m),
-                idle_ttl_seconds=self._idle_ttl(m),
-            )
-            for m in models
-            if m.state == ModelState.STAGED and m.name not in self.budget.holders and m.name in rates
-        ]
-        async with self.changed:
-            choice = self.preloader.choose(rates, candidates, self.budget, self.clock())
-            if choice is None:
-                return
-            c = choice.candidate
-            self.budget.claim(Claim(c.name, c.bytes, c.priority, c.devices, [v.name for v in choice.victims]))
-            log.info(
-                "preloading",
-                model=c.name,
-                expected_per_minute=round(choice.rate * 60, 2),
-                displacing=[v.name for v in choice.victims],
-            )
-            self._evict(choice.victims, c.name, "preload")
-        self.start_preload(c.name)
-
-    async def drop_claim(self, name: str) -> None:
-        async with self.changed:
-            if self.budget.drop_claim(name):
-                self.changed.notify_all()
+            holder.idle_ttl_seconds = self.idle_ttl(model)
 
     # Reports --------------------------------------------------------------------------------
 

@@ -34,8 +34,9 @@ from modelplane.loader.formats import detect_format
 from modelplane.loader.settings import LoaderSettings
 from modelplane.loader.signing import trusted_keys
 from modelplane.loader.sources import PackageSource, SourceFile, open_source
+from modelplane.loader.states import Transitions
 from modelplane.loader.triton_control import TritonControl
-from modelplane.loader.triton_repo import ModelRepository
+from modelplane.loader.triton_repo import BuiltEntry, ModelRepository
 from modelplane.loader.verification import ExpectedPackage, check_listing, expected_package, verify
 from modelplane.registry.client import RegistryClient
 
@@ -48,10 +49,10 @@ _PROGRESS_INTERVAL_SECONDS = 0.5
 
 
 class ModelTracker:
-    """Holds a model's latest registry view during a load and records its transitions."""
+    """Holds a model's latest recorded view during a load and records its transitions."""
 
-    def __init__(self, registry: RegistryClient, model: Model, request_id: str, listener: ProgressListener) -> None:
-        self.registry = registry
+    def __init__(self, states: Transitions, model: Model, request_id: str, listener: ProgressListener) -> None:
+        self.states = states
         self.model = model
         self.request_id = request_id
         self.listener = listener
@@ -61,7 +62,7 @@ class ModelTracker:
 
     async def enter(self, state: ModelState, message: str, **fields: Any) -> None:
         progress = LoadProgress(phase=state, message=message)
-        self.model = await self.registry.transition(
+        self.model = await self.states.transition(
             self.model,
             state,
             message,
@@ -85,7 +86,7 @@ class ModelTracker:
 
     async def _write_progress(self, progress: LoadProgress) -> None:
         try:
-            await self.registry.transition(self.model, progress.phase, progress=progress, progress_only=True)
+            await self.states.transition(self.model, progress.phase, progress=progress, progress_only=True)
         except ModelplaneError as error:
             log.debug("progress not recorded", error=error.message)
 
@@ -148,13 +149,15 @@ class LoadPipeline:
         await self.load(tracker)
         return tracker.model
 
-    async def stage(self, tracker: ModelTracker, *, refresh: bool = False) -> None:
+    async def stage(self, tracker: ModelTracker, *, refresh: bool = False, beside: bool = False) -> BuiltEntry | None:
         """Everything before Triton: the verified package, its conversion and the repository entry.
-        Takes no Triton memory, so the loader admits the model into its budget only after this."""
+        Takes no Triton memory, so the loader admits the model into its budget only after this.
+        `beside`: the entry is built beside the one Triton serves and returned, not put in place
+        (a refresh of a served model, which the caller switches to once it can)."""
         package, manifest = await self.prepare(tracker, refresh=refresh)
         self._packages_in_use[manifest.sha256] += 1
         try:
-            await self._stage(tracker, package, manifest)
+            return await self._stage(tracker, package, manifest, beside=beside)
         finally:
             self._packages_in_use[manifest.sha256] -= 1
             if not self._packages_in_use[manifest.sha256]:
@@ -249,7 +252,9 @@ class LoadPipeline:
         needed = {m.status.manifest.sha256 for m in models if m.status.manifest is not None}
         return needed | set(self._packages_in_use)
 
-    async def _stage(self, tracker: ModelTracker, package: Path, manifest: PackageManifest) -> RepositoryEntry:
+    async def _stage(
+        self, tracker: ModelTracker, package: Path, manifest: PackageManifest, *, beside: bool
+    ) -> BuiltEntry | None:
         model = tracker.model
         builder = select_builder(model.spec.format or detect_format(package, manifest), model.spec.task)
         options = builder.options(model, self.settings)
@@ -261,16 +266,25 @@ class LoadPipeline:
             await tracker.enter(ModelState.CONVERTING, f"converting ({builder.converter_version})")
             report = await build_once(artifact, lambda work: builder.build(tracker.model, package, work, self.settings))
         entry = builder.entry(model, package, artifact, report, self.settings)
-        await asyncio.to_thread(self.repository.write, entry.config, model.version, entry.files)
+        if not beside:
+            await asyncio.to_thread(self.repository.write, entry.config, model.version, entry.files)
+            await self._staged(tracker, builder.describe(report), manifest, entry)
+            return None
+        built = await asyncio.to_thread(self.repository.build, entry.config, model.version, entry.files)
+        try:
+            await self._staged(tracker, builder.describe(report), manifest, entry)
+        except BaseException:
+            self.repository.discard(built.path)
+            raise
+        return built
+
+    async def _staged(
+        self, tracker: ModelTracker, message: str, manifest: PackageManifest, entry: RepositoryEntry
+    ) -> None:
         if tracker.model.state != ModelState.STAGED:
             await tracker.enter(
-                ModelState.STAGED,
-                builder.describe(report),
-                manifest=manifest,
-                profile=entry.profile,
-                assets=entry.assets,
+                ModelState.STAGED, message, manifest=manifest, profile=entry.profile, assets=entry.assets
             )
-        return entry
 
     async def load(self, tracker: ModelTracker, *, measure: Measure | None = None) -> None:
         """Loads the staged model into Triton. `measure` (which may refuse the model by raising)

@@ -75,6 +75,11 @@ class LoaderSettings(ServerSettings):
     llm_context_length: int = 4096
     """Context (prompt plus completion, in tokens) a GGUF model is loaded with, unless its hints set
     one; never more than the model was trained for. Each engine slot holds a KV cache this long."""
+    speech2text_compute_type: str = "int8"
+    """CTranslate2 compute type of speech-to-text (Whisper) models: int8 on a CPU, float16 or
+    int8_float16 on a GPU."""
+    speech2text_beam_size: int = 5
+    """Beam width of speech-to-text decoding; 1 is greedy (faster, slightly less accurate)."""
     llm_engine_slots: int = 2
     """Requests one LLM generates at the same time (each slot its own KV cache; the weights are
     shared). More requests queue in arrival order. On CPU each slot gets cores // slots threads."""

@@ -125,6 +125,14 @@ def python_model_source(model_kind: str) -> Path:
     return Path(str(resources.files("modelplane.loader.triton_models") / model_kind / "model.py"))
 
 
+@dataclass(frozen=True)
+class BuiltEntry:
+    """A model's repository entry built beside the repository, not yet in place."""
+
+    name: str
+    path: Path
+
+
 class ModelRepository:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -139,6 +147,15 @@ class ModelRepository:
     def write(self, config: TritonModelConfig, version: int, files: dict[str, Path]) -> Path:
         """Writes `<name>/config.pbtxt` and `<name>/<version>/<file>` for each file, then swaps the
         entry in. Large files are hard-linked from the cache when both share a filesystem."""
+        built = self.build(config, version, files)
+        try:
+            self.discard(self.swap_in(built))
+        finally:
+            self.discard(built.path)
+        return self.entry_path(config.name)
+
+    def build(self, config: TritonModelConfig, version: int, files: dict[str, Path]) -> BuiltEntry:
+        """Builds an entry beside the repository, where Triton does not look: swap it in later."""
         build = self.staging / f"{config.name}-{uuid.uuid4().hex[:8]}"
         version_dir = build / str(version)
         version_dir.mkdir(parents=True)
@@ -146,18 +163,31 @@ class ModelRepository:
             (build / "config.pbtxt").write_text(render_config(config))
             for name, source in files.items():
                 _link_or_copy(source, version_dir / name)
-            final = self.entry_path(config.name)
-            if final.exists():
-                retired = self.trash / f"{config.name}-{uuid.uuid4().hex[:8]}"
-                final.rename(retired)
-                build.rename(final)
-                shutil.rmtree(retired, ignore_errors=True)
-            else:
-                build.rename(final)
-            return final
-        finally:
-            if build.exists():
-                shutil.rmtree(build, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(build, ignore_errors=True)
+            raise
+        return BuiltEntry(config.name, build)
+
+    def swap_in(self, built: BuiltEntry) -> Path | None:
+        """Puts a built entry in place; returns the entry it replaced, set aside (None if none)."""
+        final = self.entry_path(built.name)
+        retired = None
+        if final.exists():
+            retired = self.trash / f"{built.name}-{uuid.uuid4().hex[:8]}"
+            final.rename(retired)
+        built.path.rename(final)
+        return retired
+
+    def restore(self, name: str, retired: Path | None) -> None:
+        """Puts back the entry a swap set aside (none: removes the entry)."""
+        self.remove(name)
+        if retired is not None:
+            retired.rename(self.entry_path(name))
+
+    def discard(self, path: Path | None) -> None:
+        """Deletes a built entry that was not swapped in, or one a swap set aside."""
+        if path is not None and path.exists():
+            shutil.rmtree(path, ignore_errors=True)
 
     def remove(self, name: str) -> None:
         final = self.entry_path(name)

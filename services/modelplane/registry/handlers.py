@@ -27,16 +27,17 @@ from modelplane.common.types import (
     ModelState,
     ModelStatus,
     PackageManifest,
-    PhaseDuration,
     RequestCount,
     ServingProfile,
     Task,
     is_valid_model_name,
 )
-from modelplane.registry.errors import InvalidModelSpec, ModelBusy, ModelNotFound, StaleTransition
+from modelplane.registry.errors import InvalidModelSpec, ModelBusy, ModelNotFound, ModelPlaced, StaleTransition
+from modelplane.registry.fleet import placement_policy_problems
+from modelplane.registry.lifecycle import advance, check_step, with_package_facts
 from modelplane.registry.statistics import ModelStatistics
 from modelplane.registry.store import RegistryStore
-from modelplane.registry.watch import ChangeType, ModelChange
+from modelplane.registry.watch import Change, ChangeType, ModelChange, NodeChange, PlacementChange
 
 log = structlog.get_logger()
 
@@ -44,26 +45,18 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _MAX_PAGE = 1000
 _DEFAULT_PAGE = 100
 
-# The lifecycle graph (DESIGN.md). FAILED and REGISTERED (a reset) are reachable from every state,
-# and a state may "transition" to itself to report progress.
-_NEXT: dict[ModelState, frozenset[ModelState]] = {
-    # VERIFYING: the package is already in the loader's cache (fetched before a crash cut the
-    # load short, or the same files registered under another name) and is checked, not fetched.
-    ModelState.REGISTERED: frozenset({ModelState.FETCHING, ModelState.VERIFYING}),
-    ModelState.FETCHING: frozenset({ModelState.VERIFYING}),
-    ModelState.VERIFYING: frozenset({ModelState.CONVERTING, ModelState.STAGED}),
-    ModelState.CONVERTING: frozenset({ModelState.STAGED}),
-    ModelState.STAGED: frozenset({ModelState.LOADING, ModelState.FETCHING, ModelState.VERIFYING}),
-    ModelState.LOADING: frozenset({ModelState.READY, ModelState.UNLOADING, ModelState.STAGED}),
-    ModelState.READY: frozenset({ModelState.UNLOADING, ModelState.LOADING, ModelState.STAGED}),
-    ModelState.UNLOADING: frozenset({ModelState.STAGED}),
-    ModelState.FAILED: frozenset(
-        {ModelState.FETCHING, ModelState.VERIFYING, ModelState.LOADING, ModelState.UNLOADING, ModelState.STAGED}
-    ),
-}
 # Spec fields that can change without a new version.
 MUTABLE_SPEC_FIELDS = frozenset(
-    {"priority", "idle_ttl", "memory_quota_bytes", "memory_estimate_bytes", "runtime_hints", "labels", "description"}
+    {
+        "priority",
+        "idle_ttl",
+        "memory_quota_bytes",
+        "memory_estimate_bytes",
+        "runtime_hints",
+        "labels",
+        "description",
+        "placement",
+    }
 )
 
 
@@ -99,7 +92,9 @@ def validate_spec(spec: ModelSpec) -> ModelSpec:
             "starting with a letter or digit."
         )
     if spec.task == Task.UNSPECIFIED:
-        raise InvalidModelSpec(f"Model '{spec.name}' has no task: say embedding, rerank or generation.")
+        raise InvalidModelSpec(
+            f"Model '{spec.name}' has no task: say embedding, rerank, generation, speech2text or tts."
+        )
     if not spec.source_uri.strip():
         raise InvalidModelSpec(f"Model '{spec.name}' has no source URI: give a path, s3:// or http(s):// URI.")
     expected = spec.expected_sha256.strip().lower()
@@ -114,7 +109,14 @@ def validate_spec(spec: ModelSpec) -> ModelSpec:
                     f"Manifest of model '{spec.name}' lists {entry.path!r}, which escapes the package: "
                     "paths must be relative and must not contain '..'."
                 )
+    _check_placement_policy(spec)
     return spec.model_copy(update={"expected_sha256": expected})
+
+
+def _check_placement_policy(spec: ModelSpec) -> None:
+    problems = placement_policy_problems(spec.placement) if spec.placement else []
+    if problems:
+        raise InvalidModelSpec(f"Model '{spec.name}' has a bad placement policy: {'; '.join(problems)}.")
 
 
 def _encode_page_token(name: str) -> str:
@@ -157,35 +159,38 @@ class RegistryHandler:
 
     async def register(self, spec: ModelSpec, *, load: bool, request_id: str = "") -> tuple[Model, bool]:
         spec = validate_spec(spec)
-        existing = await self.store.get_model(spec.name)
-        desired = DesiredState.LOADED if load else (existing.desired_state if existing else DesiredState.UNLOADED)
-        if existing and _identity(existing.spec) == _identity(spec):
-            # The same package again: keep its version and state, take the new mutable fields.
-            updated = existing.model_copy(update={"spec": spec, "desired_state": desired or DesiredState.UNLOADED})
-            if updated != existing:
-                updated, _ = await self.store.put_model(
-                    updated, new_version=False, event=None, change=ChangeType.UPDATED
-                )
-            return updated, False
-        version = existing.version + 1 if existing else 1
-        model = Model(
-            spec=spec,
-            version=version,
-            desired_state=desired,
-            status=ModelStatus(state=ModelState.REGISTERED, update_time=datetime.now(UTC)),
-            create_time=existing.create_time if existing else None,
-        )
-        event = ModelEvent(
-            model_name=spec.name,
-            version=version,
-            from_state=existing.state if existing else ModelState.UNSPECIFIED,
-            to_state=ModelState.REGISTERED,
-            message=f"registered version {version} from {redact_uri(spec.source_uri)}",
-            request_id=request_id,
-        )
-        model, event = await self.store.put_model(model, new_version=True, event=event, change=ChangeType.REGISTERED)
-        log.info("model registered", model=spec.name, version=version)
-        return model, True
+        now = datetime.now(UTC)
+
+        def decide(existing: Model | None) -> tuple[Model, bool, ModelEvent | None, ChangeType] | None:
+            # Runs inside the store's transaction, serialised per name across replicas: the version
+            # read here is the one the new version follows, whoever registers at the same time.
+            desired = DesiredState.LOADED if load else (existing.desired_state if existing else DesiredState.UNLOADED)
+            if existing and _identity(existing.spec) == _identity(spec):
+                # The same package again: keep its version and state, take the new mutable fields.
+                updated = existing.model_copy(update={"spec": spec, "desired_state": desired or DesiredState.UNLOADED})
+                return None if updated == existing else (updated, False, None, ChangeType.UPDATED)
+            version = existing.version + 1 if existing else 1
+            model = Model(
+                spec=spec,
+                version=version,
+                desired_state=desired,
+                status=ModelStatus(state=ModelState.REGISTERED, update_time=now),
+            )
+            event = ModelEvent(
+                model_name=spec.name,
+                version=version,
+                from_state=existing.state if existing else ModelState.UNSPECIFIED,
+                to_state=ModelState.REGISTERED,
+                message=f"registered version {version} from {redact_uri(spec.source_uri)}",
+                request_id=request_id,
+            )
+            return model, True, event, ChangeType.REGISTERED
+
+        model, event, written = await self.store.register_model(spec.name, decide)
+        created = event is not None
+        if created:
+            log.info("model registered", model=spec.name, version=model.version)
+        return model, created and written
 
     async def update(self, spec: ModelSpec, fields: Sequence[str]) -> Model:
         unknown = set(fields) - MUTABLE_SPEC_FIELDS
@@ -199,7 +204,9 @@ class RegistryHandler:
             if current is None:
                 raise ModelNotFound(spec.name)
             changes = {name: getattr(spec, name) for name in fields}
-            return current.model_copy(update={"spec": current.spec.model_copy(update=changes)})
+            updated = current.spec.model_copy(update=changes)
+            _check_placement_policy(updated)
+            return current.model_copy(update={"spec": updated})
 
         model, _ = await self.store.transition(spec.name, apply)
         return model
@@ -247,7 +254,18 @@ class RegistryHandler:
                 request_id=request.request_id,
             )
 
-        model, event = await self.store.transition(request.name, apply, describe=describe, assets=request.assets)
+        def unplaced(model: Model, node_ids: list[str]) -> None:
+            # A placed model's state is derived from its copies; only their nodes' loaders move them.
+            if node_ids:
+                raise ModelPlaced(
+                    f"Model '{model.name}' is placed on {', '.join(node_ids)}; its state is derived from its copies "
+                    "there. Report a copy's transition with TransitionPlacement (node id and incarnation) instead.",
+                    metadata={"model": model.name, "nodes": ",".join(node_ids)},
+                )
+
+        model, event = await self.store.transition(
+            request.name, apply, describe=describe, assets=request.assets, placed_check=unplaced
+        )
         if event is not None:
             log.info(
                 "model transition",
@@ -282,22 +300,65 @@ class RegistryHandler:
     async def statistics(self, names: Sequence[str] = ()) -> list[ModelStatistics]:
         return await self.store.statistics(names)
 
-    async def watch(self, *, names: Sequence[str] = (), include_initial: bool = False) -> AsyncIterator[ModelChange]:
-        wanted = set(names)
+    async def watch(
+        self,
+        *,
+        names: Sequence[str] = (),
+        include_initial: bool = False,
+        include_nodes: bool = False,
+        include_placements: bool = False,
+        node_ids: Sequence[str] = (),
+    ) -> AsyncIterator[Change]:
+        """Every change from now on (after the current state, with include_initial): models, and
+        nodes and placements for a watcher that asks for them, filtered by model and node."""
+        wanted = _WatchFilter(set(names), set(node_ids), include_nodes, include_placements)
         # Subscribe before reading the snapshot, so no change falls between the two.
         with await self.store.subscribe() as subscription:
             if include_initial:
-                models, token = await self.list(page_size=_MAX_PAGE)
-                while True:
-                    for model in models:
-                        if not wanted or model.name in wanted:
-                            yield ModelChange(ChangeType.INITIAL, model)
-                    if not token:
-                        break
-                    models, token = await self.list(page_size=_MAX_PAGE, page_token=token)
-            async for change in subscription.changes():
-                if not wanted or change.model.name in wanted:
+                async for change in self._snapshot(wanted):
                     yield change
+            async for change in subscription.changes():
+                if wanted.admits(change):
+                    yield change
+
+    async def _snapshot(self, wanted: _WatchFilter) -> AsyncIterator[Change]:
+        """The current state as INITIAL changes: nodes, then models, then placements."""
+        if wanted.nodes:
+            for node in await self.store.fleet.list_nodes(sorted(wanted.node_ids)):
+                yield NodeChange(ChangeType.INITIAL, node)
+        models, token = await self.list(page_size=_MAX_PAGE)
+        while True:
+            for model in models:
+                if wanted.admits_model(model.name):
+                    yield ModelChange(ChangeType.INITIAL, model)
+            if not token:
+                break
+            models, token = await self.list(page_size=_MAX_PAGE, page_token=token)
+        if wanted.placements:
+            for placement in await self.store.fleet.list_placements(sorted(wanted.names), sorted(wanted.node_ids)):
+                yield PlacementChange(ChangeType.INITIAL, placement)
+
+
+@dataclass(frozen=True)
+class _WatchFilter:
+    names: set[str]
+    node_ids: set[str]
+    nodes: bool
+    placements: bool
+
+    def admits_model(self, name: str) -> bool:
+        return not self.names or name in self.names
+
+    def admits_node(self, node_id: str) -> bool:
+        return not self.node_ids or node_id in self.node_ids
+
+    def admits(self, change: Change) -> bool:
+        if isinstance(change, ModelChange):
+            return self.admits_model(change.model.name)
+        if isinstance(change, NodeChange):
+            return self.nodes and self.admits_node(change.node.node_id)
+        placement = change.placement
+        return self.placements and self.admits_model(placement.model_name) and self.admits_node(placement.node_id)
 
 
 def _check_transition(current: Model, request: Transition) -> None:
@@ -307,50 +368,28 @@ def _check_transition(current: Model, request: Transition) -> None:
             f"{request.version} is stale.",
             metadata={"model": request.name, "current_version": str(current.version)},
         )
-    if request.expected_from_state and current.state != request.expected_from_state:
-        raise StaleTransition(
-            f"Model '{request.name}' is {current.state.name}, not {request.expected_from_state.name}.",
-            metadata={"model": request.name, "state": current.state.name},
-        )
-    to_state = request.to_state
-    if request.progress_only:
-        if to_state != current.state:
-            raise StaleTransition(
-                f"Progress for {to_state.name} but model '{request.name}' is {current.state.name}.",
-                metadata={"model": request.name, "state": current.state.name},
-            )
-        return
-    legal = to_state in (ModelState.FAILED, ModelState.REGISTERED, current.state) or to_state in _NEXT.get(
-        current.state, frozenset()
+    check_step(
+        f"Model '{request.name}'",
+        current.state,
+        request.to_state,
+        expected_from_state=request.expected_from_state,
+        progress_only=request.progress_only,
+        metadata={"model": request.name, "state": current.state.name},
     )
-    if not legal:
-        raise StaleTransition(
-            f"Model '{request.name}' cannot go from {current.state.name} to {to_state.name}.",
-            metadata={"model": request.name, "state": current.state.name},
-        )
 
 
 def _apply_transition(current: Model, request: Transition, now: datetime) -> Model:
-    status = current.status.model_copy(deep=True)
-    if request.progress_only:
-        status.progress = request.progress
-        return current.model_copy(update={"status": status})
-    previous = current.state
-    if request.begins_operation:
-        status.phase_durations = []
-    if previous != request.to_state:
-        if previous in WORKING_STATES and status.update_time is not None and not request.begins_operation:
-            status.phase_durations.append(PhaseDuration(phase=previous, duration=now - status.update_time))
-        status.update_time = now
-    status.state = request.to_state
-    status.reason = request.message
-    status.progress = request.progress if request.to_state in WORKING_STATES else None
-    if request.manifest is not None:
-        status.manifest = request.manifest
-    if request.profile is not None:
-        status.profile = request.profile
-    if request.footprint_bytes:
-        status.footprint_bytes = request.footprint_bytes
-    if request.to_state == ModelState.REGISTERED:
-        status.profile = None  # nothing staged any more
+    status = advance(
+        current.status,
+        request.to_state,
+        message=request.message,
+        progress=request.progress,
+        progress_only=request.progress_only,
+        begins_operation=request.begins_operation,
+        now=now,
+    )
+    if not request.progress_only:
+        status = with_package_facts(status, request.manifest, request.profile, request.footprint_bytes)
+        if request.to_state == ModelState.REGISTERED:
+            status.profile = None  # nothing staged any more
     return current.model_copy(update={"status": status})

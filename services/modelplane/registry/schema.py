@@ -41,6 +41,8 @@ model_events = sa.Table(
     sa.Column("message", sa.Text, nullable=False),
     sa.Column("request_id", sa.String(128), nullable=False),
     sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
+    # The node whose copy made the transition; empty for the model as a whole.
+    sa.Column("node_id", sa.String(63), nullable=False, server_default=""),
 )
 
 # Asset contents are shared by digest: ten copies of one model store one tokenizer.
@@ -84,4 +86,48 @@ model_changes = sa.Table(
     # The change as ModelChange.to_json writes it: change type, the model and its event.
     sa.Column("payload", sa.Text, nullable=False),
     sa.Column("create_time", sa.DateTime(timezone=True), nullable=False, index=True),
+)
+
+# The fleet (fleet.py). Each row keeps its domain object as JSON, written whole; the columns beside
+# it repeat what queries filter and lock on, and are written from the same object.
+nodes = sa.Table(
+    "nodes",
+    metadata,
+    sa.Column("node_id", sa.String(63), primary_key=True),
+    sa.Column("incarnation", sa.BigInteger, nullable=False),
+    sa.Column("holder", sa.Text, nullable=False),
+    # NodeState.LIVE or LOST as last recorded; DRAINING and a lapsed lease are derived on reading.
+    sa.Column("state", sa.Integer, nullable=False),
+    sa.Column("draining", sa.Boolean, nullable=False),
+    sa.Column("lease_expire_time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("node_json", sa.Text, nullable=False),
+    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("update_time", sa.DateTime(timezone=True), nullable=False),
+)
+
+placements = sa.Table(
+    "placements",
+    metadata,
+    sa.Column("model_name", sa.String(64), primary_key=True),
+    sa.Column("node_id", sa.String(63), primary_key=True, index=True),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("generation", sa.BigInteger, nullable=False),
+    # The observed state (PlacementStatus.state).
+    sa.Column("state", sa.Integer, nullable=False),
+    sa.Column("placement_json", sa.Text, nullable=False),
+    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("update_time", sa.DateTime(timezone=True), nullable=False),
+)
+
+# Named leases with an expiry, held by one holder at a time: the placer's leadership ("placer").
+leases = sa.Table(
+    "leases",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("holder", sa.Text, nullable=False),
+    # Grows by one each time the lease changes hands: a fencing number for the holder's writes.
+    sa.Column("term", sa.BigInteger, nullable=False),
+    sa.Column("acquire_time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("renew_time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("expire_time", sa.DateTime(timezone=True), nullable=False),
 )

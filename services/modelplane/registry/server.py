@@ -2,19 +2,35 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
+import structlog
+
 from modelplane.common.grpc_server import GrpcServer
 from modelplane.common.service import Service
+from modelplane.registry.fleet_handlers import FleetHandler
 from modelplane.registry.handlers import RegistryHandler
 from modelplane.registry.servicer import RegistryServicer
 from modelplane.registry.settings import RegistrySettings
 from modelplane.registry.store import RegistryStore
 from modelplane.registry.v1 import registry_service_pb2, registry_service_pb2_grpc
 
+log = structlog.get_logger()
+
 SERVICE_FULL_NAME = registry_service_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name
-# Called on a timer by the other services (request statistics, reconciliation): logged at debug
-# unless they fail, so that the log shows what changed rather than who polled.
+# Called on a timer by the other services (request statistics, reconciliation, node leases):
+# logged at debug unless they fail, so that the log shows what changed rather than who polled.
 ROUTINE_METHODS = frozenset(
-    f"/{SERVICE_FULL_NAME}/{method}" for method in ("GetModelStatistics", "RecordModelRequests", "ListModels")
+    f"/{SERVICE_FULL_NAME}/{method}"
+    for method in (
+        "GetModelStatistics",
+        "RecordModelRequests",
+        "ListModels",
+        "RenewNodeLease",
+        "ListNodes",
+        "ListPlacements",
+    )
 )
 
 
@@ -25,19 +41,36 @@ class RegistryService(Service):
         self.settings = settings or RegistrySettings()
         self.server = GrpcServer(self.name, self.settings, routine_methods=ROUTINE_METHODS)
         self.store: RegistryStore | None = None
+        self.fleet: FleetHandler | None = None
         self.port = 0
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.store = await RegistryStore.open(self.settings.database_url)
-        handler = RegistryHandler(self.store)
+        self.fleet = FleetHandler(self.store)
         self.server.add_servicer(
             registry_service_pb2_grpc.add_RegistryServiceServicer_to_server,
-            RegistryServicer(handler),
+            RegistryServicer(RegistryHandler(self.store), self.fleet),
             SERVICE_FULL_NAME,
         )
         self.port = await self.server.start()
+        self._sweeper = asyncio.create_task(self._sweep_lost_nodes(self.fleet), name="sweep-lost-nodes")
+
+    async def _sweep_lost_nodes(self, fleet: FleetHandler) -> None:
+        """Records as LOST, and announces, each node whose lease lapses (every replica sweeps;
+        each lapse is recorded once)."""
+        while True:
+            await asyncio.sleep(self.settings.node_sweep_interval_seconds)
+            try:
+                await fleet.mark_lost_nodes()
+            except Exception:  # the database is unreachable for now; the next sweep tries again
+                log.exception("cannot sweep for lost nodes")
 
     async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         # Watch streams never end on their own; end them so the server's grace period is not spent waiting.
         if self.store is not None:
             self.store.changes.close()

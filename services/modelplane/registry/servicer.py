@@ -11,14 +11,17 @@ from modelplane.common.request_context import current_request_id
 from modelplane.common.types import DesiredState, ModelState, Task
 from modelplane.common.v1 import model_pb2
 from modelplane.registry import converters
+from modelplane.registry.fleet import NodeState
+from modelplane.registry.fleet_handlers import FleetHandler
 from modelplane.registry.handlers import RegistryHandler
 from modelplane.registry.v1 import registry_service_pb2 as pb
 from modelplane.registry.v1 import registry_service_pb2_grpc as pb_grpc
 
 
 class RegistryServicer(pb_grpc.RegistryServiceServicer):
-    def __init__(self, handler: RegistryHandler) -> None:
+    def __init__(self, handler: RegistryHandler, fleet: FleetHandler) -> None:
         self.handler = handler
+        self.fleet = fleet
 
     async def RegisterModel(
         self, request: pb.RegisterModelRequest, context: grpc.aio.ServicerContext
@@ -78,7 +81,14 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     async def WatchModels(
         self, request: pb.WatchModelsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchModelsResponse]:
-        async for change in self.handler.watch(names=list(request.names), include_initial=request.include_initial):
+        changes = self.handler.watch(
+            names=list(request.names),
+            include_initial=request.include_initial,
+            include_nodes=request.include_nodes,
+            include_placements=request.include_placements,
+            node_ids=list(request.node_ids),
+        )
+        async for change in changes:
             yield converters.change_to_proto(change)
 
     async def GetModelAssets(
@@ -101,6 +111,67 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     ) -> pb.GetModelStatisticsResponse:
         stats = await self.handler.statistics(list(request.names))
         return pb.GetModelStatisticsResponse(statistics=[converters.statistics_to_proto(s) for s in stats])
+
+    async def RegisterNode(
+        self, request: pb.RegisterNodeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RegisterNodeResponse:
+        duration = request.lease_duration.ToTimedelta() if request.HasField("lease_duration") else None
+        node = await self.fleet.register_node(converters.node_from_proto(request.node), duration)
+        return pb.RegisterNodeResponse(node=converters.node_to_proto(node))
+
+    async def RenewNodeLease(
+        self, request: pb.RenewNodeLeaseRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RenewNodeLeaseResponse:
+        node = await self.fleet.renew_node_lease(
+            request.node_id, request.incarnation, converters.devices_from_proto(request.devices)
+        )
+        return pb.RenewNodeLeaseResponse(node=converters.node_to_proto(node))
+
+    async def DrainNode(self, request: pb.DrainNodeRequest, context: grpc.aio.ServicerContext) -> pb.DrainNodeResponse:
+        node = await self.fleet.drain_node(request.node_id, cancel=request.cancel)
+        return pb.DrainNodeResponse(node=converters.node_to_proto(node))
+
+    async def DeleteNode(
+        self, request: pb.DeleteNodeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteNodeResponse:
+        await self.fleet.delete_node(request.node_id)
+        return pb.DeleteNodeResponse()
+
+    async def ListNodes(self, request: pb.ListNodesRequest, context: grpc.aio.ServicerContext) -> pb.ListNodesResponse:
+        nodes = await self.fleet.list_nodes(list(request.node_ids), [NodeState(s) for s in request.states])
+        return pb.ListNodesResponse(nodes=[converters.node_to_proto(n) for n in nodes])
+
+    async def ListPlacements(
+        self, request: pb.ListPlacementsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListPlacementsResponse:
+        placements = await self.fleet.list_placements(list(request.model_names), list(request.node_ids))
+        return pb.ListPlacementsResponse(placements=[converters.placement_to_proto(p) for p in placements])
+
+    async def SetPlacements(
+        self, request: pb.SetPlacementsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SetPlacementsResponse:
+        placements, removed = await self.fleet.set_placements(
+            converters.targets_from_proto(request),
+            [(r.model_name, r.node_id) for r in request.removals],
+            leader_holder=request.leader_holder,
+        )
+        return pb.SetPlacementsResponse(
+            placements=[converters.placement_to_proto(p) for p in placements],
+            removed=[converters.placement_to_proto(p) for p in removed],
+        )
+
+    async def TransitionPlacement(
+        self, request: pb.TransitionPlacementRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TransitionPlacementResponse:
+        placement, model, event = await self.fleet.transition_placement(
+            converters.placement_transition_from_proto(request)
+        )
+        response = pb.TransitionPlacementResponse(
+            placement=converters.placement_to_proto(placement), model=to_proto(model, model_pb2.Model)
+        )
+        if event is not None:
+            response.event.CopyFrom(to_proto(event, model_pb2.ModelEvent))
+        return response
 
 
 __all__ = ["RegistryServicer"]

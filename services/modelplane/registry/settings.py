@@ -20,3 +20,7 @@ class RegistrySettings(ServerSettings):
     database_url: str = Field(default_factory=_default_database_url)
     """SQLAlchemy URL of the catalogue: sqlite+aiosqlite:///path (one replica) or
     postgresql+asyncpg://user@host/db (several replicas)."""
+    node_sweep_interval_seconds: float = Field(default=1.0, gt=0)
+    """How often the registry looks for nodes whose lease has lapsed, records them as LOST and
+    tells watchers (seconds). Reads see a lapsed lease as LOST at once; this bounds how late the
+    watchers hear of it."""

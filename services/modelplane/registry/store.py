@@ -1,14 +1,19 @@
 """Persistence of the catalogue: SQLAlchemy Core over SQLite (WAL) or PostgreSQL.
 
 Every method is one transaction. The store knows rows and JSON; the rules about what may change
-and when live in `handlers.py`. Every write to a model announces the change to watchers once it
-has committed (`changes`): in this process for SQLite, to every replica for PostgreSQL (watch.py).
+and when live in `handlers.py` (models) and `fleet_handlers.py` (nodes, placements). Every write
+announces its changes to watchers once it has committed (`changes`): in this process for SQLite,
+to every replica for PostgreSQL (watch.py). The fleet's tables are kept by `fleet` (fleet_store.py)
+and named leases by `leases` (leases.py), on the same engine and transactions.
+
+Times that several replicas must agree on (leases) come from the database's clock (`now`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -22,24 +27,26 @@ from alembic.config import Config
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from modelplane.common.types import (
-    DesiredState,
     Model,
     ModelAsset,
     ModelEvent,
-    ModelSpec,
     ModelState,
-    ModelStatus,
     Task,
 )
 from modelplane.registry import schema
+from modelplane.registry.fleet_store import FleetStore
+from modelplane.registry.leases import LeaseStore
+from modelplane.registry.rows import event_from_row, model_from_row, utc
 from modelplane.registry.statistics import RATE_TIME_CONSTANTS, ModelStatistics, StatisticsState
 from modelplane.registry.watch import (
     CHANGES_CHANNEL,
+    Change,
     ChangeType,
     ModelChange,
     PostgresChangeListener,
     Subscription,
     WatchHub,
+    change_from_json,
 )
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -53,23 +60,11 @@ _PRUNE_INTERVAL_SECONDS = 60.0
 Mutation = Callable[[Model | None], Model]
 # Makes the event that records a change, from the model before and after it.
 Describe = Callable[[Model, Model], ModelEvent | None]
-
-
-def _utc(value: datetime | None) -> datetime | None:
-    # SQLite returns naive datetimes; every time the registry stores is UTC.
-    if value is None:
-        return None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
-def _model_from_row(row: sa.Row) -> Model:
-    return Model(
-        spec=ModelSpec.model_validate_json(row.spec_json),
-        version=row.version,
-        desired_state=DesiredState(row.desired_state),
-        status=ModelStatus.model_validate_json(row.status_json),
-        create_time=_utc(row.create_time),
-    )
+# Decides a registration from the model as it is (None when new): the model to store, whether it
+# is a new version, its event and the change to announce; or None to leave the model as it is.
+Registration = Callable[[Model | None], tuple[Model, bool, ModelEvent | None, ChangeType] | None]
+# Called with the ids of the nodes a model is placed on, before a model-level transition; may raise.
+PlacedCheck = Callable[[Model, list[str]], None]
 
 
 def upgrade_schema(connection: sa.Connection, revision: str = "head") -> None:
@@ -86,24 +81,16 @@ def _asyncpg_dsn(url: sa.URL) -> str:
 
 
 @dataclass
-class _Write:
+class Write:
     """One write transaction and the changes it will announce when it commits."""
 
     connection: AsyncConnection
-    changes: list[ModelChange] = field(default_factory=list)
+    changes: list[Change] = field(default_factory=list)
 
 
-def _event_from_row(row: sa.Row) -> ModelEvent:
-    return ModelEvent(
-        id=row.id,
-        model_name=row.model_name,
-        version=row.version,
-        from_state=ModelState(row.from_state),
-        to_state=ModelState(row.to_state),
-        message=row.message,
-        request_id=row.request_id,
-        create_time=_utc(row.create_time),
-    )
+def _lock_key(namespace: str, key: str) -> int:
+    """A signed 64-bit advisory lock key for one name (PostgreSQL's pg_advisory_xact_lock)."""
+    return int.from_bytes(hashlib.sha256(f"{namespace}:{key}".encode()).digest()[:8], "big", signed=True)
 
 
 class RegistryStore:
@@ -118,6 +105,8 @@ class RegistryStore:
         self._write_lock = asyncio.Lock() if engine.dialect.name == "sqlite" else None
         self._listener: PostgresChangeListener | None = None
         self._last_prune = 0.0
+        self.fleet = FleetStore(self)
+        self.leases = LeaseStore(self)
 
     @classmethod
     async def open(cls, url: str) -> RegistryStore:
@@ -153,11 +142,12 @@ class RegistryStore:
         await self.engine.dispose()
 
     @contextlib.asynccontextmanager
-    async def _write(self) -> AsyncIterator[_Write]:
+    async def write(self) -> AsyncIterator[Write]:
+        """One write transaction; the changes appended to it are announced when it commits."""
         lock = self._write_lock or contextlib.nullcontext()
         async with lock:
             async with self.engine.begin() as connection:
-                write = _Write(connection)
+                write = Write(connection)
                 yield write
                 if self.postgres:
                     for change in write.changes:
@@ -166,7 +156,21 @@ class RegistryStore:
                 for change in write.changes:
                     self.changes.publish(change)
 
-    async def _announce(self, connection: AsyncConnection, change: ModelChange) -> None:
+    async def now(self, connection: AsyncConnection) -> datetime:
+        """The time by the database's clock on PostgreSQL, so that replicas on machines whose
+        clocks differ agree on when a lease expires; this process's clock on SQLite (one replica)."""
+        if self.postgres:
+            return (await connection.execute(sa.select(sa.func.clock_timestamp()))).scalar_one()
+        return datetime.now(UTC)
+
+    async def lock(self, connection: AsyncConnection, namespace: str, key: str) -> None:
+        """Serialises transactions over one name until this one ends, even while no row exists for
+        it yet (a first registration): PostgreSQL's transaction-level advisory lock. SQLite's
+        writes are serialised already."""
+        if self.postgres:
+            await connection.execute(sa.select(sa.func.pg_advisory_xact_lock(_lock_key(namespace, key))))
+
+    async def _announce(self, connection: AsyncConnection, change: Change) -> None:
         """Records a change and NOTIFYs its id inside the writing transaction: PostgreSQL delivers
         the notification to every replica when, and only if, the transaction commits."""
         now = datetime.now(UTC)
@@ -187,19 +191,19 @@ class RegistryStore:
             return await self._listener.subscribe()
         return self.changes.subscribe()
 
-    async def read_change(self, change_id: int) -> ModelChange | None:
+    async def read_change(self, change_id: int) -> Change | None:
         """An announced change, by the id its notification carried; None once pruned."""
         query = sa.select(schema.model_changes.c.payload).where(schema.model_changes.c.id == change_id)
         async with self.engine.connect() as connection:
             payload = (await connection.execute(query)).scalar_one_or_none()
-        return ModelChange.from_json(payload) if payload is not None else None
+        return change_from_json(payload) if payload is not None else None
 
     # Models ---------------------------------------------------------------------------------
 
     async def get_model(self, name: str) -> Model | None:
         async with self.engine.connect() as connection:
             row = (await connection.execute(sa.select(schema.models).where(schema.models.c.name == name))).first()
-        return _model_from_row(row) if row else None
+        return model_from_row(row) if row else None
 
     async def list_models(
         self, *, task: Task = Task.UNSPECIFIED, states: Sequence[ModelState] = (), after_name: str = "", limit: int
@@ -213,47 +217,51 @@ class RegistryStore:
             query = query.where(schema.models.c.name > after_name)
         async with self.engine.connect() as connection:
             rows = (await connection.execute(query)).all()
-        return [_model_from_row(row) for row in rows]
+        return [model_from_row(row) for row in rows]
 
-    async def put_model(
-        self, model: Model, *, new_version: bool, event: ModelEvent | None, change: ChangeType
-    ) -> tuple[Model, ModelEvent | None]:
-        """Inserts or replaces a model row, records its version when new, and its event, and
-        announces it to watchers as `change`."""
-        now = datetime.now(UTC)
-        values = {
-            "version": model.version,
-            "task": int(model.spec.task),
-            "state": int(model.status.state),
-            "desired_state": int(model.desired_state),
-            "spec_json": model.spec.model_dump_json(),
-            "status_json": model.status.model_dump_json(),
-            "update_time": now,
-        }
-        async with self._write() as write:
+    async def register_model(self, name: str, decide: Registration) -> tuple[Model, ModelEvent | None, bool]:
+        """Reads a model and applies `decide` to it, and writes what it decides (the model, its
+        version row, its event) in one transaction, serialised per name across every replica, so
+        two registrations never both take the same version number. Returns the model as stored,
+        its event, and whether anything was written."""
+        async with self.write() as write:
             connection = write.connection
-            exists = (
-                await connection.execute(
-                    sa.select(schema.models.c.name).where(schema.models.c.name == model.name).with_for_update()
-                )
+            await self.lock(connection, "model", name)
+            row = (
+                await connection.execute(sa.select(schema.models).where(schema.models.c.name == name).with_for_update())
             ).first()
-            if exists:
-                await connection.execute(
-                    sa.update(schema.models).where(schema.models.c.name == model.name).values(**values)
-                )
+            current = model_from_row(row) if row else None
+            decision = decide(current)
+            if decision is None:
+                assert current is not None
+                return current, None, False
+            model, new_version, event, change = decision
+            now = datetime.now(UTC)
+            values = {
+                "version": model.version,
+                "task": int(model.spec.task),
+                "state": int(model.status.state),
+                "desired_state": int(model.desired_state),
+                "spec_json": model.spec.model_dump_json(),
+                "status_json": model.status.model_dump_json(),
+                "update_time": now,
+            }
+            if current is not None:
+                model = model.model_copy(update={"create_time": current.create_time})
+                await connection.execute(sa.update(schema.models).where(schema.models.c.name == name).values(**values))
             else:
                 model = model.model_copy(update={"create_time": now})
-                await connection.execute(sa.insert(schema.models).values(name=model.name, create_time=now, **values))
+                await connection.execute(sa.insert(schema.models).values(name=name, create_time=now, **values))
             if new_version:
                 await connection.execute(
                     sa.insert(schema.model_versions).values(
-                        model_name=model.name, version=model.version, spec_json=values["spec_json"], create_time=now
+                        model_name=name, version=model.version, spec_json=values["spec_json"], create_time=now
                     )
                 )
             if event is not None:
-                event = await self._insert_event(connection, event, now)
+                event = await self.insert_event(connection, event, now)
             write.changes.append(ModelChange(change, model, event))
-        return model, event
+        return model, event, True
 
     async def transition(
         self,
@@ -262,16 +270,20 @@ class RegistryStore:
         *,
         describe: Describe | None = None,
         assets: Sequence[ModelAsset] | None = None,
+        placed_check: PlacedCheck | None = None,
     ) -> tuple[Model, ModelEvent | None]:
         """Reads a model, applies `mutate` (which may raise to refuse), and writes the result, the
         event `describe` makes of the change, and the assets, in one transaction, so two writers
-        cannot interleave. Watchers are told of the result as an update."""
-        async with self._write() as write:
+        cannot interleave. Watchers are told of the result as an update. `placed_check`, when
+        given, sees the nodes the model is placed on first, and may refuse."""
+        async with self.write() as write:
             connection = write.connection
             row = (
                 await connection.execute(sa.select(schema.models).where(schema.models.c.name == name).with_for_update())
             ).first()
-            current = _model_from_row(row) if row else None
+            current = model_from_row(row) if row else None
+            if placed_check is not None and current is not None:
+                placed_check(current, await self.fleet.nodes_holding(connection, name))
             updated = mutate(current)
             now = datetime.now(UTC)
             await connection.execute(
@@ -286,15 +298,15 @@ class RegistryStore:
                 )
             )
             if assets is not None:
-                await self._replace_assets(connection, name, assets)
+                await self.replace_assets(connection, name, assets)
             event = describe(current, updated) if describe and current else None
             if event is not None:
-                event = await self._insert_event(connection, event, now)
+                event = await self.insert_event(connection, event, now)
             write.changes.append(ModelChange(ChangeType.UPDATED, updated, event))
         return updated, event
 
     async def delete_model(self, name: str) -> None:
-        async with self._write() as write:
+        async with self.write() as write:
             connection = write.connection
             row = (
                 await connection.execute(sa.select(schema.models).where(schema.models.c.name == name).with_for_update())
@@ -311,11 +323,12 @@ class RegistryStore:
                 column = table.c.name if table is schema.models else table.c.model_name
                 await connection.execute(sa.delete(table).where(column == name))
             await self._drop_orphan_assets(connection)
-            write.changes.append(ModelChange(ChangeType.DELETED, _model_from_row(row)))
+            await self.fleet.remove_placements_of_model(write, name)
+            write.changes.append(ModelChange(ChangeType.DELETED, model_from_row(row)))
 
     # Events -------------------------------------------------------------------------------
 
-    async def _insert_event(self, connection: AsyncConnection, event: ModelEvent, now: datetime) -> ModelEvent:
+    async def insert_event(self, connection: AsyncConnection, event: ModelEvent, now: datetime) -> ModelEvent:
         result = await connection.execute(
             sa.insert(schema.model_events).values(
                 model_name=event.model_name,
@@ -325,6 +338,7 @@ class RegistryStore:
                 message=event.message,
                 request_id=event.request_id,
                 create_time=now,
+                node_id=event.node_id,
             )
         )
         return event.model_copy(update={"id": result.inserted_primary_key[0], "create_time": now})
@@ -335,11 +349,11 @@ class RegistryStore:
             query = query.where(schema.model_events.c.model_name == name)
         async with self.engine.connect() as connection:
             rows = (await connection.execute(query.order_by(schema.model_events.c.id).limit(limit))).all()
-        return [_event_from_row(row) for row in rows]
+        return [event_from_row(row) for row in rows]
 
     # Assets -------------------------------------------------------------------------------
 
-    async def _replace_assets(self, connection: AsyncConnection, name: str, assets: Sequence[ModelAsset]) -> None:
+    async def replace_assets(self, connection: AsyncConnection, name: str, assets: Sequence[ModelAsset]) -> None:
         await connection.execute(sa.delete(schema.model_assets).where(schema.model_assets.c.model_name == name))
         for asset in assets:
             known = (
@@ -373,7 +387,7 @@ class RegistryStore:
 
     async def record_requests(self, name: str, count: int, cold_starts: int, last_request: datetime) -> None:
         table = schema.model_request_stats
-        async with self._write() as write:
+        async with self.write() as write:
             connection = write.connection
             row = (
                 await connection.execute(sa.select(table).where(table.c.model_name == name).with_for_update())
@@ -411,7 +425,7 @@ def _statistics_from_row(row: sa.Row) -> StatisticsState:
         rates={name: getattr(row, name) for name in RATE_TIME_CONSTANTS},
         rates_time=row.rates_time,
         hour_of_day_counts=tuple(json.loads(row.hour_of_day_json)),
-        last_request_time=_utc(row.last_request_time),
+        last_request_time=utc(row.last_request_time),
     )
 
 

@@ -1,4 +1,4 @@
-"""Fan-out of catalogue changes to WatchModels streams.
+"""Fan-out of catalogue and fleet changes (models, nodes, placements) to WatchModels streams.
 
 Within one registry process a `WatchHub` hands each committed change to every watcher. With
 several replicas on one PostgreSQL database, a change written through any replica must reach the
@@ -22,6 +22,7 @@ import structlog
 
 from modelplane.common.types import Model, ModelEvent
 from modelplane.registry.errors import WatchUnavailable
+from modelplane.registry.fleet import Node, Placement
 
 log = structlog.get_logger()
 
@@ -43,6 +44,7 @@ class ModelChange:
     def to_json(self) -> str:
         return json.dumps(
             {
+                "kind": "model",
                 "change_type": int(self.change_type),
                 "model": self.model.model_dump(mode="json"),
                 "event": self.event.model_dump(mode="json") if self.event else None,
@@ -51,13 +53,63 @@ class ModelChange:
 
     @classmethod
     def from_json(cls, text: str) -> ModelChange:
-        data = json.loads(text)
-        event = data["event"]
-        return cls(
-            change_type=ChangeType(data["change_type"]),
-            model=Model.model_validate(data["model"]),
-            event=ModelEvent.model_validate(event) if event else None,
+        change = change_from_json(text)
+        if not isinstance(change, ModelChange):
+            raise ValueError(f"not a model change: {text[:80]}")
+        return change
+
+
+@dataclass(frozen=True)
+class NodeChange:
+    """A node was registered by a new process, drained or undrained, changed its budgets, or was
+    lost or deleted; `node` is the node after the change (before it, for a deletion)."""
+
+    change_type: ChangeType
+    node: Node
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"kind": "node", "change_type": int(self.change_type), "node": self.node.model_dump(mode="json")}
         )
+
+
+@dataclass(frozen=True)
+class PlacementChange:
+    """Either side of a placement changed, or it was made or removed."""
+
+    change_type: ChangeType
+    placement: Placement
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "kind": "placement",
+                "change_type": int(self.change_type),
+                "placement": self.placement.model_dump(mode="json"),
+            }
+        )
+
+
+# What the hub carries and WatchModels streams: a change to a model, a node or a placement.
+Change = ModelChange | NodeChange | PlacementChange
+
+
+def change_from_json(text: str) -> Change:
+    """A change as `to_json` wrote it. Rows without a kind (written by a replica of the release
+    before the fleet) are model changes."""
+    data = json.loads(text)
+    change_type = ChangeType(data["change_type"])
+    kind = data.get("kind", "model")
+    if kind == "node":
+        return NodeChange(change_type, Node.model_validate(data["node"]))
+    if kind == "placement":
+        return PlacementChange(change_type, Placement.model_validate(data["placement"]))
+    event = data["event"]
+    return ModelChange(
+        change_type=change_type,
+        model=Model.model_validate(data["model"]),
+        event=ModelEvent.model_validate(event) if event else None,
+    )
 
 
 class Subscription:
@@ -65,9 +117,9 @@ class Subscription:
 
     def __init__(self, hub: WatchHub, queue_size: int) -> None:
         self._hub = hub
-        self._queue: asyncio.Queue[ModelChange | None] = asyncio.Queue(queue_size)
+        self._queue: asyncio.Queue[Change | None] = asyncio.Queue(queue_size)
 
-    def offer(self, change: ModelChange | None) -> bool:
+    def offer(self, change: Change | None) -> bool:
         try:
             self._queue.put_nowait(change)
         except asyncio.QueueFull:
@@ -80,7 +132,7 @@ class Subscription:
             self._queue.get_nowait()
             self._queue.put_nowait(None)
 
-    async def changes(self) -> AsyncIterator[ModelChange]:
+    async def changes(self) -> AsyncIterator[Change]:
         while (change := await self._queue.get()) is not None:
             yield change
 
@@ -107,7 +159,7 @@ class WatchHub:
     def unsubscribe(self, subscription: Subscription) -> None:
         self._subscriptions.discard(subscription)
 
-    def publish(self, change: ModelChange) -> None:
+    def publish(self, change: Change) -> None:
         for subscription in list(self._subscriptions):
             if not subscription.offer(change):
                 log.warning("watcher too slow; disconnecting it")
@@ -142,7 +194,7 @@ class PostgresChangeListener:
         self,
         dsn: str,
         hub: WatchHub,
-        read_change: Callable[[int], Awaitable[ModelChange | None]],
+        read_change: Callable[[int], Awaitable[Change | None]],
         *,
         max_backoff_seconds: float = 10.0,
     ) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from modelplane.gateway.routes import chat, embeddings, models, probes, rerank
+from modelplane.gateway.routes import audio, chat, embeddings, models, probes, rerank
 
 # The OpenAI-compatible API, mounted at /v1 and at the root (users type either as the base URL).
 api = APIRouter()
@@ -27,5 +27,6 @@ api.include_router(chat.router)
 api.include_router(embeddings.router)
 api.include_router(rerank.router)
 api.include_router(models.router)
+api.include_router(audio.router)
 
 __all__ = ["api", "probes"]

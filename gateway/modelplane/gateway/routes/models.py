@@ -21,7 +21,23 @@ _TASKS = {
     model_pb2.TASK_EMBEDDING: "embedding",
     model_pb2.TASK_RERANK: "rerank",
     model_pb2.TASK_GENERATION: "generation",
+    model_pb2.TASK_SPEECH2TEXT: "speech2text",
+    model_pb2.TASK_TTS: "tts",
 }
+
+
+_CAPABILITIES = ("tools", "json_schema", "reasoning", "vision")
+
+
+def _generation_facts(model: model_pb2.Model) -> dict[str, object]:
+    """Context length and capabilities of a generation model whose profile the loader has written."""
+    if model.spec.task != model_pb2.TASK_GENERATION or not model.status.HasField("profile"):
+        return {}
+    profile = model.status.profile
+    return {
+        "context_length": profile.context_length or None,
+        "capabilities": [name for name in _CAPABILITIES if getattr(profile.capabilities, name)],
+    }
 
 
 @router.get("/models", response_model=schemas.ModelList, responses=schemas.error_responses(401, 429, 500, 503, 504))
@@ -43,6 +59,7 @@ async def list_models(request: Request) -> schemas.ModelList:
                 created=m.create_time.seconds,
                 task=_TASKS.get(m.spec.task, "unknown"),
                 state=model_pb2.ModelState.Name(m.status.state).removeprefix("MODEL_STATE_"),
+                **_generation_facts(m),
             )
             for m in page.models
             if caller is None or caller.may_use(m.spec.name)

@@ -37,6 +37,12 @@ class _TaskEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Task.ValueType],
     """
     TASK_GENERATION: _Task.ValueType  # 3
     """Causal text generation: completions and chat (Generate and Chat RPCs)."""
+    TASK_SPEECH2TEXT: _Task.ValueType  # 4
+    """Speech to text: audio in, its transcript out (Transcribe RPC)."""
+    TASK_TTS: _Task.ValueType  # 5
+    """Text to speech: text in, audio streamed out sentence by sentence
+    (Synthesize RPC).
+    """
 
 class Task(_Task, metaclass=_TaskEnumTypeWrapper):
     """What a model is served for. The task decides which inference RPCs accept the
@@ -53,6 +59,12 @@ cross-encoder or by an embedding model through cosine similarity.
 """
 TASK_GENERATION: Task.ValueType  # 3
 """Causal text generation: completions and chat (Generate and Chat RPCs)."""
+TASK_SPEECH2TEXT: Task.ValueType  # 4
+"""Speech to text: audio in, its transcript out (Transcribe RPC)."""
+TASK_TTS: Task.ValueType  # 5
+"""Text to speech: text in, audio streamed out sentence by sentence
+(Synthesize RPC).
+"""
 Global___Task: _TypeAlias = Task  # noqa: Y015
 
 class _ModelFormat:
@@ -77,6 +89,10 @@ class _ModelFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelForm
     """A serialized TensorRT engine, built for one GPU model and TensorRT version."""
     MODEL_FORMAT_GGUF: _ModelFormat.ValueType  # 5
     """A GGUF file, served by llama.cpp without conversion."""
+    MODEL_FORMAT_CTRANSLATE2: _ModelFormat.ValueType  # 6
+    """A CTranslate2 model directory (model.bin, config.json, vocabulary.*), as
+    faster-whisper serves Whisper speech-to-text models.
+    """
 
 class ModelFormat(_ModelFormat, metaclass=_ModelFormatEnumTypeWrapper):
     """The format of a model package as it is kept at its source."""
@@ -97,6 +113,10 @@ MODEL_FORMAT_TENSORRT_PLAN: ModelFormat.ValueType  # 4
 """A serialized TensorRT engine, built for one GPU model and TensorRT version."""
 MODEL_FORMAT_GGUF: ModelFormat.ValueType  # 5
 """A GGUF file, served by llama.cpp without conversion."""
+MODEL_FORMAT_CTRANSLATE2: ModelFormat.ValueType  # 6
+"""A CTranslate2 model directory (model.bin, config.json, vocabulary.*), as
+faster-whisper serves Whisper speech-to-text models.
+"""
 Global___ModelFormat: _TypeAlias = ModelFormat  # noqa: Y015
 
 class _ModelState:
@@ -171,6 +191,11 @@ class _DesiredStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DesiredS
     """Keep the model loaded; reconciliation reloads it after any restart."""
     DESIRED_STATE_UNLOADED: _DesiredState.ValueType  # 2
     """The model need not be resident; a request for it loads it on demand."""
+    DESIRED_STATE_HELD_UNLOADED: _DesiredState.ValueType  # 3
+    """An operator unloaded the model: it stays out of Triton until an operator
+    or a request loads it again (which makes it DESIRED_STATE_LOADED); the
+    predictive preloader leaves it alone.
+    """
 
 class DesiredState(_DesiredState, metaclass=_DesiredStateEnumTypeWrapper):
     """Whether the operator wants a model resident in Triton."""
@@ -181,6 +206,11 @@ DESIRED_STATE_LOADED: DesiredState.ValueType  # 1
 """Keep the model loaded; reconciliation reloads it after any restart."""
 DESIRED_STATE_UNLOADED: DesiredState.ValueType  # 2
 """The model need not be resident; a request for it loads it on demand."""
+DESIRED_STATE_HELD_UNLOADED: DesiredState.ValueType  # 3
+"""An operator unloaded the model: it stays out of Triton until an operator
+or a request loads it again (which makes it DESIRED_STATE_LOADED); the
+predictive preloader leaves it alone.
+"""
 Global___DesiredState: _TypeAlias = DesiredState  # noqa: Y015
 
 class _Priority:
@@ -338,6 +368,7 @@ class RuntimeHints(_message.Message):
     CHAT_TEMPLATE_FIELD_NUMBER: _builtins.int
     RERANK_SCORING_FIELD_NUMBER: _builtins.int
     PARITY_TOLERANCE_FIELD_NUMBER: _builtins.int
+    DEFAULT_MAX_TOKENS_FIELD_NUMBER: _builtins.int
     target: Global___RuntimeTarget.ValueType
     """Which Triton the repository entry is written for."""
     precision: Global___Precision.ValueType
@@ -364,6 +395,11 @@ class RuntimeHints(_message.Message):
     """Largest absolute difference allowed between the converted model's outputs
     and PyTorch's on the parity check. 0 means the loader default.
     """
+    default_max_tokens: _builtins.int
+    """Most tokens a generation request that sets no max_tokens may generate. For
+    a model that does not end its turns (a base model), so that no such request
+    runs to the end of the context by accident. 0 means up to the context.
+    """
     @_builtins.property
     def preferred_batch_sizes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Batch sizes the dynamic batcher prefers to form."""
@@ -382,10 +418,11 @@ class RuntimeHints(_message.Message):
         chat_template: _builtins.str = ...,
         rerank_scoring: Global___RerankScoring.ValueType = ...,
         parity_tolerance: _builtins.float = ...,
+        default_max_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_queue_delay_microseconds", b"_max_queue_delay_microseconds", "max_queue_delay_microseconds", b"max_queue_delay_microseconds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_queue_delay_microseconds", b"_max_queue_delay_microseconds", "chat_template", b"chat_template", "context_length", b"context_length", "instance_count", b"instance_count", "max_batch_size", b"max_batch_size", "max_queue_delay_microseconds", b"max_queue_delay_microseconds", "max_sequence_length", b"max_sequence_length", "parity_tolerance", b"parity_tolerance", "precision", b"precision", "preferred_batch_sizes", b"preferred_batch_sizes", "rerank_scoring", b"rerank_scoring", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_queue_delay_microseconds", b"_max_queue_delay_microseconds", "chat_template", b"chat_template", "context_length", b"context_length", "default_max_tokens", b"default_max_tokens", "instance_count", b"instance_count", "max_batch_size", b"max_batch_size", "max_queue_delay_microseconds", b"max_queue_delay_microseconds", "max_sequence_length", b"max_sequence_length", "parity_tolerance", b"parity_tolerance", "precision", b"precision", "preferred_batch_sizes", b"preferred_batch_sizes", "rerank_scoring", b"rerank_scoring", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_queue_delay_microseconds: _TypeAlias = _typing.Literal["max_queue_delay_microseconds"]  # noqa: Y015
     _WhichOneofArgType__max_queue_delay_microseconds: _TypeAlias = _typing.Literal["_max_queue_delay_microseconds", b"_max_queue_delay_microseconds"]  # noqa: Y015
@@ -495,6 +532,7 @@ class ModelSpec(_message.Message):
     IDLE_TTL_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    PLACEMENT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name clients use; lowercase letters, digits, '.', '_' and '-', at
     most 64 characters, starting with a letter or digit.
@@ -540,6 +578,14 @@ class ModelSpec(_message.Message):
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form labels for operators."""
 
+    @_builtins.property
+    def placement(self) -> Global___PlacementPolicy:
+        """How many copies of the model the placer keeps, and on which nodes. Absent
+        means the defaults of PlacementPolicy: one copy while the model is wanted,
+        as many as its traffic needs, on any node. It can change without a new
+        version (UpdateModel, field "placement").
+        """
+
     def __init__(
         self,
         *,
@@ -556,14 +602,77 @@ class ModelSpec(_message.Message):
         idle_ttl: _duration_pb2.Duration | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         description: _builtins.str = ...,
+        placement: Global___PlacementPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["idle_ttl", b"idle_ttl", "manifest", b"manifest", "runtime_hints", b"runtime_hints"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["idle_ttl", b"idle_ttl", "manifest", b"manifest", "placement", b"placement", "runtime_hints", b"runtime_hints"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "expected_sha256", b"expected_sha256", "format", b"format", "idle_ttl", b"idle_ttl", "labels", b"labels", "manifest", b"manifest", "memory_estimate_bytes", b"memory_estimate_bytes", "memory_quota_bytes", b"memory_quota_bytes", "name", b"name", "priority", b"priority", "runtime_hints", b"runtime_hints", "source_uri", b"source_uri", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "expected_sha256", b"expected_sha256", "format", b"format", "idle_ttl", b"idle_ttl", "labels", b"labels", "manifest", b"manifest", "memory_estimate_bytes", b"memory_estimate_bytes", "memory_quota_bytes", b"memory_quota_bytes", "name", b"name", "placement", b"placement", "priority", b"priority", "runtime_hints", b"runtime_hints", "source_uri", b"source_uri", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelSpec: _TypeAlias = ModelSpec  # noqa: Y015
+
+@_typing.final
+class PlacementPolicy(_message.Message):
+    """Where and in how many copies the placer may hold a model across the nodes
+    of a fleet. Every field is optional. A single-node install ignores it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class NodeSelectorEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    MIN_COPIES_FIELD_NUMBER: _builtins.int
+    MAX_COPIES_FIELD_NUMBER: _builtins.int
+    NODE_SELECTOR_FIELD_NUMBER: _builtins.int
+    min_copies: _builtins.int
+    """Fewest copies, on distinct nodes, the placer keeps while the model's
+    desired state is LOADED. 0 means 1. Must not exceed max_copies when that
+    is set, nor 1000.
+    """
+    max_copies: _builtins.int
+    """Most copies, on distinct nodes, the placer makes however busy the model
+    is. 0 means no limit but the number of nodes that fit it. At most 1000.
+    """
+    @_builtins.property
+    def node_selector(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Labels a node must carry, each with exactly this value, to hold the model
+        (for example {"gpu": "h100", "zone": "a"}). Empty means any node. Keys and
+        values follow Kubernetes label syntax.
+        """
+
+    def __init__(
+        self,
+        *,
+        min_copies: _builtins.int = ...,
+        max_copies: _builtins.int = ...,
+        node_selector: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_copies", b"max_copies", "min_copies", b"min_copies", "node_selector", b"node_selector"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlacementPolicy: _TypeAlias = PlacementPolicy  # noqa: Y015
 
 @_typing.final
 class LoadProgress(_message.Message):
@@ -680,6 +789,8 @@ class ServingProfile(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     SPECIAL_TOKENS_FIELD_NUMBER: _builtins.int
     RUNTIME_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    CAPABILITIES_FIELD_NUMBER: _builtins.int
+    SPEECH_FIELD_NUMBER: _builtins.int
     triton_model_name: _builtins.str
     """Name of the model in Triton's repository."""
     embedding_dimension: _builtins.int
@@ -718,6 +829,16 @@ class ServingProfile(_message.Message):
         "eos_token" and so on.
         """
 
+    @_builtins.property
+    def capabilities(self) -> Global___ModelCapabilities:
+        """What a generation model can do besides plain text; absent for other tasks."""
+
+    @_builtins.property
+    def speech(self) -> Global___SpeechProfile:
+        """What a speech model (TASK_SPEECH2TEXT or TASK_TTS) hears or speaks; absent
+        for other tasks.
+        """
+
     def __init__(
         self,
         *,
@@ -734,14 +855,102 @@ class ServingProfile(_message.Message):
         max_batch_size: _builtins.int = ...,
         special_tokens: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         runtime_memory_bytes: _builtins.int = ...,
+        capabilities: Global___ModelCapabilities | None = ...,
+        speech: Global___SpeechProfile | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "speech", b"speech"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat_template", b"chat_template", "context_length", b"context_length", "embedding_dimension", b"embedding_dimension", "input_names", b"input_names", "max_batch_size", b"max_batch_size", "max_input_tokens", b"max_input_tokens", "normalize_embeddings", b"normalize_embeddings", "output_name", b"output_name", "rerank_scoring", b"rerank_scoring", "runtime_memory_bytes", b"runtime_memory_bytes", "special_tokens", b"special_tokens", "tokenizer_sha256", b"tokenizer_sha256", "triton_model_name", b"triton_model_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "chat_template", b"chat_template", "context_length", b"context_length", "embedding_dimension", b"embedding_dimension", "input_names", b"input_names", "max_batch_size", b"max_batch_size", "max_input_tokens", b"max_input_tokens", "normalize_embeddings", b"normalize_embeddings", "output_name", b"output_name", "rerank_scoring", b"rerank_scoring", "runtime_memory_bytes", b"runtime_memory_bytes", "special_tokens", b"special_tokens", "speech", b"speech", "tokenizer_sha256", b"tokenizer_sha256", "triton_model_name", b"triton_model_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ServingProfile: _TypeAlias = ServingProfile  # noqa: Y015
+
+@_typing.final
+class ModelCapabilities(_message.Message):
+    """What a generation model can do besides plain text, decided by the loader
+    from the model's chat template and the engine that serves it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOOLS_FIELD_NUMBER: _builtins.int
+    JSON_SCHEMA_FIELD_NUMBER: _builtins.int
+    REASONING_FIELD_NUMBER: _builtins.int
+    VISION_FIELD_NUMBER: _builtins.int
+    tools: _builtins.bool
+    """Calls tools (OpenAI `tools`): the tools are described in the system
+    message and the answer is one JSON object, {"tool_calls": [{"name",
+    "arguments"}]} or {"response": "..."}, constrained while it is generated,
+    so the arguments always validate against the tool's parameter schema.
+    """
+    json_schema: _builtins.bool
+    """Constrains its output to a JSON schema (`response_format`)."""
+    reasoning: _builtins.bool
+    """Thinks in <think>...</think> before answering; the thought is returned
+    apart from the answer.
+    """
+    vision: _builtins.bool
+    """Reads images in messages."""
+    def __init__(
+        self,
+        *,
+        tools: _builtins.bool = ...,
+        json_schema: _builtins.bool = ...,
+        reasoning: _builtins.bool = ...,
+        vision: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["json_schema", b"json_schema", "reasoning", b"reasoning", "tools", b"tools", "vision", b"vision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelCapabilities: _TypeAlias = ModelCapabilities  # noqa: Y015
+
+@_typing.final
+class SpeechProfile(_message.Message):
+    """What the inference service needs to know about a speech model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAMPLE_RATE_HZ_FIELD_NUMBER: _builtins.int
+    VOICES_FIELD_NUMBER: _builtins.int
+    DEFAULT_VOICE_FIELD_NUMBER: _builtins.int
+    LANGUAGES_FIELD_NUMBER: _builtins.int
+    sample_rate_hz: _builtins.int
+    """Sample rate, in hertz, of the audio the model takes (speech to text) or
+    produces (text to speech).
+    """
+    default_voice: _builtins.str
+    """The voice used when a request names none, or names one of OpenAI's voices
+    (alloy, echo, ...) that the model does not have.
+    """
+    @_builtins.property
+    def voices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The voices a text-to-speech model speaks with, by the names requests use;
+        empty for speech-to-text models.
+        """
+
+    @_builtins.property
+    def languages(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Languages the model knows, as ISO 639-1 codes ("en"); empty when unknown."""
+
+    def __init__(
+        self,
+        *,
+        sample_rate_hz: _builtins.int = ...,
+        voices: _abc.Iterable[_builtins.str] | None = ...,
+        default_voice: _builtins.str = ...,
+        languages: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_voice", b"default_voice", "languages", b"languages", "sample_rate_hz", b"sample_rate_hz", "voices", b"voices"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpeechProfile: _TypeAlias = SpeechProfile  # noqa: Y015
 
 @_typing.final
 class ModelAsset(_message.Message):
@@ -905,6 +1114,7 @@ class ModelEvent(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Monotonic id of the event across all models."""
     model_name: _builtins.str
@@ -919,6 +1129,10 @@ class ModelEvent(_message.Message):
     """What happened, for people."""
     request_id: _builtins.str
     """The request that caused the transition, when there was one."""
+    node_id: _builtins.str
+    """The node whose copy of the model made the transition (or was placed or
+    removed); empty for a transition of the model as a whole.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When it happened."""
@@ -934,10 +1148,11 @@ class ModelEvent(_message.Message):
         message: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         request_id: _builtins.str = ...,
+        node_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "from_state", b"from_state", "id", b"id", "message", b"message", "model_name", b"model_name", "request_id", b"request_id", "to_state", b"to_state", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "from_state", b"from_state", "id", b"id", "message", b"message", "model_name", b"model_name", "node_id", b"node_id", "request_id", b"request_id", "to_state", b"to_state", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -88,6 +88,8 @@ class _FinishReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FinishRe
     """max_tokens or the context was reached."""
     FINISH_REASON_CANCELLED: _FinishReason.ValueType  # 3
     """The request was cancelled."""
+    FINISH_REASON_TOOL_CALLS: _FinishReason.ValueType  # 4
+    """The model called one or more tools; the calls are in the last chunk."""
 
 class FinishReason(_FinishReason, metaclass=_FinishReasonEnumTypeWrapper):
     """Why a generation ended."""
@@ -100,7 +102,109 @@ FINISH_REASON_LENGTH: FinishReason.ValueType  # 2
 """max_tokens or the context was reached."""
 FINISH_REASON_CANCELLED: FinishReason.ValueType  # 3
 """The request was cancelled."""
+FINISH_REASON_TOOL_CALLS: FinishReason.ValueType  # 4
+"""The model called one or more tools; the calls are in the last chunk."""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
+
+class _ToolChoiceMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ToolChoiceModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ToolChoiceMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TOOL_CHOICE_MODE_UNSPECIFIED: _ToolChoiceMode.ValueType  # 0
+    """As TOOL_CHOICE_MODE_AUTO when tools are given."""
+    TOOL_CHOICE_MODE_AUTO: _ToolChoiceMode.ValueType  # 1
+    """The model answers or calls tools, as it decides."""
+    TOOL_CHOICE_MODE_NONE: _ToolChoiceMode.ValueType  # 2
+    """The model answers without calling tools."""
+    TOOL_CHOICE_MODE_REQUIRED: _ToolChoiceMode.ValueType  # 3
+    """The model calls at least one tool."""
+    TOOL_CHOICE_MODE_FUNCTION: _ToolChoiceMode.ValueType  # 4
+    """The model calls the function named in ToolChoice.function_name."""
+
+class ToolChoiceMode(_ToolChoiceMode, metaclass=_ToolChoiceModeEnumTypeWrapper):
+    """Whether and which tools the model must call."""
+
+TOOL_CHOICE_MODE_UNSPECIFIED: ToolChoiceMode.ValueType  # 0
+"""As TOOL_CHOICE_MODE_AUTO when tools are given."""
+TOOL_CHOICE_MODE_AUTO: ToolChoiceMode.ValueType  # 1
+"""The model answers or calls tools, as it decides."""
+TOOL_CHOICE_MODE_NONE: ToolChoiceMode.ValueType  # 2
+"""The model answers without calling tools."""
+TOOL_CHOICE_MODE_REQUIRED: ToolChoiceMode.ValueType  # 3
+"""The model calls at least one tool."""
+TOOL_CHOICE_MODE_FUNCTION: ToolChoiceMode.ValueType  # 4
+"""The model calls the function named in ToolChoice.function_name."""
+Global___ToolChoiceMode: _TypeAlias = ToolChoiceMode  # noqa: Y015
+
+class _ResponseFormatType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ResponseFormatTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ResponseFormatType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RESPONSE_FORMAT_TYPE_UNSPECIFIED: _ResponseFormatType.ValueType  # 0
+    """As RESPONSE_FORMAT_TYPE_TEXT."""
+    RESPONSE_FORMAT_TYPE_TEXT: _ResponseFormatType.ValueType  # 1
+    """Free text."""
+    RESPONSE_FORMAT_TYPE_JSON_OBJECT: _ResponseFormatType.ValueType  # 2
+    """One JSON object."""
+    RESPONSE_FORMAT_TYPE_JSON_SCHEMA: _ResponseFormatType.ValueType  # 3
+    """JSON that validates against ResponseFormat.schema_json."""
+
+class ResponseFormatType(_ResponseFormatType, metaclass=_ResponseFormatTypeEnumTypeWrapper):
+    """What the text of an answer must be."""
+
+RESPONSE_FORMAT_TYPE_UNSPECIFIED: ResponseFormatType.ValueType  # 0
+"""As RESPONSE_FORMAT_TYPE_TEXT."""
+RESPONSE_FORMAT_TYPE_TEXT: ResponseFormatType.ValueType  # 1
+"""Free text."""
+RESPONSE_FORMAT_TYPE_JSON_OBJECT: ResponseFormatType.ValueType  # 2
+"""One JSON object."""
+RESPONSE_FORMAT_TYPE_JSON_SCHEMA: ResponseFormatType.ValueType  # 3
+"""JSON that validates against ResponseFormat.schema_json."""
+Global___ResponseFormatType: _TypeAlias = ResponseFormatType  # noqa: Y015
+
+class _AudioFormat:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AudioFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AudioFormat.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AUDIO_FORMAT_UNSPECIFIED: _AudioFormat.ValueType  # 0
+    """As AUDIO_FORMAT_MP3."""
+    AUDIO_FORMAT_MP3: _AudioFormat.ValueType  # 1
+    """MPEG-1 Layer III, mono, 64 kbit/s, at the model's sample rate."""
+    AUDIO_FORMAT_WAV: _AudioFormat.ValueType  # 2
+    """RIFF WAVE, 16-bit mono PCM at the model's sample rate. Streamed: the
+    header's sizes say "unknown" (0xFFFFFFFF), as OpenAI's do.
+    """
+    AUDIO_FORMAT_OPUS: _AudioFormat.ValueType  # 3
+    """Opus in an Ogg container, 48 kHz mono."""
+    AUDIO_FORMAT_FLAC: _AudioFormat.ValueType  # 4
+    """FLAC, 16-bit mono at the model's sample rate."""
+    AUDIO_FORMAT_PCM: _AudioFormat.ValueType  # 5
+    """Raw 16-bit little-endian mono samples at 24 kHz, as OpenAI's pcm."""
+
+class AudioFormat(_AudioFormat, metaclass=_AudioFormatEnumTypeWrapper):
+    """How synthesized audio is encoded."""
+
+AUDIO_FORMAT_UNSPECIFIED: AudioFormat.ValueType  # 0
+"""As AUDIO_FORMAT_MP3."""
+AUDIO_FORMAT_MP3: AudioFormat.ValueType  # 1
+"""MPEG-1 Layer III, mono, 64 kbit/s, at the model's sample rate."""
+AUDIO_FORMAT_WAV: AudioFormat.ValueType  # 2
+"""RIFF WAVE, 16-bit mono PCM at the model's sample rate. Streamed: the
+header's sizes say "unknown" (0xFFFFFFFF), as OpenAI's do.
+"""
+AUDIO_FORMAT_OPUS: AudioFormat.ValueType  # 3
+"""Opus in an Ogg container, 48 kHz mono."""
+AUDIO_FORMAT_FLAC: AudioFormat.ValueType  # 4
+"""FLAC, 16-bit mono at the model's sample rate."""
+AUDIO_FORMAT_PCM: AudioFormat.ValueType  # 5
+"""Raw 16-bit little-endian mono samples at 24 kHz, as OpenAI's pcm."""
+Global___AudioFormat: _TypeAlias = AudioFormat  # noqa: Y015
 
 @_typing.final
 class TokenIds(_message.Message):
@@ -472,6 +576,129 @@ class SamplingParameters(_message.Message):
 Global___SamplingParameters: _TypeAlias = SamplingParameters  # noqa: Y015
 
 @_typing.final
+class Tool(_message.Message):
+    """A function the model may call (OpenAI's `tools` entry of type "function")."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    PARAMETERS_JSON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The function's name: letters, digits, '_' and '-', at most 64 characters."""
+    description: _builtins.str
+    """What the function does, for the model."""
+    parameters_json: _builtins.str
+    """The JSON schema of the function's arguments, as JSON text; empty means an
+    object without properties. The arguments the model writes always validate
+    against it.
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        parameters_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name", "parameters_json", b"parameters_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Tool: _TypeAlias = Tool  # noqa: Y015
+
+@_typing.final
+class ToolChoice(_message.Message):
+    """OpenAI's `tool_choice`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODE_FIELD_NUMBER: _builtins.int
+    FUNCTION_NAME_FIELD_NUMBER: _builtins.int
+    mode: Global___ToolChoiceMode.ValueType
+    """Whether and which tools the model must call."""
+    function_name: _builtins.str
+    """The function to call, with TOOL_CHOICE_MODE_FUNCTION; one of the tools."""
+    def __init__(
+        self,
+        *,
+        mode: Global___ToolChoiceMode.ValueType = ...,
+        function_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["function_name", b"function_name", "mode", b"mode"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolChoice: _TypeAlias = ToolChoice  # noqa: Y015
+
+@_typing.final
+class ToolCall(_message.Message):
+    """One call of a tool, made by the model or sent back in the conversation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_JSON_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The call's id; tool results refer to it."""
+    name: _builtins.str
+    """The function's name."""
+    arguments_json: _builtins.str
+    """The arguments, a JSON object as text."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        arguments_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments_json", b"arguments_json", "id", b"id", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolCall: _TypeAlias = ToolCall  # noqa: Y015
+
+@_typing.final
+class ResponseFormat(_message.Message):
+    """OpenAI's `response_format`. The output is constrained while it is generated
+    (a grammar compiled from the schema), so it always parses and validates; a
+    schema that cannot be compiled, or a model that cannot constrain its output,
+    is refused with INVALID_ARGUMENT.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    SCHEMA_JSON_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    type: Global___ResponseFormatType.ValueType
+    """What the text must be."""
+    schema_json: _builtins.str
+    """The JSON schema, as JSON text, with RESPONSE_FORMAT_TYPE_JSON_SCHEMA."""
+    name: _builtins.str
+    """The schema's name, for error messages."""
+    def __init__(
+        self,
+        *,
+        type: Global___ResponseFormatType.ValueType = ...,
+        schema_json: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "schema_json", b"schema_json", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResponseFormat: _TypeAlias = ResponseFormat  # noqa: Y015
+
+@_typing.final
 class GenerateRequest(_message.Message):
     """Request of InferenceService.Generate."""
 
@@ -480,6 +707,7 @@ class GenerateRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     PROMPT_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
+    RESPONSE_FORMAT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model's name."""
     prompt: _builtins.str
@@ -488,16 +716,21 @@ class GenerateRequest(_message.Message):
     def parameters(self) -> Global___SamplingParameters:
         """Sampling parameters."""
 
+    @_builtins.property
+    def response_format(self) -> Global___ResponseFormat:
+        """What the completion must be; absent means free text."""
+
     def __init__(
         self,
         *,
         model: _builtins.str = ...,
         prompt: _builtins.str = ...,
         parameters: Global___SamplingParameters | None = ...,
+        response_format: Global___ResponseFormat | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters", "response_format", b"response_format"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "parameters", b"parameters", "prompt", b"prompt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "parameters", b"parameters", "prompt", b"prompt", "response_format", b"response_format"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -544,22 +777,32 @@ class ChatMessage(_message.Message):
     ROLE_FIELD_NUMBER: _builtins.int
     CONTENT_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
     role: _builtins.str
     """"system", "user", "assistant" or "tool"."""
     content: _builtins.str
     """The message's text."""
     name: _builtins.str
     """Optional name of the speaker."""
+    tool_call_id: _builtins.str
+    """For a "tool" message: the id of the call whose result this is. Required."""
+    @_builtins.property
+    def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCall]:
+        """The tool calls an assistant message made."""
+
     def __init__(
         self,
         *,
         role: _builtins.str = ...,
         content: _builtins.str = ...,
         name: _builtins.str = ...,
+        tool_calls: _abc.Iterable[Global___ToolCall] | None = ...,
+        tool_call_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "name", b"name", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "name", b"name", "role", b"role", "tool_call_id", b"tool_call_id", "tool_calls", b"tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -574,6 +817,9 @@ class ChatRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     MESSAGES_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
+    TOOL_CHOICE_FIELD_NUMBER: _builtins.int
+    RESPONSE_FORMAT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model's name."""
     @_builtins.property
@@ -584,16 +830,31 @@ class ChatRequest(_message.Message):
     def parameters(self) -> Global___SamplingParameters:
         """Sampling parameters."""
 
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tool]:
+        """Functions the model may call; empty means none."""
+
+    @_builtins.property
+    def tool_choice(self) -> Global___ToolChoice:
+        """Whether and which tools the model must call."""
+
+    @_builtins.property
+    def response_format(self) -> Global___ResponseFormat:
+        """What the answer's text must be; absent means free text."""
+
     def __init__(
         self,
         *,
         model: _builtins.str = ...,
         messages: _abc.Iterable[Global___ChatMessage] | None = ...,
         parameters: Global___SamplingParameters | None = ...,
+        tools: _abc.Iterable[Global___Tool] | None = ...,
+        tool_choice: Global___ToolChoice | None = ...,
+        response_format: Global___ResponseFormat | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters", "response_format", b"response_format", "tool_choice", b"tool_choice"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "model", b"model", "parameters", b"parameters"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "model", b"model", "parameters", b"parameters", "response_format", b"response_format", "tool_choice", b"tool_choice", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -608,13 +869,27 @@ class ChatResponse(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    REASONING_TEXT_FIELD_NUMBER: _builtins.int
     text: _builtins.str
-    """Text generated since the previous chunk; may be empty on the last."""
+    """Answer text generated since the previous chunk; may be empty. Never holds
+    tool-call text or the model's thinking.
+    """
     finish_reason: Global___FinishReason.ValueType
     """Why the generation ended; set on the last chunk only."""
+    reasoning_text: _builtins.str
+    """The model's thinking generated since the previous chunk (the text between
+    <think> and </think>, without the tags).
+    """
     @_builtins.property
     def usage(self) -> _usage_pb2.Usage:
         """Token counts; set on the last chunk only."""
+
+    @_builtins.property
+    def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCall]:
+        """Complete tool calls, each sent once, whole; set with
+        FINISH_REASON_TOOL_CALLS.
+        """
 
     def __init__(
         self,
@@ -622,11 +897,230 @@ class ChatResponse(_message.Message):
         text: _builtins.str = ...,
         finish_reason: Global___FinishReason.ValueType = ...,
         usage: _usage_pb2.Usage | None = ...,
+        tool_calls: _abc.Iterable[Global___ToolCall] | None = ...,
+        reasoning_text: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "text", b"text", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "reasoning_text", b"reasoning_text", "text", b"text", "tool_calls", b"tool_calls", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ChatResponse: _TypeAlias = ChatResponse  # noqa: Y015
+
+@_typing.final
+class TranscribeRequest(_message.Message):
+    """Request of InferenceService.Transcribe."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    AUDIO_FIELD_NUMBER: _builtins.int
+    FILENAME_FIELD_NUMBER: _builtins.int
+    LANGUAGE_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
+    TEMPERATURE_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model's name (a TASK_SPEECH2TEXT model)."""
+    audio: _builtins.bytes
+    """The audio file's bytes, in any container and codec FFmpeg decodes (MP3,
+    WAV, WebM/Opus, M4A, OGG, FLAC, ...).
+    """
+    filename: _builtins.str
+    """The file's name as the client sent it; used only in messages."""
+    language: _builtins.str
+    """The spoken language as an ISO 639-1 code ("en"); empty means detected."""
+    prompt: _builtins.str
+    """Text that the speech continues (names, spellings, the previous part);
+    it guides the transcript's style and vocabulary.
+    """
+    temperature: _builtins.float
+    """Sampling temperature; 0 (or absent) decodes greedily, with Whisper's
+    fallback to higher temperatures when a window's output is unreliable.
+    """
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        audio: _builtins.bytes = ...,
+        filename: _builtins.str = ...,
+        language: _builtins.str = ...,
+        prompt: _builtins.str = ...,
+        temperature: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "temperature", b"temperature"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "audio", b"audio", "filename", b"filename", "language", b"language", "model", b"model", "prompt", b"prompt", "temperature", b"temperature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
+    _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature) -> _WhichOneofReturnType__temperature | None: ...
+
+Global___TranscribeRequest: _TypeAlias = TranscribeRequest  # noqa: Y015
+
+@_typing.final
+class TranscriptionSegment(_message.Message):
+    """One stretch of a transcript, with its place in the audio."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    START_SECONDS_FIELD_NUMBER: _builtins.int
+    END_SECONDS_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    AVG_LOGPROB_FIELD_NUMBER: _builtins.int
+    NO_SPEECH_PROB_FIELD_NUMBER: _builtins.int
+    COMPRESSION_RATIO_FIELD_NUMBER: _builtins.int
+    TEMPERATURE_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Position of the segment in the transcript, from 0."""
+    start_seconds: _builtins.float
+    """Where the segment starts, in seconds from the start of the audio."""
+    end_seconds: _builtins.float
+    """Where the segment ends, in seconds from the start of the audio."""
+    text: _builtins.str
+    """The segment's text."""
+    avg_logprob: _builtins.float
+    """Average log probability of the segment's tokens."""
+    no_speech_prob: _builtins.float
+    """Probability that the segment holds no speech."""
+    compression_ratio: _builtins.float
+    """Compression ratio of the segment's text (high means repetitive)."""
+    temperature: _builtins.float
+    """The temperature the segment was decoded at."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        start_seconds: _builtins.float = ...,
+        end_seconds: _builtins.float = ...,
+        text: _builtins.str = ...,
+        avg_logprob: _builtins.float = ...,
+        no_speech_prob: _builtins.float = ...,
+        compression_ratio: _builtins.float = ...,
+        temperature: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["avg_logprob", b"avg_logprob", "compression_ratio", b"compression_ratio", "end_seconds", b"end_seconds", "id", b"id", "no_speech_prob", b"no_speech_prob", "start_seconds", b"start_seconds", "temperature", b"temperature", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TranscriptionSegment: _TypeAlias = TranscriptionSegment  # noqa: Y015
+
+@_typing.final
+class TranscribeResponse(_message.Message):
+    """Response of InferenceService.Transcribe."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    LANGUAGE_FIELD_NUMBER: _builtins.int
+    DURATION_SECONDS_FIELD_NUMBER: _builtins.int
+    SEGMENTS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model that served the request."""
+    text: _builtins.str
+    """The whole transcript."""
+    language: _builtins.str
+    """The language spoken, as an ISO 639-1 code: the request's, or detected."""
+    duration_seconds: _builtins.float
+    """Length of the audio, in seconds."""
+    @_builtins.property
+    def segments(self) -> _containers.RepeatedCompositeFieldContainer[Global___TranscriptionSegment]:
+        """The transcript's segments, in order."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        text: _builtins.str = ...,
+        language: _builtins.str = ...,
+        duration_seconds: _builtins.float = ...,
+        segments: _abc.Iterable[Global___TranscriptionSegment] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration_seconds", b"duration_seconds", "language", b"language", "model", b"model", "segments", b"segments", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TranscribeResponse: _TypeAlias = TranscribeResponse  # noqa: Y015
+
+@_typing.final
+class SynthesizeRequest(_message.Message):
+    """Request of InferenceService.Synthesize."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    INPUT_FIELD_NUMBER: _builtins.int
+    VOICE_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    SPEED_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model's name (a TASK_TTS model)."""
+    input: _builtins.str
+    """The text to speak; not empty, at most the service's limit in characters."""
+    voice: _builtins.str
+    """One of the model's voices (its ServingProfile.speech.voices), or one of
+    OpenAI's voice names, which map to the model's default voice; empty means
+    the default voice.
+    """
+    format: Global___AudioFormat.ValueType
+    """The encoding of the audio."""
+    speed: _builtins.float
+    """Speaking rate relative to the voice's own, in [0.25, 4]; absent means 1."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        input: _builtins.str = ...,
+        voice: _builtins.str = ...,
+        format: Global___AudioFormat.ValueType = ...,
+        speed: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_speed", b"_speed", "speed", b"speed"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_speed", b"_speed", "format", b"format", "input", b"input", "model", b"model", "speed", b"speed", "voice", b"voice"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__speed: _TypeAlias = _typing.Literal["speed"]  # noqa: Y015
+    _WhichOneofArgType__speed: _TypeAlias = _typing.Literal["_speed", b"_speed"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__speed) -> _WhichOneofReturnType__speed | None: ...
+
+Global___SynthesizeRequest: _TypeAlias = SynthesizeRequest  # noqa: Y015
+
+@_typing.final
+class SynthesizeResponse(_message.Message):
+    """One piece of InferenceService.Synthesize's stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUDIO_FIELD_NUMBER: _builtins.int
+    MEDIA_TYPE_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    audio: _builtins.bytes
+    """The next bytes of the encoded audio; the pieces joined in order are one
+    file of the requested format.
+    """
+    media_type: _builtins.str
+    """The media type of the audio (audio/mpeg, audio/wav, ...); set on the
+    first piece.
+    """
+    seconds: _builtins.float
+    """Seconds of speech synthesized so far."""
+    def __init__(
+        self,
+        *,
+        audio: _builtins.bytes = ...,
+        media_type: _builtins.str = ...,
+        seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio", "media_type", b"media_type", "seconds", b"seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SynthesizeResponse: _TypeAlias = SynthesizeResponse  # noqa: Y015

@@ -60,6 +60,16 @@ class InferenceServiceStub:
                 request_serializer=modelplane_dot_inference_dot_v1_dot_inference__service__pb2.ChatRequest.SerializeToString,
                 response_deserializer=modelplane_dot_inference_dot_v1_dot_inference__service__pb2.ChatResponse.FromString,
                 _registered_method=True)
+        self.Transcribe = channel.unary_unary(
+                '/modelplane.inference.v1.InferenceService/Transcribe',
+                request_serializer=modelplane_dot_inference_dot_v1_dot_inference__service__pb2.TranscribeRequest.SerializeToString,
+                response_deserializer=modelplane_dot_inference_dot_v1_dot_inference__service__pb2.TranscribeResponse.FromString,
+                _registered_method=True)
+        self.Synthesize = channel.unary_stream(
+                '/modelplane.inference.v1.InferenceService/Synthesize',
+                request_serializer=modelplane_dot_inference_dot_v1_dot_inference__service__pb2.SynthesizeRequest.SerializeToString,
+                response_deserializer=modelplane_dot_inference_dot_v1_dot_inference__service__pb2.SynthesizeResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -100,6 +110,23 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Transcribe(self, request, context):
+        """Transcribes speech in an audio file of any container FFmpeg reads. Long
+        audio is transcribed in chunks, up to the service's limit on its duration;
+        INVALID_ARGUMENT for a file that is empty, not audio, damaged or too long.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Synthesize(self, request, context):
+        """Speaks a text; streams the encoded audio sentence by sentence, so the
+        first bytes arrive before the whole text is spoken.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -122,6 +149,16 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.Chat,
                     request_deserializer=modelplane_dot_inference_dot_v1_dot_inference__service__pb2.ChatRequest.FromString,
                     response_serializer=modelplane_dot_inference_dot_v1_dot_inference__service__pb2.ChatResponse.SerializeToString,
+            ),
+            'Transcribe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Transcribe,
+                    request_deserializer=modelplane_dot_inference_dot_v1_dot_inference__service__pb2.TranscribeRequest.FromString,
+                    response_serializer=modelplane_dot_inference_dot_v1_dot_inference__service__pb2.TranscribeResponse.SerializeToString,
+            ),
+            'Synthesize': grpc.unary_stream_rpc_method_handler(
+                    servicer.Synthesize,
+                    request_deserializer=modelplane_dot_inference_dot_v1_dot_inference__service__pb2.SynthesizeRequest.FromString,
+                    response_serializer=modelplane_dot_inference_dot_v1_dot_inference__service__pb2.SynthesizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -238,6 +275,60 @@ class InferenceService:
             '/modelplane.inference.v1.InferenceService/Chat',
             modelplane_dot_inference_dot_v1_dot_inference__service__pb2.ChatRequest.SerializeToString,
             modelplane_dot_inference_dot_v1_dot_inference__service__pb2.ChatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Transcribe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelplane.inference.v1.InferenceService/Transcribe',
+            modelplane_dot_inference_dot_v1_dot_inference__service__pb2.TranscribeRequest.SerializeToString,
+            modelplane_dot_inference_dot_v1_dot_inference__service__pb2.TranscribeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Synthesize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/modelplane.inference.v1.InferenceService/Synthesize',
+            modelplane_dot_inference_dot_v1_dot_inference__service__pb2.SynthesizeRequest.SerializeToString,
+            modelplane_dot_inference_dot_v1_dot_inference__service__pb2.SynthesizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

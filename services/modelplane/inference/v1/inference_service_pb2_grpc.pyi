@@ -49,6 +49,15 @@ class InferenceServiceStub:
     """Answers a conversation with the model's chat template; streams text as it
     is generated.
     """
+    Transcribe: _grpc.UnaryUnaryMultiCallable[_inference_service_pb2.TranscribeRequest, _inference_service_pb2.TranscribeResponse]
+    """Transcribes speech in an audio file of any container FFmpeg reads. Long
+    audio is transcribed in chunks, up to the service's limit on its duration;
+    INVALID_ARGUMENT for a file that is empty, not audio, damaged or too long.
+    """
+    Synthesize: _grpc.UnaryStreamMultiCallable[_inference_service_pb2.SynthesizeRequest, _inference_service_pb2.SynthesizeResponse]
+    """Speaks a text; streams the encoded audio sentence by sentence, so the
+    first bytes arrive before the whole text is spoken.
+    """
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
@@ -70,6 +79,15 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     Chat: _aio.UnaryStreamMultiCallable[_inference_service_pb2.ChatRequest, _inference_service_pb2.ChatResponse]  # type: ignore[assignment]
     """Answers a conversation with the model's chat template; streams text as it
     is generated.
+    """
+    Transcribe: _aio.UnaryUnaryMultiCallable[_inference_service_pb2.TranscribeRequest, _inference_service_pb2.TranscribeResponse]  # type: ignore[assignment]
+    """Transcribes speech in an audio file of any container FFmpeg reads. Long
+    audio is transcribed in chunks, up to the service's limit on its duration;
+    INVALID_ARGUMENT for a file that is empty, not audio, damaged or too long.
+    """
+    Synthesize: _aio.UnaryStreamMultiCallable[_inference_service_pb2.SynthesizeRequest, _inference_service_pb2.SynthesizeResponse]  # type: ignore[assignment]
+    """Speaks a text; streams the encoded audio sentence by sentence, so the
+    first bytes arrive before the whole text is spoken.
     """
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -113,6 +131,27 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_inference_service_pb2.ChatResponse], _abc.AsyncIterator[_inference_service_pb2.ChatResponse]]:
         """Answers a conversation with the model's chat template; streams text as it
         is generated.
+        """
+
+    @_abc_1.abstractmethod
+    def Transcribe(
+        self,
+        request: _inference_service_pb2.TranscribeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_service_pb2.TranscribeResponse, _abc.Awaitable[_inference_service_pb2.TranscribeResponse]]:
+        """Transcribes speech in an audio file of any container FFmpeg reads. Long
+        audio is transcribed in chunks, up to the service's limit on its duration;
+        INVALID_ARGUMENT for a file that is empty, not audio, damaged or too long.
+        """
+
+    @_abc_1.abstractmethod
+    def Synthesize(
+        self,
+        request: _inference_service_pb2.SynthesizeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_inference_service_pb2.SynthesizeResponse], _abc.AsyncIterator[_inference_service_pb2.SynthesizeResponse]]:
+        """Speaks a text; streams the encoded audio sentence by sentence, so the
+        first bytes arrive before the whole text is spoken.
         """
 
 def add_InferenceServiceServicer_to_server(servicer: InferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

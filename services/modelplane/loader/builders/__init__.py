@@ -77,8 +77,16 @@ def builders() -> list[ArtifactBuilder]:
     from modelplane.loader.builders.encoder import EncoderBuilder  # noqa: PLC0415 - avoids an import cycle
     from modelplane.loader.builders.llm import CausalLmBuilder, GgufBuilder  # noqa: PLC0415
     from modelplane.loader.builders.onnx import OnnxPackageBuilder  # noqa: PLC0415
+    from modelplane.loader.builders.speech import PiperBuilder, WhisperBuilder  # noqa: PLC0415
 
-    return [EncoderBuilder(), OnnxPackageBuilder(), GgufBuilder(), CausalLmBuilder()]
+    return [
+        EncoderBuilder(),
+        OnnxPackageBuilder(),
+        GgufBuilder(),
+        CausalLmBuilder(),
+        WhisperBuilder(),
+        PiperBuilder(),
+    ]
 
 
 def select_builder(model_format: ModelFormat, task: Task) -> ArtifactBuilder:
@@ -88,5 +96,6 @@ def select_builder(model_format: ModelFormat, task: Task) -> ArtifactBuilder:
     raise NotAModel(
         f"A {model_format.name} package for {task.name.lower()} is not something this loader serves yet; "
         "supported: Hugging Face encoders (safetensors, or PyTorch .bin weights) and ONNX encoders, for "
-        "embedding and rerank; GGUF files and Hugging Face causal LMs, for generation."
+        "embedding and rerank; GGUF files and Hugging Face causal LMs, for generation; Whisper in CTranslate2 "
+        "form, for speech2text; Piper voices (ONNX), for tts."
     )

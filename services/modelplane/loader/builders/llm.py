@@ -1,4 +1,4 @@
-"""Causal language models for chat and completion: GGUF files served by llama.cpp, and Hugging Face
+"""Causal language models for chat and completion: GGUF files served by llama.cpp (xllamacpp), and Hugging Face
 causal LMs exported to ONNX with a KV cache and served by onnxruntime-genai. Both run in Triton as
 decoupled python-backend models with the tensors of Triton's own LLM backends (`text_input`,
 `sampling_parameters` in; `text_output` streamed out with token counts), so the inference service
@@ -64,19 +64,23 @@ class GgufBuilder(ArtifactBuilder):
             context = min(context, trained)
         # llama.cpp rounds a context up to a multiple of 256 tokens; the profile says what it really holds.
         context = -(-context // _LLAMA_CONTEXT_STEP) * _LLAMA_CONTEXT_STEP
-        config = _llm_config(
-            model.name,
-            {
-                "gguf_path": report["gguf_file"],
-                "n_ctx": str(context),
-                "engine_slots": str(settings.llm_engine_slots),
-                "max_queue_size": str(settings.llm_max_queue_size),
-            },
-        )
+        parameters = {
+            "gguf_path": report["gguf_file"],
+            "n_ctx": str(context),
+            "engine_slots": str(settings.llm_engine_slots),
+            "max_queue_size": str(settings.llm_max_queue_size),
+        }
+        if report.get("adds_bos_token", True) and report.get("bos_token"):
+            # llama.cpp adds the BOS token itself; a template that writes it too would give two.
+            parameters["strip_prefix"] = report["bos_token"]
+        config = _llm_config(model.name, parameters)
         files = {**_model_files("llamacpp", "llama_text.py"), report["gguf_file"]: package / report["gguf_file"]}
+        template = _template(model, report.get("chat_template", ""), report.get("architecture", ""))
         profile = ServingProfile(
             triton_model_name=model.name,
-            chat_template=_template(model, report.get("chat_template", ""), report.get("architecture", "")),
+            chat_template=template,
+            # llama.cpp constrains decoding to JSON schemas (LLGuidance).
+            capabilities=chat_templates.capabilities(template, constrained_decoding=True),
             context_length=context,
             special_tokens={"bos_token": report.get("bos_token", ""), "eos_token": report.get("eos_token", "")},
             # Each slot allocates its KV cache for the whole context when it is created.
@@ -144,9 +148,12 @@ class CausalLmBuilder(ArtifactBuilder):
         tokenizer_config = artifact / "tokenizer_config.json"
         special = json.loads(tokenizer_config.read_text()) if tokenizer_config.is_file() else {}
         context = min(model.spec.runtime_hints.context_length or report["context_length"], report["context_length"])
+        template = _template(model, chat_templates.from_tokenizer_files(artifact), report["model_type"])
         profile = ServingProfile(
             triton_model_name=model.name,
-            chat_template=_template(model, chat_templates.from_tokenizer_files(artifact), report["model_type"]),
+            chat_template=template,
+            # onnxruntime-genai's generator is not constrained here: no tools, no response_format.
+            capabilities=chat_templates.capabilities(template, constrained_decoding=False),
             context_length=context,
             special_tokens={key: _special_token(special.get(key)) for key in ("bos_token", "eos_token")},
             runtime_memory_bytes=_genai_kv_bytes(artifact, settings.llm_engine_slots),

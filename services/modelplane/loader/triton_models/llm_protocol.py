@@ -1,6 +1,7 @@
 """What the python-backend LLM models (llamacpp, ortgenai) share: the tensor convention of Triton's
 own LLM backends (vLLM, TensorRT-LLM), so the inference service talks to them and to a production
-vLLM/TensorRT-LLM model the same way, and the Triton plumbing around it.
+vLLM/TensorRT-LLM model the same way, and the Triton plumbing around it, which the decoupled Piper
+voice model (piper/) uses too.
 
 The builders copy this file next to each model.py, as they copy the model's text module: a
 python-backend model imports only from its own version folder.

@@ -33,7 +33,11 @@ class LoadModelRequest(_message.Message):
     name: _builtins.str
     """The registered model's name."""
     refresh: _builtins.bool
-    """Fetch, verify and convert again even when the cache holds the package."""
+    """Fetch, verify and convert again even when the cache holds the package.
+    A model Triton serves stays in service and READY: the new copy is
+    prepared beside it and Triton switches to it once it is loaded; when that
+    fails, the served copy is untouched and the error says why.
+    """
     reason: _builtins.str
     """Why the load was asked for, for events and metrics: "operator",
     "on-demand", "preload" or "reconcile".

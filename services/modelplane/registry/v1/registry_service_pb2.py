@@ -22,72 +22,110 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from modelplane.common.v1 import model_pb2 as modelplane_dot_common_dot_v1_dot_model__pb2
+from modelplane.registry.v1 import fleet_pb2 as modelplane_dot_registry_dot_v1_dot_fleet__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-modelplane/registry/v1/registry_service.proto\x12\x16modelplane.registry.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a modelplane/common/v1/model.proto\"S\n\x14RegisterModelRequest\x12-\n\x04spec\x18\x01 \x01(\x0b\x32\x1f.modelplane.common.v1.ModelSpec\x12\x0c\n\x04load\x18\x02 \x01(\x08\"T\n\x15RegisterModelResponse\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.modelplane.common.v1.Model\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\">\n\x10GetModelResponse\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.modelplane.common.v1.Model\"\x96\x01\n\x11ListModelsRequest\x12(\n\x04task\x18\x01 \x01(\x0e\x32\x1a.modelplane.common.v1.Task\x12\x30\n\x06states\x18\x02 \x03(\x0e\x32 .modelplane.common.v1.ModelState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"Z\n\x12ListModelsResponse\x12+\n\x06models\x18\x01 \x03(\x0b\x32\x1b.modelplane.common.v1.Model\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"t\n\x12UpdateModelRequest\x12-\n\x04spec\x18\x01 \x01(\x0b\x32\x1f.modelplane.common.v1.ModelSpec\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"A\n\x13UpdateModelResponse\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.modelplane.common.v1.Model\"a\n\x16SetDesiredStateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x39\n\rdesired_state\x18\x02 \x01(\x0e\x32\".modelplane.common.v1.DesiredState\"E\n\x17SetDesiredStateResponse\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.modelplane.common.v1.Model\"\"\n\x12\x44\x65leteModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteModelResponse\"\xf1\x03\n\x16TransitionModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x32\n\x08to_state\x18\x03 \x01(\x0e\x32 .modelplane.common.v1.ModelState\x12=\n\x13\x65xpected_from_state\x18\x04 \x01(\x0e\x32 .modelplane.common.v1.ModelState\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x34\n\x08progress\x18\x06 \x01(\x0b\x32\".modelplane.common.v1.LoadProgress\x12\x37\n\x08manifest\x18\x07 \x01(\x0b\x32%.modelplane.common.v1.PackageManifest\x12\x35\n\x07profile\x18\x08 \x01(\x0b\x32$.modelplane.common.v1.ServingProfile\x12\x30\n\x06\x61ssets\x18\t \x03(\x0b\x32 .modelplane.common.v1.ModelAsset\x12\x17\n\x0f\x66ootprint_bytes\x18\n \x01(\x03\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12\x15\n\rprogress_only\x18\x0c \x01(\x08\x12\x18\n\x10\x62\x65gins_operation\x18\r \x01(\x08\"v\n\x17TransitionModelResponse\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.modelplane.common.v1.Model\x12/\n\x05\x65vent\x18\x02 \x01(\x0b\x32 .modelplane.common.v1.ModelEvent\"K\n\x16ListModelEventsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x61\x66ter_id\x18\x02 \x01(\x03\x12\x11\n\tpage_size\x18\x03 \x01(\x05\"K\n\x17ListModelEventsResponse\x12\x30\n\x06\x65vents\x18\x01 \x03(\x0b\x32 .modelplane.common.v1.ModelEvent\"<\n\x12WatchModelsRequest\x12\r\n\x05names\x18\x01 \x03(\t\x12\x17\n\x0finclude_initial\x18\x02 \x01(\x08\"\xab\x01\n\x13WatchModelsResponse\x12\x37\n\x0b\x63hange_type\x18\x01 \x01(\x0e\x32\".modelplane.registry.v1.ChangeType\x12*\n\x05model\x18\x02 \x01(\x0b\x32\x1b.modelplane.common.v1.Model\x12/\n\x05\x65vent\x18\x03 \x01(\x0b\x32 .modelplane.common.v1.ModelEvent\"%\n\x15GetModelAssetsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x81\x01\n\x16GetModelAssetsResponse\x12\x35\n\x07profile\x18\x01 \x01(\x0b\x32$.modelplane.common.v1.ServingProfile\x12\x30\n\x06\x61ssets\x18\x02 \x03(\x0b\x32 .modelplane.common.v1.ModelAsset\"\x82\x01\n\x11ModelRequestCount\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x35\n\x11last_request_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x63old_starts\x18\x04 \x01(\x03\"W\n\x1aRecordModelRequestsRequest\x12\x39\n\x06\x63ounts\x18\x01 \x03(\x0b\x32).modelplane.registry.v1.ModelRequestCount\"\x1d\n\x1bRecordModelRequestsResponse\"*\n\x19GetModelStatisticsRequest\x12\r\n\x05names\x18\x01 \x03(\t\"\xd8\x01\n\x0fModelStatistics\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x16\n\x0etotal_requests\x18\x02 \x01(\x03\x12\x0f\n\x07rate_5m\x18\x03 \x01(\x01\x12\x0f\n\x07rate_1h\x18\x04 \x01(\x01\x12\x1a\n\x12hour_of_day_counts\x18\x05 \x03(\x03\x12\x35\n\x11last_request_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x63old_starts\x18\x07 \x01(\x03\x12\x0f\n\x07rate_1m\x18\x08 \x01(\x01\"Y\n\x1aGetModelStatisticsResponse\x12;\n\nstatistics\x18\x01 \x03(\x0b\x32\'.modelplane.registry.v1.ModelStatistics*\x90\x01\n\nChangeType\x12\x1b\n\x17\x43HANGE_TYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43HANGE_TYPE_INITIAL\x10\x01\x12\x1a\n\x16\x43HANGE_TYPE_REGISTERED\x10\x02\x12\x17\n\x13\x43HANGE_TYPE_UPDATED\x10\x03\x12\x17\n\x13\x43HANGE_TYPE_DELETED\x10\x04\x32\xc7\n\n\x0fRegistryService\x12l\n\rRegisterModel\x12,.modelplane.registry.v1.RegisterModelRequest\x1a-.modelplane.registry.v1.RegisterModelResponse\x12]\n\x08GetModel\x12\'.modelplane.registry.v1.GetModelRequest\x1a(.modelplane.registry.v1.GetModelResponse\x12\x63\n\nListModels\x12).modelplane.registry.v1.ListModelsRequest\x1a*.modelplane.registry.v1.ListModelsResponse\x12\x66\n\x0bUpdateModel\x12*.modelplane.registry.v1.UpdateModelRequest\x1a+.modelplane.registry.v1.UpdateModelResponse\x12r\n\x0fSetDesiredState\x12..modelplane.registry.v1.SetDesiredStateRequest\x1a/.modelplane.registry.v1.SetDesiredStateResponse\x12\x66\n\x0b\x44\x65leteModel\x12*.modelplane.registry.v1.DeleteModelRequest\x1a+.modelplane.registry.v1.DeleteModelResponse\x12r\n\x0fTransitionModel\x12..modelplane.registry.v1.TransitionModelRequest\x1a/.modelplane.registry.v1.TransitionModelResponse\x12r\n\x0fListModelEvents\x12..modelplane.registry.v1.ListModelEventsRequest\x1a/.modelplane.registry.v1.ListModelEventsResponse\x12h\n\x0bWatchModels\x12*.modelplane.registry.v1.WatchModelsRequest\x1a+.modelplane.registry.v1.WatchModelsResponse0\x01\x12o\n\x0eGetModelAssets\x12-.modelplane.registry.v1.GetModelAssetsRequest\x1a..modelplane.registry.v1.GetModelAssetsResponse\x12~\n\x13RecordModelRequests\x12\x32.modelplane.registry.v1.RecordModelRequestsRequest\x1a\x33.modelplane.registry.v1.RecordModelRequestsResponse\x12{\n\x12GetModelStatistics\x12\x31.modelplane.registry.v1.GetModelStatisticsRequest\x1a\x32.modelplane.registry.v1.GetModelStatisticsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-modelplane/registry/v1/registry_service.proto\x12\x16modelplane.registry.v1\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a modelplane/common/v1/model.proto\x1a\"modelplane/registry/v1/fleet.proto\"S\n\x14RegisterModelRequest\x12-\n\x04spec\x18\x01 \x01(\x0b\x32\x1f.modelplane.common.v1.ModelSpec\x12\x0c\n\x04load\x18\x02 \x01(\x08\"T\n\x15RegisterModelResponse\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.modelplane.common.v1.Model\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\">\n\x10GetModelResponse\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.modelplane.common.v1.Model\"\x96\x01\n\x11ListModelsRequest\x12(\n\x04task\x18\x01 \x01(\x0e\x32\x1a.modelplane.common.v1.Task\x12\x30\n\x06states\x18\x02 \x03(\x0e\x32 .modelplane.common.v1.ModelState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"Z\n\x12ListModelsResponse\x12+\n\x06models\x18\x01 \x03(\x0b\x32\x1b.modelplane.common.v1.Model\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"t\n\x12UpdateModelRequest\x12-\n\x04spec\x18\x01 \x01(\x0b\x32\x1f.modelplane.common.v1.ModelSpec\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"A\n\x13UpdateModelResponse\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.modelplane.common.v1.Model\"a\n\x16SetDesiredStateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x39\n\rdesired_state\x18\x02 \x01(\x0e\x32\".modelplane.common.v1.DesiredState\"E\n\x17SetDesiredStateResponse\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.modelplane.common.v1.Model\"\"\n\x12\x44\x65leteModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteModelResponse\"\xf1\x03\n\x16TransitionModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x32\n\x08to_state\x18\x03 \x01(\x0e\x32 .modelplane.common.v1.ModelState\x12=\n\x13\x65xpected_from_state\x18\x04 \x01(\x0e\x32 .modelplane.common.v1.ModelState\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x34\n\x08progress\x18\x06 \x01(\x0b\x32\".modelplane.common.v1.LoadProgress\x12\x37\n\x08manifest\x18\x07 \x01(\x0b\x32%.modelplane.common.v1.PackageManifest\x12\x35\n\x07profile\x18\x08 \x01(\x0b\x32$.modelplane.common.v1.ServingProfile\x12\x30\n\x06\x61ssets\x18\t \x03(\x0b\x32 .modelplane.common.v1.ModelAsset\x12\x17\n\x0f\x66ootprint_bytes\x18\n \x01(\x03\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12\x15\n\rprogress_only\x18\x0c \x01(\x08\x12\x18\n\x10\x62\x65gins_operation\x18\r \x01(\x08\"v\n\x17TransitionModelResponse\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.modelplane.common.v1.Model\x12/\n\x05\x65vent\x18\x02 \x01(\x0b\x32 .modelplane.common.v1.ModelEvent\"K\n\x16ListModelEventsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x61\x66ter_id\x18\x02 \x01(\x03\x12\x11\n\tpage_size\x18\x03 \x01(\x05\"K\n\x17ListModelEventsResponse\x12\x30\n\x06\x65vents\x18\x01 \x03(\x0b\x32 .modelplane.common.v1.ModelEvent\"\x81\x01\n\x12WatchModelsRequest\x12\r\n\x05names\x18\x01 \x03(\t\x12\x17\n\x0finclude_initial\x18\x02 \x01(\x08\x12\x15\n\rinclude_nodes\x18\x03 \x01(\x08\x12\x1a\n\x12include_placements\x18\x04 \x01(\x08\x12\x10\n\x08node_ids\x18\x05 \x03(\t\"\x8d\x02\n\x13WatchModelsResponse\x12\x37\n\x0b\x63hange_type\x18\x01 \x01(\x0e\x32\".modelplane.registry.v1.ChangeType\x12*\n\x05model\x18\x02 \x01(\x0b\x32\x1b.modelplane.common.v1.Model\x12/\n\x05\x65vent\x18\x03 \x01(\x0b\x32 .modelplane.common.v1.ModelEvent\x12*\n\x04node\x18\x04 \x01(\x0b\x32\x1c.modelplane.registry.v1.Node\x12\x34\n\tplacement\x18\x05 \x01(\x0b\x32!.modelplane.registry.v1.Placement\"%\n\x15GetModelAssetsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x81\x01\n\x16GetModelAssetsResponse\x12\x35\n\x07profile\x18\x01 \x01(\x0b\x32$.modelplane.common.v1.ServingProfile\x12\x30\n\x06\x61ssets\x18\x02 \x03(\x0b\x32 .modelplane.common.v1.ModelAsset\"\x82\x01\n\x11ModelRequestCount\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x35\n\x11last_request_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x63old_starts\x18\x04 \x01(\x03\"W\n\x1aRecordModelRequestsRequest\x12\x39\n\x06\x63ounts\x18\x01 \x03(\x0b\x32).modelplane.registry.v1.ModelRequestCount\"\x1d\n\x1bRecordModelRequestsResponse\"*\n\x19GetModelStatisticsRequest\x12\r\n\x05names\x18\x01 \x03(\t\"\xd8\x01\n\x0fModelStatistics\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x16\n\x0etotal_requests\x18\x02 \x01(\x03\x12\x0f\n\x07rate_5m\x18\x03 \x01(\x01\x12\x0f\n\x07rate_1h\x18\x04 \x01(\x01\x12\x1a\n\x12hour_of_day_counts\x18\x05 \x03(\x03\x12\x35\n\x11last_request_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x63old_starts\x18\x07 \x01(\x03\x12\x0f\n\x07rate_1m\x18\x08 \x01(\x01\"Y\n\x1aGetModelStatisticsResponse\x12;\n\nstatistics\x18\x01 \x03(\x0b\x32\'.modelplane.registry.v1.ModelStatistics\"t\n\x13RegisterNodeRequest\x12*\n\x04node\x18\x01 \x01(\x0b\x32\x1c.modelplane.registry.v1.Node\x12\x31\n\x0elease_duration\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"B\n\x14RegisterNodeResponse\x12*\n\x04node\x18\x01 \x01(\x0b\x32\x1c.modelplane.registry.v1.Node\"r\n\x15RenewNodeLeaseRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\x03\x12\x33\n\x07\x64\x65vices\x18\x03 \x03(\x0b\x32\".modelplane.registry.v1.NodeDevice\"D\n\x16RenewNodeLeaseResponse\x12*\n\x04node\x18\x01 \x01(\x0b\x32\x1c.modelplane.registry.v1.Node\"3\n\x10\x44rainNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63\x61ncel\x18\x02 \x01(\x08\"?\n\x11\x44rainNodeResponse\x12*\n\x04node\x18\x01 \x01(\x0b\x32\x1c.modelplane.registry.v1.Node\"$\n\x11\x44\x65leteNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65leteNodeResponse\"W\n\x10ListNodesRequest\x12\x10\n\x08node_ids\x18\x01 \x03(\t\x12\x31\n\x06states\x18\x02 \x03(\x0e\x32!.modelplane.registry.v1.NodeState\"@\n\x11ListNodesResponse\x12+\n\x05nodes\x18\x01 \x03(\x0b\x32\x1c.modelplane.registry.v1.Node\">\n\x15ListPlacementsRequest\x12\x13\n\x0bmodel_names\x18\x01 \x03(\t\x12\x10\n\x08node_ids\x18\x02 \x03(\t\"O\n\x16ListPlacementsResponse\x12\x35\n\nplacements\x18\x01 \x03(\x0b\x32!.modelplane.registry.v1.Placement\"g\n\x0fPlacementTarget\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x0c\n\x04redo\x18\x04 \x01(\x08\x12\x10\n\x08\x64\x65\x63ision\x18\x05 \x01(\t\"3\n\x0cPlacementRef\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\"\xa2\x01\n\x14SetPlacementsRequest\x12;\n\nplacements\x18\x01 \x03(\x0b\x32\'.modelplane.registry.v1.PlacementTarget\x12\x36\n\x08removals\x18\x02 \x03(\x0b\x32$.modelplane.registry.v1.PlacementRef\x12\x15\n\rleader_holder\x18\x03 \x01(\t\"\x82\x01\n\x15SetPlacementsResponse\x12\x35\n\nplacements\x18\x01 \x03(\x0b\x32!.modelplane.registry.v1.Placement\x12\x32\n\x07removed\x18\x02 \x03(\x0b\x32!.modelplane.registry.v1.Placement\"\x83\x05\n\x1aTransitionPlacementRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x13\n\x0bincarnation\x18\x03 \x01(\x03\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\x32\n\x08to_state\x18\x05 \x01(\x0e\x32 .modelplane.common.v1.ModelState\x12=\n\x13\x65xpected_from_state\x18\x06 \x01(\x0e\x32 .modelplane.common.v1.ModelState\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x34\n\x08progress\x18\x08 \x01(\x0b\x32\".modelplane.common.v1.LoadProgress\x12\x17\n\x0f\x66ootprint_bytes\x18\t \x01(\x03\x12\x1b\n\x13observed_generation\x18\n \x01(\x03\x12\x0f\n\x07\x65victed\x18\x0b \x01(\x08\x12\x32\n\x0elast_used_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x08manifest\x18\r \x01(\x0b\x32%.modelplane.common.v1.PackageManifest\x12\x35\n\x07profile\x18\x0e \x01(\x0b\x32$.modelplane.common.v1.ServingProfile\x12\x30\n\x06\x61ssets\x18\x0f \x03(\x0b\x32 .modelplane.common.v1.ModelAsset\x12\x12\n\nrequest_id\x18\x10 \x01(\t\x12\x15\n\rprogress_only\x18\x11 \x01(\x08\x12\x18\n\x10\x62\x65gins_operation\x18\x12 \x01(\x08\"\xb0\x01\n\x1bTransitionPlacementResponse\x12\x34\n\tplacement\x18\x01 \x01(\x0b\x32!.modelplane.registry.v1.Placement\x12*\n\x05model\x18\x02 \x01(\x0b\x32\x1b.modelplane.common.v1.Model\x12/\n\x05\x65vent\x18\x03 \x01(\x0b\x32 .modelplane.common.v1.ModelEvent*\x90\x01\n\nChangeType\x12\x1b\n\x17\x43HANGE_TYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43HANGE_TYPE_INITIAL\x10\x01\x12\x1a\n\x16\x43HANGE_TYPE_REGISTERED\x10\x02\x12\x17\n\x13\x43HANGE_TYPE_UPDATED\x10\x03\x12\x17\n\x13\x43HANGE_TYPE_DELETED\x10\x04\x32\xab\x11\n\x0fRegistryService\x12l\n\rRegisterModel\x12,.modelplane.registry.v1.RegisterModelRequest\x1a-.modelplane.registry.v1.RegisterModelResponse\x12]\n\x08GetModel\x12\'.modelplane.registry.v1.GetModelRequest\x1a(.modelplane.registry.v1.GetModelResponse\x12\x63\n\nListModels\x12).modelplane.registry.v1.ListModelsRequest\x1a*.modelplane.registry.v1.ListModelsResponse\x12\x66\n\x0bUpdateModel\x12*.modelplane.registry.v1.UpdateModelRequest\x1a+.modelplane.registry.v1.UpdateModelResponse\x12r\n\x0fSetDesiredState\x12..modelplane.registry.v1.SetDesiredStateRequest\x1a/.modelplane.registry.v1.SetDesiredStateResponse\x12\x66\n\x0b\x44\x65leteModel\x12*.modelplane.registry.v1.DeleteModelRequest\x1a+.modelplane.registry.v1.DeleteModelResponse\x12r\n\x0fTransitionModel\x12..modelplane.registry.v1.TransitionModelRequest\x1a/.modelplane.registry.v1.TransitionModelResponse\x12r\n\x0fListModelEvents\x12..modelplane.registry.v1.ListModelEventsRequest\x1a/.modelplane.registry.v1.ListModelEventsResponse\x12h\n\x0bWatchModels\x12*.modelplane.registry.v1.WatchModelsRequest\x1a+.modelplane.registry.v1.WatchModelsResponse0\x01\x12o\n\x0eGetModelAssets\x12-.modelplane.registry.v1.GetModelAssetsRequest\x1a..modelplane.registry.v1.GetModelAssetsResponse\x12~\n\x13RecordModelRequests\x12\x32.modelplane.registry.v1.RecordModelRequestsRequest\x1a\x33.modelplane.registry.v1.RecordModelRequestsResponse\x12{\n\x12GetModelStatistics\x12\x31.modelplane.registry.v1.GetModelStatisticsRequest\x1a\x32.modelplane.registry.v1.GetModelStatisticsResponse\x12i\n\x0cRegisterNode\x12+.modelplane.registry.v1.RegisterNodeRequest\x1a,.modelplane.registry.v1.RegisterNodeResponse\x12o\n\x0eRenewNodeLease\x12-.modelplane.registry.v1.RenewNodeLeaseRequest\x1a..modelplane.registry.v1.RenewNodeLeaseResponse\x12`\n\tDrainNode\x12(.modelplane.registry.v1.DrainNodeRequest\x1a).modelplane.registry.v1.DrainNodeResponse\x12\x63\n\nDeleteNode\x12).modelplane.registry.v1.DeleteNodeRequest\x1a*.modelplane.registry.v1.DeleteNodeResponse\x12`\n\tListNodes\x12(.modelplane.registry.v1.ListNodesRequest\x1a).modelplane.registry.v1.ListNodesResponse\x12o\n\x0eListPlacements\x12-.modelplane.registry.v1.ListPlacementsRequest\x1a..modelplane.registry.v1.ListPlacementsResponse\x12l\n\rSetPlacements\x12,.modelplane.registry.v1.SetPlacementsRequest\x1a-.modelplane.registry.v1.SetPlacementsResponse\x12~\n\x13TransitionPlacement\x12\x32.modelplane.registry.v1.TransitionPlacementRequest\x1a\x33.modelplane.registry.v1.TransitionPlacementResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'modelplane.registry.v1.registry_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHANGETYPE']._serialized_start=2890
-  _globals['_CHANGETYPE']._serialized_end=3034
-  _globals['_REGISTERMODELREQUEST']._serialized_start=174
-  _globals['_REGISTERMODELREQUEST']._serialized_end=257
-  _globals['_REGISTERMODELRESPONSE']._serialized_start=259
-  _globals['_REGISTERMODELRESPONSE']._serialized_end=343
-  _globals['_GETMODELREQUEST']._serialized_start=345
-  _globals['_GETMODELREQUEST']._serialized_end=376
-  _globals['_GETMODELRESPONSE']._serialized_start=378
-  _globals['_GETMODELRESPONSE']._serialized_end=440
-  _globals['_LISTMODELSREQUEST']._serialized_start=443
-  _globals['_LISTMODELSREQUEST']._serialized_end=593
-  _globals['_LISTMODELSRESPONSE']._serialized_start=595
-  _globals['_LISTMODELSRESPONSE']._serialized_end=685
-  _globals['_UPDATEMODELREQUEST']._serialized_start=687
-  _globals['_UPDATEMODELREQUEST']._serialized_end=803
-  _globals['_UPDATEMODELRESPONSE']._serialized_start=805
-  _globals['_UPDATEMODELRESPONSE']._serialized_end=870
-  _globals['_SETDESIREDSTATEREQUEST']._serialized_start=872
-  _globals['_SETDESIREDSTATEREQUEST']._serialized_end=969
-  _globals['_SETDESIREDSTATERESPONSE']._serialized_start=971
-  _globals['_SETDESIREDSTATERESPONSE']._serialized_end=1040
-  _globals['_DELETEMODELREQUEST']._serialized_start=1042
-  _globals['_DELETEMODELREQUEST']._serialized_end=1076
-  _globals['_DELETEMODELRESPONSE']._serialized_start=1078
-  _globals['_DELETEMODELRESPONSE']._serialized_end=1099
-  _globals['_TRANSITIONMODELREQUEST']._serialized_start=1102
-  _globals['_TRANSITIONMODELREQUEST']._serialized_end=1599
-  _globals['_TRANSITIONMODELRESPONSE']._serialized_start=1601
-  _globals['_TRANSITIONMODELRESPONSE']._serialized_end=1719
-  _globals['_LISTMODELEVENTSREQUEST']._serialized_start=1721
-  _globals['_LISTMODELEVENTSREQUEST']._serialized_end=1796
-  _globals['_LISTMODELEVENTSRESPONSE']._serialized_start=1798
-  _globals['_LISTMODELEVENTSRESPONSE']._serialized_end=1873
-  _globals['_WATCHMODELSREQUEST']._serialized_start=1875
-  _globals['_WATCHMODELSREQUEST']._serialized_end=1935
-  _globals['_WATCHMODELSRESPONSE']._serialized_start=1938
-  _globals['_WATCHMODELSRESPONSE']._serialized_end=2109
-  _globals['_GETMODELASSETSREQUEST']._serialized_start=2111
-  _globals['_GETMODELASSETSREQUEST']._serialized_end=2148
-  _globals['_GETMODELASSETSRESPONSE']._serialized_start=2151
-  _globals['_GETMODELASSETSRESPONSE']._serialized_end=2280
-  _globals['_MODELREQUESTCOUNT']._serialized_start=2283
-  _globals['_MODELREQUESTCOUNT']._serialized_end=2413
-  _globals['_RECORDMODELREQUESTSREQUEST']._serialized_start=2415
-  _globals['_RECORDMODELREQUESTSREQUEST']._serialized_end=2502
-  _globals['_RECORDMODELREQUESTSRESPONSE']._serialized_start=2504
-  _globals['_RECORDMODELREQUESTSRESPONSE']._serialized_end=2533
-  _globals['_GETMODELSTATISTICSREQUEST']._serialized_start=2535
-  _globals['_GETMODELSTATISTICSREQUEST']._serialized_end=2577
-  _globals['_MODELSTATISTICS']._serialized_start=2580
-  _globals['_MODELSTATISTICS']._serialized_end=2796
-  _globals['_GETMODELSTATISTICSRESPONSE']._serialized_start=2798
-  _globals['_GETMODELSTATISTICSRESPONSE']._serialized_end=2887
-  _globals['_REGISTRYSERVICE']._serialized_start=3037
-  _globals['_REGISTRYSERVICE']._serialized_end=4388
+  _globals['_CHANGETYPE']._serialized_start=5257
+  _globals['_CHANGETYPE']._serialized_end=5401
+  _globals['_REGISTERMODELREQUEST']._serialized_start=242
+  _globals['_REGISTERMODELREQUEST']._serialized_end=325
+  _globals['_REGISTERMODELRESPONSE']._serialized_start=327
+  _globals['_REGISTERMODELRESPONSE']._serialized_end=411
+  _globals['_GETMODELREQUEST']._serialized_start=413
+  _globals['_GETMODELREQUEST']._serialized_end=444
+  _globals['_GETMODELRESPONSE']._serialized_start=446
+  _globals['_GETMODELRESPONSE']._serialized_end=508
+  _globals['_LISTMODELSREQUEST']._serialized_start=511
+  _globals['_LISTMODELSREQUEST']._serialized_end=661
+  _globals['_LISTMODELSRESPONSE']._serialized_start=663
+  _globals['_LISTMODELSRESPONSE']._serialized_end=753
+  _globals['_UPDATEMODELREQUEST']._serialized_start=755
+  _globals['_UPDATEMODELREQUEST']._serialized_end=871
+  _globals['_UPDATEMODELRESPONSE']._serialized_start=873
+  _globals['_UPDATEMODELRESPONSE']._serialized_end=938
+  _globals['_SETDESIREDSTATEREQUEST']._serialized_start=940
+  _globals['_SETDESIREDSTATEREQUEST']._serialized_end=1037
+  _globals['_SETDESIREDSTATERESPONSE']._serialized_start=1039
+  _globals['_SETDESIREDSTATERESPONSE']._serialized_end=1108
+  _globals['_DELETEMODELREQUEST']._serialized_start=1110
+  _globals['_DELETEMODELREQUEST']._serialized_end=1144
+  _globals['_DELETEMODELRESPONSE']._serialized_start=1146
+  _globals['_DELETEMODELRESPONSE']._serialized_end=1167
+  _globals['_TRANSITIONMODELREQUEST']._serialized_start=1170
+  _globals['_TRANSITIONMODELREQUEST']._serialized_end=1667
+  _globals['_TRANSITIONMODELRESPONSE']._serialized_start=1669
+  _globals['_TRANSITIONMODELRESPONSE']._serialized_end=1787
+  _globals['_LISTMODELEVENTSREQUEST']._serialized_start=1789
+  _globals['_LISTMODELEVENTSREQUEST']._serialized_end=1864
+  _globals['_LISTMODELEVENTSRESPONSE']._serialized_start=1866
+  _globals['_LISTMODELEVENTSRESPONSE']._serialized_end=1941
+  _globals['_WATCHMODELSREQUEST']._serialized_start=1944
+  _globals['_WATCHMODELSREQUEST']._serialized_end=2073
+  _globals['_WATCHMODELSRESPONSE']._serialized_start=2076
+  _globals['_WATCHMODELSRESPONSE']._serialized_end=2345
+  _globals['_GETMODELASSETSREQUEST']._serialized_start=2347
+  _globals['_GETMODELASSETSREQUEST']._serialized_end=2384
+  _globals['_GETMODELASSETSRESPONSE']._serialized_start=2387
+  _globals['_GETMODELASSETSRESPONSE']._serialized_end=2516
+  _globals['_MODELREQUESTCOUNT']._serialized_start=2519
+  _globals['_MODELREQUESTCOUNT']._serialized_end=2649
+  _globals['_RECORDMODELREQUESTSREQUEST']._serialized_start=2651
+  _globals['_RECORDMODELREQUESTSREQUEST']._serialized_end=2738
+  _globals['_RECORDMODELREQUESTSRESPONSE']._serialized_start=2740
+  _globals['_RECORDMODELREQUESTSRESPONSE']._serialized_end=2769
+  _globals['_GETMODELSTATISTICSREQUEST']._serialized_start=2771
+  _globals['_GETMODELSTATISTICSREQUEST']._serialized_end=2813
+  _globals['_MODELSTATISTICS']._serialized_start=2816
+  _globals['_MODELSTATISTICS']._serialized_end=3032
+  _globals['_GETMODELSTATISTICSRESPONSE']._serialized_start=3034
+  _globals['_GETMODELSTATISTICSRESPONSE']._serialized_end=3123
+  _globals['_REGISTERNODEREQUEST']._serialized_start=3125
+  _globals['_REGISTERNODEREQUEST']._serialized_end=3241
+  _globals['_REGISTERNODERESPONSE']._serialized_start=3243
+  _globals['_REGISTERNODERESPONSE']._serialized_end=3309
+  _globals['_RENEWNODELEASEREQUEST']._serialized_start=3311
+  _globals['_RENEWNODELEASEREQUEST']._serialized_end=3425
+  _globals['_RENEWNODELEASERESPONSE']._serialized_start=3427
+  _globals['_RENEWNODELEASERESPONSE']._serialized_end=3495
+  _globals['_DRAINNODEREQUEST']._serialized_start=3497
+  _globals['_DRAINNODEREQUEST']._serialized_end=3548
+  _globals['_DRAINNODERESPONSE']._serialized_start=3550
+  _globals['_DRAINNODERESPONSE']._serialized_end=3613
+  _globals['_DELETENODEREQUEST']._serialized_start=3615
+  _globals['_DELETENODEREQUEST']._serialized_end=3651
+  _globals['_DELETENODERESPONSE']._serialized_start=3653
+  _globals['_DELETENODERESPONSE']._serialized_end=3673
+  _globals['_LISTNODESREQUEST']._serialized_start=3675
+  _globals['_LISTNODESREQUEST']._serialized_end=3762
+  _globals['_LISTNODESRESPONSE']._serialized_start=3764
+  _globals['_LISTNODESRESPONSE']._serialized_end=3828
+  _globals['_LISTPLACEMENTSREQUEST']._serialized_start=3830
+  _globals['_LISTPLACEMENTSREQUEST']._serialized_end=3892
+  _globals['_LISTPLACEMENTSRESPONSE']._serialized_start=3894
+  _globals['_LISTPLACEMENTSRESPONSE']._serialized_end=3973
+  _globals['_PLACEMENTTARGET']._serialized_start=3975
+  _globals['_PLACEMENTTARGET']._serialized_end=4078
+  _globals['_PLACEMENTREF']._serialized_start=4080
+  _globals['_PLACEMENTREF']._serialized_end=4131
+  _globals['_SETPLACEMENTSREQUEST']._serialized_start=4134
+  _globals['_SETPLACEMENTSREQUEST']._serialized_end=4296
+  _globals['_SETPLACEMENTSRESPONSE']._serialized_start=4299
+  _globals['_SETPLACEMENTSRESPONSE']._serialized_end=4429
+  _globals['_TRANSITIONPLACEMENTREQUEST']._serialized_start=4432
+  _globals['_TRANSITIONPLACEMENTREQUEST']._serialized_end=5075
+  _globals['_TRANSITIONPLACEMENTRESPONSE']._serialized_start=5078
+  _globals['_TRANSITIONPLACEMENTRESPONSE']._serialized_end=5254
+  _globals['_REGISTRYSERVICE']._serialized_start=5404
+  _globals['_REGISTRYSERVICE']._serialized_end=7623
 # @@protoc_insertion_point(module_scope)

@@ -5,12 +5,14 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from modelplane.common.v1 import model_pb2 as _model_pb2
+from modelplane.registry.v1 import fleet_pb2 as _fleet_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -33,11 +35,17 @@ class _ChangeTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChangeType
     CHANGE_TYPE_INITIAL: _ChangeType.ValueType  # 1
     """The current state of a model, sent first when include_initial is set."""
     CHANGE_TYPE_REGISTERED: _ChangeType.ValueType  # 2
-    """A model or a new version of it was registered."""
+    """A model or a new version of it was registered; a node was registered by
+    a new process; a placement was made.
+    """
     CHANGE_TYPE_UPDATED: _ChangeType.ValueType  # 3
-    """The model's state, desired state or spec changed."""
+    """The model's state, desired state or spec changed; the node's draining
+    flag, budgets or liveness changed; either side of the placement changed.
+    """
     CHANGE_TYPE_DELETED: _ChangeType.ValueType  # 4
-    """The model was deleted; model carries its last known state."""
+    """The model, node or placement was deleted; the message carries its last
+    known state.
+    """
 
 class ChangeType(_ChangeType, metaclass=_ChangeTypeEnumTypeWrapper):
     """What kind of change a WatchModelsResponse reports."""
@@ -47,11 +55,17 @@ CHANGE_TYPE_UNSPECIFIED: ChangeType.ValueType  # 0
 CHANGE_TYPE_INITIAL: ChangeType.ValueType  # 1
 """The current state of a model, sent first when include_initial is set."""
 CHANGE_TYPE_REGISTERED: ChangeType.ValueType  # 2
-"""A model or a new version of it was registered."""
+"""A model or a new version of it was registered; a node was registered by
+a new process; a placement was made.
+"""
 CHANGE_TYPE_UPDATED: ChangeType.ValueType  # 3
-"""The model's state, desired state or spec changed."""
+"""The model's state, desired state or spec changed; the node's draining
+flag, budgets or liveness changed; either side of the placement changed.
+"""
 CHANGE_TYPE_DELETED: ChangeType.ValueType  # 4
-"""The model was deleted; model carries its last known state."""
+"""The model, node or placement was deleted; the message carries its last
+known state.
+"""
 Global___ChangeType: _TypeAlias = ChangeType  # noqa: Y015
 
 @_typing.final
@@ -544,21 +558,44 @@ class WatchModelsRequest(_message.Message):
 
     NAMES_FIELD_NUMBER: _builtins.int
     INCLUDE_INITIAL_FIELD_NUMBER: _builtins.int
+    INCLUDE_NODES_FIELD_NUMBER: _builtins.int
+    INCLUDE_PLACEMENTS_FIELD_NUMBER: _builtins.int
+    NODE_IDS_FIELD_NUMBER: _builtins.int
     include_initial: _builtins.bool
-    """Whether to send the current state of every watched model first."""
+    """Whether to send the current state of every watched model first (and of
+    every watched node and placement, when those are asked for: nodes first,
+    then models, then placements).
+    """
+    include_nodes: _builtins.bool
+    """Whether to stream node changes too (registration, drain, loss, budgets).
+    Off by default, so a watcher that does not set it sees only models.
+    """
+    include_placements: _builtins.bool
+    """Whether to stream placement changes too (both sides). Off by default."""
     @_builtins.property
     def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Only changes to these models; empty means every model."""
+        """Only changes to these models (and their placements); empty means every
+        model.
+        """
+
+    @_builtins.property
+    def node_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only these nodes and the placements on them; empty means every node.
+        Models are not filtered by it.
+        """
 
     def __init__(
         self,
         *,
         names: _abc.Iterable[_builtins.str] | None = ...,
         include_initial: _builtins.bool = ...,
+        include_nodes: _builtins.bool = ...,
+        include_placements: _builtins.bool = ...,
+        node_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_initial", b"include_initial", "names", b"names"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_initial", b"include_initial", "include_nodes", b"include_nodes", "include_placements", b"include_placements", "names", b"names", "node_ids", b"node_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -566,22 +603,39 @@ Global___WatchModelsRequest: _TypeAlias = WatchModelsRequest  # noqa: Y015
 
 @_typing.final
 class WatchModelsResponse(_message.Message):
-    """One change streamed by RegistryService.WatchModels."""
+    """One change streamed by RegistryService.WatchModels. Exactly one of model,
+    node and placement is set.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     CHANGE_TYPE_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     EVENT_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    PLACEMENT_FIELD_NUMBER: _builtins.int
     change_type: Global___ChangeType.ValueType
     """What changed."""
     @_builtins.property
     def model(self) -> _model_pb2.Model:
-        """The model after the change."""
+        """The model after the change, when a model changed."""
 
     @_builtins.property
     def event(self) -> _model_pb2.ModelEvent:
         """The event recorded with the change, when there was one."""
+
+    @_builtins.property
+    def node(self) -> _fleet_pb2.Node:
+        """The node after the change, when a node changed (only to watchers that set
+        include_nodes). A renewal that moves only the lease's expiry is not
+        streamed; a node that becomes LOST is.
+        """
+
+    @_builtins.property
+    def placement(self) -> _fleet_pb2.Placement:
+        """The placement after the change, when a placement changed (only to
+        watchers that set include_placements).
+        """
 
     def __init__(
         self,
@@ -589,10 +643,12 @@ class WatchModelsResponse(_message.Message):
         change_type: Global___ChangeType.ValueType = ...,
         model: _model_pb2.Model | None = ...,
         event: _model_pb2.ModelEvent | None = ...,
+        node: _fleet_pb2.Node | None = ...,
+        placement: _fleet_pb2.Placement | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "model", b"model"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "model", b"model", "node", b"node", "placement", b"placement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_type", b"change_type", "event", b"event", "model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_type", b"change_type", "event", b"event", "model", b"model", "node", b"node", "placement", b"placement"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -834,3 +890,612 @@ class GetModelStatisticsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetModelStatisticsResponse: _TypeAlias = GetModelStatisticsResponse  # noqa: Y015
+
+@_typing.final
+class RegisterNodeRequest(_message.Message):
+    """Request of RegistryService.RegisterNode."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    LEASE_DURATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def node(self) -> _fleet_pb2.Node:
+        """The node. node_id, loader_address, triton_address and holder are
+        required; labels and devices are optional. The registry sets
+        incarnation, the lease times, draining and state.
+        """
+
+    @_builtins.property
+    def lease_duration(self) -> _duration_pb2.Duration:
+        """How long the lease lasts after each renewal: between 1 second and 10
+        minutes; absent means 10 seconds. A lost node's copies move after it, so
+        it bounds how long a dead node's models stay unavailable.
+        """
+
+    def __init__(
+        self,
+        *,
+        node: _fleet_pb2.Node | None = ...,
+        lease_duration: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease_duration", b"lease_duration", "node", b"node"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_duration", b"lease_duration", "node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterNodeRequest: _TypeAlias = RegisterNodeRequest  # noqa: Y015
+
+@_typing.final
+class RegisterNodeResponse(_message.Message):
+    """Response of RegistryService.RegisterNode."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def node(self) -> _fleet_pb2.Node:
+        """The node as registered, with its incarnation and lease."""
+
+    def __init__(
+        self,
+        *,
+        node: _fleet_pb2.Node | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterNodeResponse: _TypeAlias = RegisterNodeResponse  # noqa: Y015
+
+@_typing.final
+class RenewNodeLeaseRequest(_message.Message):
+    """Request of RegistryService.RenewNodeLease."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    INCARNATION_FIELD_NUMBER: _builtins.int
+    DEVICES_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    """The node's id."""
+    incarnation: _builtins.int
+    """The incarnation RegisterNode returned to this process."""
+    @_builtins.property
+    def devices(self) -> _containers.RepeatedCompositeFieldContainer[_fleet_pb2.NodeDevice]:
+        """The node's devices and their budgets now; empty leaves the recorded ones
+        as they are.
+        """
+
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        incarnation: _builtins.int = ...,
+        devices: _abc.Iterable[_fleet_pb2.NodeDevice] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "incarnation", b"incarnation", "node_id", b"node_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewNodeLeaseRequest: _TypeAlias = RenewNodeLeaseRequest  # noqa: Y015
+
+@_typing.final
+class RenewNodeLeaseResponse(_message.Message):
+    """Response of RegistryService.RenewNodeLease."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def node(self) -> _fleet_pb2.Node:
+        """The node after the renewal, with its new lease expiry."""
+
+    def __init__(
+        self,
+        *,
+        node: _fleet_pb2.Node | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewNodeLeaseResponse: _TypeAlias = RenewNodeLeaseResponse  # noqa: Y015
+
+@_typing.final
+class DrainNodeRequest(_message.Message):
+    """Request of RegistryService.DrainNode."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    """The node's id."""
+    cancel: _builtins.bool
+    """When true, the node is no longer draining and may take copies again."""
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        cancel: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "node_id", b"node_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrainNodeRequest: _TypeAlias = DrainNodeRequest  # noqa: Y015
+
+@_typing.final
+class DrainNodeResponse(_message.Message):
+    """Response of RegistryService.DrainNode."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def node(self) -> _fleet_pb2.Node:
+        """The node after the change."""
+
+    def __init__(
+        self,
+        *,
+        node: _fleet_pb2.Node | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrainNodeResponse: _TypeAlias = DrainNodeResponse  # noqa: Y015
+
+@_typing.final
+class DeleteNodeRequest(_message.Message):
+    """Request of RegistryService.DeleteNode."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    """The node's id."""
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteNodeRequest: _TypeAlias = DeleteNodeRequest  # noqa: Y015
+
+@_typing.final
+class DeleteNodeResponse(_message.Message):
+    """Response of RegistryService.DeleteNode."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteNodeResponse: _TypeAlias = DeleteNodeResponse  # noqa: Y015
+
+@_typing.final
+class ListNodesRequest(_message.Message):
+    """Request of RegistryService.ListNodes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_IDS_FIELD_NUMBER: _builtins.int
+    STATES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def node_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only these nodes; empty means every node."""
+
+    @_builtins.property
+    def states(self) -> _containers.RepeatedScalarFieldContainer[_fleet_pb2.NodeState.ValueType]:
+        """Only nodes in one of these states; empty means every state."""
+
+    def __init__(
+        self,
+        *,
+        node_ids: _abc.Iterable[_builtins.str] | None = ...,
+        states: _abc.Iterable[_fleet_pb2.NodeState.ValueType] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_ids", b"node_ids", "states", b"states"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListNodesRequest: _TypeAlias = ListNodesRequest  # noqa: Y015
+
+@_typing.final
+class ListNodesResponse(_message.Message):
+    """Response of RegistryService.ListNodes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[_fleet_pb2.Node]:
+        """The nodes, ordered by id."""
+
+    def __init__(
+        self,
+        *,
+        nodes: _abc.Iterable[_fleet_pb2.Node] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nodes", b"nodes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListNodesResponse: _TypeAlias = ListNodesResponse  # noqa: Y015
+
+@_typing.final
+class ListPlacementsRequest(_message.Message):
+    """Request of RegistryService.ListPlacements."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_NAMES_FIELD_NUMBER: _builtins.int
+    NODE_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only placements of these models; empty means every model."""
+
+    @_builtins.property
+    def node_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only placements on these nodes; empty means every node."""
+
+    def __init__(
+        self,
+        *,
+        model_names: _abc.Iterable[_builtins.str] | None = ...,
+        node_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_names", b"model_names", "node_ids", b"node_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPlacementsRequest: _TypeAlias = ListPlacementsRequest  # noqa: Y015
+
+@_typing.final
+class ListPlacementsResponse(_message.Message):
+    """Response of RegistryService.ListPlacements."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLACEMENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def placements(self) -> _containers.RepeatedCompositeFieldContainer[_fleet_pb2.Placement]:
+        """The placements, ordered by model name, then node id."""
+
+    def __init__(
+        self,
+        *,
+        placements: _abc.Iterable[_fleet_pb2.Placement] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["placements", b"placements"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPlacementsResponse: _TypeAlias = ListPlacementsResponse  # noqa: Y015
+
+@_typing.final
+class PlacementTarget(_message.Message):
+    """What the placer wants of one copy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    REDO_FIELD_NUMBER: _builtins.int
+    DECISION_FIELD_NUMBER: _builtins.int
+    model_name: _builtins.str
+    """The model's name."""
+    node_id: _builtins.str
+    """The node's id."""
+    version: _builtins.int
+    """The model version wanted on the node; 0 means the model's current
+    version.
+    """
+    redo: _builtins.bool
+    """When true the generation grows even if nothing else changed: the placer
+    asks the node to try again after a failure or an eviction.
+    """
+    decision: _builtins.str
+    """Why the placer wants the copy there, for people."""
+    def __init__(
+        self,
+        *,
+        model_name: _builtins.str = ...,
+        node_id: _builtins.str = ...,
+        version: _builtins.int = ...,
+        redo: _builtins.bool = ...,
+        decision: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "model_name", b"model_name", "node_id", b"node_id", "redo", b"redo", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlacementTarget: _TypeAlias = PlacementTarget  # noqa: Y015
+
+@_typing.final
+class PlacementRef(_message.Message):
+    """One placement to remove."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    model_name: _builtins.str
+    """The model's name."""
+    node_id: _builtins.str
+    """The node's id."""
+    def __init__(
+        self,
+        *,
+        model_name: _builtins.str = ...,
+        node_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_name", b"model_name", "node_id", b"node_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlacementRef: _TypeAlias = PlacementRef  # noqa: Y015
+
+@_typing.final
+class SetPlacementsRequest(_message.Message):
+    """Request of RegistryService.SetPlacements."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLACEMENTS_FIELD_NUMBER: _builtins.int
+    REMOVALS_FIELD_NUMBER: _builtins.int
+    LEADER_HOLDER_FIELD_NUMBER: _builtins.int
+    leader_holder: _builtins.str
+    """When set, the write happens only while this holder holds the placer's
+    leadership lease (the leases row "placer"), so a placer that lost its
+    leadership cannot write. The placer always sets it.
+    """
+    @_builtins.property
+    def placements(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlacementTarget]:
+        """Placements to make or change. A new placement starts at generation 1; a
+        change of version, or redo, adds one; the same target again changes
+        nothing.
+        """
+
+    @_builtins.property
+    def removals(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlacementRef]:
+        """Placements to remove; removing one that does not exist is not an error."""
+
+    def __init__(
+        self,
+        *,
+        placements: _abc.Iterable[Global___PlacementTarget] | None = ...,
+        removals: _abc.Iterable[Global___PlacementRef] | None = ...,
+        leader_holder: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["leader_holder", b"leader_holder", "placements", b"placements", "removals", b"removals"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPlacementsRequest: _TypeAlias = SetPlacementsRequest  # noqa: Y015
+
+@_typing.final
+class SetPlacementsResponse(_message.Message):
+    """Response of RegistryService.SetPlacements."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLACEMENTS_FIELD_NUMBER: _builtins.int
+    REMOVED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def placements(self) -> _containers.RepeatedCompositeFieldContainer[_fleet_pb2.Placement]:
+        """The placements made or changed, as stored."""
+
+    @_builtins.property
+    def removed(self) -> _containers.RepeatedCompositeFieldContainer[_fleet_pb2.Placement]:
+        """The placements removed (those that existed), as they were."""
+
+    def __init__(
+        self,
+        *,
+        placements: _abc.Iterable[_fleet_pb2.Placement] | None = ...,
+        removed: _abc.Iterable[_fleet_pb2.Placement] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["placements", b"placements", "removed", b"removed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPlacementsResponse: _TypeAlias = SetPlacementsResponse  # noqa: Y015
+
+@_typing.final
+class TransitionPlacementRequest(_message.Message):
+    """Request of RegistryService.TransitionPlacement."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    INCARNATION_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    TO_STATE_FIELD_NUMBER: _builtins.int
+    EXPECTED_FROM_STATE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    FOOTPRINT_BYTES_FIELD_NUMBER: _builtins.int
+    OBSERVED_GENERATION_FIELD_NUMBER: _builtins.int
+    EVICTED_FIELD_NUMBER: _builtins.int
+    LAST_USED_TIME_FIELD_NUMBER: _builtins.int
+    MANIFEST_FIELD_NUMBER: _builtins.int
+    PROFILE_FIELD_NUMBER: _builtins.int
+    ASSETS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PROGRESS_ONLY_FIELD_NUMBER: _builtins.int
+    BEGINS_OPERATION_FIELD_NUMBER: _builtins.int
+    model_name: _builtins.str
+    """The model's name."""
+    node_id: _builtins.str
+    """The node whose copy made the transition."""
+    incarnation: _builtins.int
+    """The incarnation RegisterNode returned to the calling process; a caller
+    that no longer holds the node's lease is refused.
+    """
+    version: _builtins.int
+    """The model version the transition applies to: the placement's version."""
+    to_state: _model_pb2.ModelState.ValueType
+    """The new state."""
+    expected_from_state: _model_pb2.ModelState.ValueType
+    """When set, the transition happens only if the copy is in this state."""
+    message: _builtins.str
+    """What happened, for people; for FAILED, the reason and what to do."""
+    footprint_bytes: _builtins.int
+    """Measured resident memory of the copy in bytes, when this transition
+    measured it; 0 leaves the recorded figure. It also becomes the model's
+    footprint, the estimate for its next load anywhere.
+    """
+    observed_generation: _builtins.int
+    """The placement generation the loader has now acted on; 0 leaves it as it
+    is. Must not exceed the placement's generation.
+    """
+    evicted: _builtins.bool
+    """True when the loader unloaded the copy on its own (to make room, or idle
+    expiry); recorded on every transition that is not progress_only.
+    """
+    request_id: _builtins.str
+    """The request that caused the transition, for the event."""
+    progress_only: _builtins.bool
+    """When true the state and progress are updated without recording an
+    event; for progress reports within one phase.
+    """
+    begins_operation: _builtins.bool
+    """True on the first transition of a load or an unload: the copy's phase
+    durations are timed afresh from here.
+    """
+    @_builtins.property
+    def progress(self) -> _model_pb2.LoadProgress:
+        """Progress of the phase being entered or continued."""
+
+    @_builtins.property
+    def last_used_time(self) -> _timestamp_pb2.Timestamp:
+        """When a request last used the copy, when the loader knows it."""
+
+    @_builtins.property
+    def manifest(self) -> _model_pb2.PackageManifest:
+        """The verified manifest, when this transition establishes it; recorded on
+        the model when the version is the model's current one.
+        """
+
+    @_builtins.property
+    def profile(self) -> _model_pb2.ServingProfile:
+        """The serving profile, when this transition establishes it; recorded on the
+        model when the version is the model's current one.
+        """
+
+    @_builtins.property
+    def assets(self) -> _containers.RepeatedCompositeFieldContainer[_model_pb2.ModelAsset]:
+        """Assets the inference service needs, when this transition establishes
+        them; they replace the model's assets when the version is the model's
+        current one.
+        """
+
+    def __init__(
+        self,
+        *,
+        model_name: _builtins.str = ...,
+        node_id: _builtins.str = ...,
+        incarnation: _builtins.int = ...,
+        version: _builtins.int = ...,
+        to_state: _model_pb2.ModelState.ValueType = ...,
+        expected_from_state: _model_pb2.ModelState.ValueType = ...,
+        message: _builtins.str = ...,
+        progress: _model_pb2.LoadProgress | None = ...,
+        footprint_bytes: _builtins.int = ...,
+        observed_generation: _builtins.int = ...,
+        evicted: _builtins.bool = ...,
+        last_used_time: _timestamp_pb2.Timestamp | None = ...,
+        manifest: _model_pb2.PackageManifest | None = ...,
+        profile: _model_pb2.ServingProfile | None = ...,
+        assets: _abc.Iterable[_model_pb2.ModelAsset] | None = ...,
+        request_id: _builtins.str = ...,
+        progress_only: _builtins.bool = ...,
+        begins_operation: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_used_time", b"last_used_time", "manifest", b"manifest", "profile", b"profile", "progress", b"progress"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assets", b"assets", "begins_operation", b"begins_operation", "evicted", b"evicted", "expected_from_state", b"expected_from_state", "footprint_bytes", b"footprint_bytes", "incarnation", b"incarnation", "last_used_time", b"last_used_time", "manifest", b"manifest", "message", b"message", "model_name", b"model_name", "node_id", b"node_id", "observed_generation", b"observed_generation", "profile", b"profile", "progress", b"progress", "progress_only", b"progress_only", "request_id", b"request_id", "to_state", b"to_state", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransitionPlacementRequest: _TypeAlias = TransitionPlacementRequest  # noqa: Y015
+
+@_typing.final
+class TransitionPlacementResponse(_message.Message):
+    """Response of RegistryService.TransitionPlacement."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLACEMENT_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def placement(self) -> _fleet_pb2.Placement:
+        """The placement after the transition."""
+
+    @_builtins.property
+    def model(self) -> _model_pb2.Model:
+        """The model after the transition, with the status derived from its copies."""
+
+    @_builtins.property
+    def event(self) -> _model_pb2.ModelEvent:
+        """The recorded event; unset for progress-only updates."""
+
+    def __init__(
+        self,
+        *,
+        placement: _fleet_pb2.Placement | None = ...,
+        model: _model_pb2.Model | None = ...,
+        event: _model_pb2.ModelEvent | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "model", b"model", "placement", b"placement"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "model", b"model", "placement", b"placement"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransitionPlacementResponse: _TypeAlias = TransitionPlacementResponse  # noqa: Y015

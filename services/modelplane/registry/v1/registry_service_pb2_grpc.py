@@ -27,9 +27,11 @@ if _version_not_supported:
 
 class RegistryServiceStub:
     """The catalogue of models and the source of truth for their versions, desired
-    state, lifecycle state and history. The loader writes transitions; the
-    inference service reads serving profiles and reports request statistics;
-    the gateway lists models. Other services watch it instead of polling.
+    state, lifecycle state and history, and for the fleet that serves them: its
+    nodes, their leases, and the placements of models on nodes. The loader writes
+    transitions; the inference service reads serving profiles and reports
+    request statistics; the gateway lists models. Other services watch it
+    instead of polling.
     """
 
     def __init__(self, channel):
@@ -98,13 +100,55 @@ class RegistryServiceStub:
                 request_serializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.GetModelStatisticsRequest.SerializeToString,
                 response_deserializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.GetModelStatisticsResponse.FromString,
                 _registered_method=True)
+        self.RegisterNode = channel.unary_unary(
+                '/modelplane.registry.v1.RegistryService/RegisterNode',
+                request_serializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.RegisterNodeRequest.SerializeToString,
+                response_deserializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.RegisterNodeResponse.FromString,
+                _registered_method=True)
+        self.RenewNodeLease = channel.unary_unary(
+                '/modelplane.registry.v1.RegistryService/RenewNodeLease',
+                request_serializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.RenewNodeLeaseRequest.SerializeToString,
+                response_deserializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.RenewNodeLeaseResponse.FromString,
+                _registered_method=True)
+        self.DrainNode = channel.unary_unary(
+                '/modelplane.registry.v1.RegistryService/DrainNode',
+                request_serializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.DrainNodeRequest.SerializeToString,
+                response_deserializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.DrainNodeResponse.FromString,
+                _registered_method=True)
+        self.DeleteNode = channel.unary_unary(
+                '/modelplane.registry.v1.RegistryService/DeleteNode',
+                request_serializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.DeleteNodeRequest.SerializeToString,
+                response_deserializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.DeleteNodeResponse.FromString,
+                _registered_method=True)
+        self.ListNodes = channel.unary_unary(
+                '/modelplane.registry.v1.RegistryService/ListNodes',
+                request_serializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.ListNodesRequest.SerializeToString,
+                response_deserializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.ListNodesResponse.FromString,
+                _registered_method=True)
+        self.ListPlacements = channel.unary_unary(
+                '/modelplane.registry.v1.RegistryService/ListPlacements',
+                request_serializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.ListPlacementsRequest.SerializeToString,
+                response_deserializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.ListPlacementsResponse.FromString,
+                _registered_method=True)
+        self.SetPlacements = channel.unary_unary(
+                '/modelplane.registry.v1.RegistryService/SetPlacements',
+                request_serializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.SetPlacementsRequest.SerializeToString,
+                response_deserializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.SetPlacementsResponse.FromString,
+                _registered_method=True)
+        self.TransitionPlacement = channel.unary_unary(
+                '/modelplane.registry.v1.RegistryService/TransitionPlacement',
+                request_serializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.TransitionPlacementRequest.SerializeToString,
+                response_deserializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.TransitionPlacementResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServiceServicer:
     """The catalogue of models and the source of truth for their versions, desired
-    state, lifecycle state and history. The loader writes transitions; the
-    inference service reads serving profiles and reports request statistics;
-    the gateway lists models. Other services watch it instead of polling.
+    state, lifecycle state and history, and for the fleet that serves them: its
+    nodes, their leases, and the placements of models on nodes. The loader writes
+    transitions; the inference service reads serving profiles and reports
+    request statistics; the gateway lists models. Other services watch it
+    instead of polling.
     """
 
     def RegisterModel(self, request, context):
@@ -201,6 +245,92 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterNode(self, request, context):
+        """Registers a node (a Triton and its loader), or registers it again after
+        its process restarted; called by the node's loader at start. While the
+        node's lease is valid under another holder the call fails with
+        ALREADY_EXISTS, naming the node, its holder and addresses and when its
+        lease expires, with RetryInfo set to the time left on it: a second
+        process claiming a live id is refused, and a process that replaces a
+        crashed one succeeds once the old lease has expired. Registering again
+        under the same holder updates the node and renews its lease. Fails with
+        INVALID_ARGUMENT when the id, an address, a label or a device is
+        malformed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewNodeLease(self, request, context):
+        """Renews a node's lease and records its devices' budgets; called by the
+        node's loader several times per lease duration. Fails with
+        FAILED_PRECONDITION when the caller no longer holds the lease (it
+        expired, or another process registered the node): the caller must stop
+        acting as if it held anything and register again. Fails with NOT_FOUND
+        for an unknown node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DrainNode(self, request, context):
+        """Marks a node as draining, or no longer draining; called by an operator or
+        by the node's preStop hook before it goes. The placer places nothing new
+        on a draining node and moves its copies elsewhere. Fails with NOT_FOUND
+        for an unknown node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteNode(self, request, context):
+        """Forgets a lost node and its placements, e.g. after the fleet was scaled
+        in. Fails with FAILED_PRECONDITION while the node's lease is valid, and
+        with NOT_FOUND for an unknown node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListNodes(self, request, context):
+        """Lists nodes, ordered by id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPlacements(self, request, context):
+        """Lists placements, ordered by model name, then node id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetPlacements(self, request, context):
+        """Writes the desired side of placements: the placer's decisions, all in one
+        transaction (all are applied or none). Fails with NOT_FOUND for an
+        unknown model or node, FAILED_PRECONDITION for a lost node or when the
+        caller is not the placer's leader, and INVALID_ARGUMENT for a version the
+        model never had or a node that lacks the labels of the model's
+        node_selector.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TransitionPlacement(self, request, context):
+        """Records a lifecycle transition of one copy (the observed side of its
+        placement) and its event, and updates the model's status, which is
+        derived from its copies; called by that node's loader only. Fails with
+        FAILED_PRECONDITION when the caller's incarnation no longer holds the
+        node's lease, NOT_FOUND when the placement does not exist (the placer
+        removed it: unload the copy), and ABORTED when the version is not the
+        placement's or expected_from_state does not match.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -264,6 +394,46 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     request_deserializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.GetModelStatisticsRequest.FromString,
                     response_serializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.GetModelStatisticsResponse.SerializeToString,
             ),
+            'RegisterNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterNode,
+                    request_deserializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.RegisterNodeRequest.FromString,
+                    response_serializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.RegisterNodeResponse.SerializeToString,
+            ),
+            'RenewNodeLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewNodeLease,
+                    request_deserializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.RenewNodeLeaseRequest.FromString,
+                    response_serializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.RenewNodeLeaseResponse.SerializeToString,
+            ),
+            'DrainNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainNode,
+                    request_deserializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.DrainNodeRequest.FromString,
+                    response_serializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.DrainNodeResponse.SerializeToString,
+            ),
+            'DeleteNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteNode,
+                    request_deserializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.DeleteNodeRequest.FromString,
+                    response_serializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.DeleteNodeResponse.SerializeToString,
+            ),
+            'ListNodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListNodes,
+                    request_deserializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.ListNodesRequest.FromString,
+                    response_serializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.ListNodesResponse.SerializeToString,
+            ),
+            'ListPlacements': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPlacements,
+                    request_deserializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.ListPlacementsRequest.FromString,
+                    response_serializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.ListPlacementsResponse.SerializeToString,
+            ),
+            'SetPlacements': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPlacements,
+                    request_deserializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.SetPlacementsRequest.FromString,
+                    response_serializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.SetPlacementsResponse.SerializeToString,
+            ),
+            'TransitionPlacement': grpc.unary_unary_rpc_method_handler(
+                    servicer.TransitionPlacement,
+                    request_deserializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.TransitionPlacementRequest.FromString,
+                    response_serializer=modelplane_dot_registry_dot_v1_dot_registry__service__pb2.TransitionPlacementResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'modelplane.registry.v1.RegistryService', rpc_method_handlers)
@@ -274,9 +444,11 @@ def add_RegistryServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class RegistryService:
     """The catalogue of models and the source of truth for their versions, desired
-    state, lifecycle state and history. The loader writes transitions; the
-    inference service reads serving profiles and reports request statistics;
-    the gateway lists models. Other services watch it instead of polling.
+    state, lifecycle state and history, and for the fleet that serves them: its
+    nodes, their leases, and the placements of models on nodes. The loader writes
+    transitions; the inference service reads serving profiles and reports
+    request statistics; the gateway lists models. Other services watch it
+    instead of polling.
     """
 
     @staticmethod
@@ -593,6 +765,222 @@ class RegistryService:
             '/modelplane.registry.v1.RegistryService/GetModelStatistics',
             modelplane_dot_registry_dot_v1_dot_registry__service__pb2.GetModelStatisticsRequest.SerializeToString,
             modelplane_dot_registry_dot_v1_dot_registry__service__pb2.GetModelStatisticsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelplane.registry.v1.RegistryService/RegisterNode',
+            modelplane_dot_registry_dot_v1_dot_registry__service__pb2.RegisterNodeRequest.SerializeToString,
+            modelplane_dot_registry_dot_v1_dot_registry__service__pb2.RegisterNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewNodeLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelplane.registry.v1.RegistryService/RenewNodeLease',
+            modelplane_dot_registry_dot_v1_dot_registry__service__pb2.RenewNodeLeaseRequest.SerializeToString,
+            modelplane_dot_registry_dot_v1_dot_registry__service__pb2.RenewNodeLeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelplane.registry.v1.RegistryService/DrainNode',
+            modelplane_dot_registry_dot_v1_dot_registry__service__pb2.DrainNodeRequest.SerializeToString,
+            modelplane_dot_registry_dot_v1_dot_registry__service__pb2.DrainNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelplane.registry.v1.RegistryService/DeleteNode',
+            modelplane_dot_registry_dot_v1_dot_registry__service__pb2.DeleteNodeRequest.SerializeToString,
+            modelplane_dot_registry_dot_v1_dot_registry__service__pb2.DeleteNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelplane.registry.v1.RegistryService/ListNodes',
+            modelplane_dot_registry_dot_v1_dot_registry__service__pb2.ListNodesRequest.SerializeToString,
+            modelplane_dot_registry_dot_v1_dot_registry__service__pb2.ListNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPlacements(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelplane.registry.v1.RegistryService/ListPlacements',
+            modelplane_dot_registry_dot_v1_dot_registry__service__pb2.ListPlacementsRequest.SerializeToString,
+            modelplane_dot_registry_dot_v1_dot_registry__service__pb2.ListPlacementsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPlacements(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelplane.registry.v1.RegistryService/SetPlacements',
+            modelplane_dot_registry_dot_v1_dot_registry__service__pb2.SetPlacementsRequest.SerializeToString,
+            modelplane_dot_registry_dot_v1_dot_registry__service__pb2.SetPlacementsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TransitionPlacement(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelplane.registry.v1.RegistryService/TransitionPlacement',
+            modelplane_dot_registry_dot_v1_dot_registry__service__pb2.TransitionPlacementRequest.SerializeToString,
+            modelplane_dot_registry_dot_v1_dot_registry__service__pb2.TransitionPlacementResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -28,9 +28,11 @@ GRPC_VERSION: str
 
 class RegistryServiceStub:
     """The catalogue of models and the source of truth for their versions, desired
-    state, lifecycle state and history. The loader writes transitions; the
-    inference service reads serving profiles and reports request statistics;
-    the gateway lists models. Other services watch it instead of polling.
+    state, lifecycle state and history, and for the fleet that serves them: its
+    nodes, their leases, and the placements of models on nodes. The loader writes
+    transitions; the inference service reads serving profiles and reports
+    request statistics; the gateway lists models. Other services watch it
+    instead of polling.
     """
 
     @_typing.overload
@@ -78,13 +80,67 @@ class RegistryServiceStub:
     """
     GetModelStatistics: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.GetModelStatisticsRequest, _registry_service_pb2.GetModelStatisticsResponse]
     """Returns request statistics per model."""
+    RegisterNode: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.RegisterNodeRequest, _registry_service_pb2.RegisterNodeResponse]
+    """Registers a node (a Triton and its loader), or registers it again after
+    its process restarted; called by the node's loader at start. While the
+    node's lease is valid under another holder the call fails with
+    ALREADY_EXISTS, naming the node, its holder and addresses and when its
+    lease expires, with RetryInfo set to the time left on it: a second
+    process claiming a live id is refused, and a process that replaces a
+    crashed one succeeds once the old lease has expired. Registering again
+    under the same holder updates the node and renews its lease. Fails with
+    INVALID_ARGUMENT when the id, an address, a label or a device is
+    malformed.
+    """
+    RenewNodeLease: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.RenewNodeLeaseRequest, _registry_service_pb2.RenewNodeLeaseResponse]
+    """Renews a node's lease and records its devices' budgets; called by the
+    node's loader several times per lease duration. Fails with
+    FAILED_PRECONDITION when the caller no longer holds the lease (it
+    expired, or another process registered the node): the caller must stop
+    acting as if it held anything and register again. Fails with NOT_FOUND
+    for an unknown node.
+    """
+    DrainNode: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.DrainNodeRequest, _registry_service_pb2.DrainNodeResponse]
+    """Marks a node as draining, or no longer draining; called by an operator or
+    by the node's preStop hook before it goes. The placer places nothing new
+    on a draining node and moves its copies elsewhere. Fails with NOT_FOUND
+    for an unknown node.
+    """
+    DeleteNode: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.DeleteNodeRequest, _registry_service_pb2.DeleteNodeResponse]
+    """Forgets a lost node and its placements, e.g. after the fleet was scaled
+    in. Fails with FAILED_PRECONDITION while the node's lease is valid, and
+    with NOT_FOUND for an unknown node.
+    """
+    ListNodes: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ListNodesRequest, _registry_service_pb2.ListNodesResponse]
+    """Lists nodes, ordered by id."""
+    ListPlacements: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ListPlacementsRequest, _registry_service_pb2.ListPlacementsResponse]
+    """Lists placements, ordered by model name, then node id."""
+    SetPlacements: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.SetPlacementsRequest, _registry_service_pb2.SetPlacementsResponse]
+    """Writes the desired side of placements: the placer's decisions, all in one
+    transaction (all are applied or none). Fails with NOT_FOUND for an
+    unknown model or node, FAILED_PRECONDITION for a lost node or when the
+    caller is not the placer's leader, and INVALID_ARGUMENT for a version the
+    model never had or a node that lacks the labels of the model's
+    node_selector.
+    """
+    TransitionPlacement: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.TransitionPlacementRequest, _registry_service_pb2.TransitionPlacementResponse]
+    """Records a lifecycle transition of one copy (the observed side of its
+    placement) and its event, and updates the model's status, which is
+    derived from its copies; called by that node's loader only. Fails with
+    FAILED_PRECONDITION when the caller's incarnation no longer holds the
+    node's lease, NOT_FOUND when the placement does not exist (the placer
+    removed it: unload the copy), and ABORTED when the version is not the
+    placement's or expected_from_state does not match.
+    """
 
 @_typing.type_check_only
 class RegistryServiceAsyncStub(RegistryServiceStub):
     """The catalogue of models and the source of truth for their versions, desired
-    state, lifecycle state and history. The loader writes transitions; the
-    inference service reads serving profiles and reports request statistics;
-    the gateway lists models. Other services watch it instead of polling.
+    state, lifecycle state and history, and for the fleet that serves them: its
+    nodes, their leases, and the placements of models on nodes. The loader writes
+    transitions; the inference service reads serving profiles and reports
+    request statistics; the gateway lists models. Other services watch it
+    instead of polling.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -129,12 +185,66 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     """
     GetModelStatistics: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.GetModelStatisticsRequest, _registry_service_pb2.GetModelStatisticsResponse]  # type: ignore[assignment]
     """Returns request statistics per model."""
+    RegisterNode: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.RegisterNodeRequest, _registry_service_pb2.RegisterNodeResponse]  # type: ignore[assignment]
+    """Registers a node (a Triton and its loader), or registers it again after
+    its process restarted; called by the node's loader at start. While the
+    node's lease is valid under another holder the call fails with
+    ALREADY_EXISTS, naming the node, its holder and addresses and when its
+    lease expires, with RetryInfo set to the time left on it: a second
+    process claiming a live id is refused, and a process that replaces a
+    crashed one succeeds once the old lease has expired. Registering again
+    under the same holder updates the node and renews its lease. Fails with
+    INVALID_ARGUMENT when the id, an address, a label or a device is
+    malformed.
+    """
+    RenewNodeLease: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.RenewNodeLeaseRequest, _registry_service_pb2.RenewNodeLeaseResponse]  # type: ignore[assignment]
+    """Renews a node's lease and records its devices' budgets; called by the
+    node's loader several times per lease duration. Fails with
+    FAILED_PRECONDITION when the caller no longer holds the lease (it
+    expired, or another process registered the node): the caller must stop
+    acting as if it held anything and register again. Fails with NOT_FOUND
+    for an unknown node.
+    """
+    DrainNode: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.DrainNodeRequest, _registry_service_pb2.DrainNodeResponse]  # type: ignore[assignment]
+    """Marks a node as draining, or no longer draining; called by an operator or
+    by the node's preStop hook before it goes. The placer places nothing new
+    on a draining node and moves its copies elsewhere. Fails with NOT_FOUND
+    for an unknown node.
+    """
+    DeleteNode: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.DeleteNodeRequest, _registry_service_pb2.DeleteNodeResponse]  # type: ignore[assignment]
+    """Forgets a lost node and its placements, e.g. after the fleet was scaled
+    in. Fails with FAILED_PRECONDITION while the node's lease is valid, and
+    with NOT_FOUND for an unknown node.
+    """
+    ListNodes: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ListNodesRequest, _registry_service_pb2.ListNodesResponse]  # type: ignore[assignment]
+    """Lists nodes, ordered by id."""
+    ListPlacements: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ListPlacementsRequest, _registry_service_pb2.ListPlacementsResponse]  # type: ignore[assignment]
+    """Lists placements, ordered by model name, then node id."""
+    SetPlacements: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.SetPlacementsRequest, _registry_service_pb2.SetPlacementsResponse]  # type: ignore[assignment]
+    """Writes the desired side of placements: the placer's decisions, all in one
+    transaction (all are applied or none). Fails with NOT_FOUND for an
+    unknown model or node, FAILED_PRECONDITION for a lost node or when the
+    caller is not the placer's leader, and INVALID_ARGUMENT for a version the
+    model never had or a node that lacks the labels of the model's
+    node_selector.
+    """
+    TransitionPlacement: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.TransitionPlacementRequest, _registry_service_pb2.TransitionPlacementResponse]  # type: ignore[assignment]
+    """Records a lifecycle transition of one copy (the observed side of its
+    placement) and its event, and updates the model's status, which is
+    derived from its copies; called by that node's loader only. Fails with
+    FAILED_PRECONDITION when the caller's incarnation no longer holds the
+    node's lease, NOT_FOUND when the placement does not exist (the placer
+    removed it: unload the copy), and ABORTED when the version is not the
+    placement's or expected_from_state does not match.
+    """
 
 class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     """The catalogue of models and the source of truth for their versions, desired
-    state, lifecycle state and history. The loader writes transitions; the
-    inference service reads serving profiles and reports request statistics;
-    the gateway lists models. Other services watch it instead of polling.
+    state, lifecycle state and history, and for the fleet that serves them: its
+    nodes, their leases, and the placements of models on nodes. The loader writes
+    transitions; the inference service reads serving profiles and reports
+    request statistics; the gateway lists models. Other services watch it
+    instead of polling.
     """
 
     @_abc_1.abstractmethod
@@ -249,5 +359,105 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_registry_service_pb2.GetModelStatisticsResponse, _abc.Awaitable[_registry_service_pb2.GetModelStatisticsResponse]]:
         """Returns request statistics per model."""
+
+    @_abc_1.abstractmethod
+    def RegisterNode(
+        self,
+        request: _registry_service_pb2.RegisterNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.RegisterNodeResponse, _abc.Awaitable[_registry_service_pb2.RegisterNodeResponse]]:
+        """Registers a node (a Triton and its loader), or registers it again after
+        its process restarted; called by the node's loader at start. While the
+        node's lease is valid under another holder the call fails with
+        ALREADY_EXISTS, naming the node, its holder and addresses and when its
+        lease expires, with RetryInfo set to the time left on it: a second
+        process claiming a live id is refused, and a process that replaces a
+        crashed one succeeds once the old lease has expired. Registering again
+        under the same holder updates the node and renews its lease. Fails with
+        INVALID_ARGUMENT when the id, an address, a label or a device is
+        malformed.
+        """
+
+    @_abc_1.abstractmethod
+    def RenewNodeLease(
+        self,
+        request: _registry_service_pb2.RenewNodeLeaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.RenewNodeLeaseResponse, _abc.Awaitable[_registry_service_pb2.RenewNodeLeaseResponse]]:
+        """Renews a node's lease and records its devices' budgets; called by the
+        node's loader several times per lease duration. Fails with
+        FAILED_PRECONDITION when the caller no longer holds the lease (it
+        expired, or another process registered the node): the caller must stop
+        acting as if it held anything and register again. Fails with NOT_FOUND
+        for an unknown node.
+        """
+
+    @_abc_1.abstractmethod
+    def DrainNode(
+        self,
+        request: _registry_service_pb2.DrainNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.DrainNodeResponse, _abc.Awaitable[_registry_service_pb2.DrainNodeResponse]]:
+        """Marks a node as draining, or no longer draining; called by an operator or
+        by the node's preStop hook before it goes. The placer places nothing new
+        on a draining node and moves its copies elsewhere. Fails with NOT_FOUND
+        for an unknown node.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteNode(
+        self,
+        request: _registry_service_pb2.DeleteNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.DeleteNodeResponse, _abc.Awaitable[_registry_service_pb2.DeleteNodeResponse]]:
+        """Forgets a lost node and its placements, e.g. after the fleet was scaled
+        in. Fails with FAILED_PRECONDITION while the node's lease is valid, and
+        with NOT_FOUND for an unknown node.
+        """
+
+    @_abc_1.abstractmethod
+    def ListNodes(
+        self,
+        request: _registry_service_pb2.ListNodesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.ListNodesResponse, _abc.Awaitable[_registry_service_pb2.ListNodesResponse]]:
+        """Lists nodes, ordered by id."""
+
+    @_abc_1.abstractmethod
+    def ListPlacements(
+        self,
+        request: _registry_service_pb2.ListPlacementsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.ListPlacementsResponse, _abc.Awaitable[_registry_service_pb2.ListPlacementsResponse]]:
+        """Lists placements, ordered by model name, then node id."""
+
+    @_abc_1.abstractmethod
+    def SetPlacements(
+        self,
+        request: _registry_service_pb2.SetPlacementsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.SetPlacementsResponse, _abc.Awaitable[_registry_service_pb2.SetPlacementsResponse]]:
+        """Writes the desired side of placements: the placer's decisions, all in one
+        transaction (all are applied or none). Fails with NOT_FOUND for an
+        unknown model or node, FAILED_PRECONDITION for a lost node or when the
+        caller is not the placer's leader, and INVALID_ARGUMENT for a version the
+        model never had or a node that lacks the labels of the model's
+        node_selector.
+        """
+
+    @_abc_1.abstractmethod
+    def TransitionPlacement(
+        self,
+        request: _registry_service_pb2.TransitionPlacementRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.TransitionPlacementResponse, _abc.Awaitable[_registry_service_pb2.TransitionPlacementResponse]]:
+        """Records a lifecycle transition of one copy (the observed side of its
+        placement) and its event, and updates the model's status, which is
+        derived from its copies; called by that node's loader only. Fails with
+        FAILED_PRECONDITION when the caller's incarnation no longer holds the
+        node's lease, NOT_FOUND when the placement does not exist (the placer
+        removed it: unload the copy), and ABORTED when the version is not the
+        placement's or expected_from_state does not match.
+        """
 
 def add_RegistryServiceServicer_to_server(servicer: RegistryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

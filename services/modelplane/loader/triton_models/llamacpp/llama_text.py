@@ -1,11 +1,12 @@
-"""Request parsing and stop strings for the llama.cpp Triton model (no Triton or llama.cpp imports,
-so it is tested without a server). Copied next to model.py in the model's version folder, with
+"""Request parsing for the llama.cpp Triton model: vLLM's sampling parameters, checked, and the
+request body of llama.cpp's server engine they become (no Triton or llama.cpp imports, so it is
+tested without a server). Copied next to model.py in the model's version folder, with
 llm_protocol.py."""
 
 import json
 from dataclasses import dataclass
 
-from llm_protocol import RequestError, stop_prefix_length
+from llm_protocol import RequestError
 
 # llama.cpp reads seed 0xFFFFFFFF as "pick a random seed", so it cannot be a caller's seed.
 MAX_SEED = 0xFFFFFFFE
@@ -17,7 +18,11 @@ _NEUTRAL = {"n": 1, "best_of": 1}
 class SamplingParams:
     """The `sampling_parameters` JSON object, with vLLM's names. Absent keys mean what they mean in
     vLLM and the OpenAI API (temperature 1, no top-k/top-p/min-p filtering, no penalties), not
-    llama-cpp-python's own defaults (temperature 0.8, top_k 40, top_p 0.95, min_p 0.05)."""
+    llama.cpp's own defaults (temperature 0.8, top_k 40, top_p 0.95, min_p 0.05).
+
+    `guided_decoding` is vLLM's (GuidedDecodingParams as a JSON object): {"json": <JSON schema>}
+    or {"json_object": true} constrains the output to JSON that the schema accepts; llama.cpp
+    compiles the schema into a grammar (LLGuidance) that masks every sampled token."""
 
     max_tokens: int | None = None  # None: as many as the context leaves
     temperature: float = 1.0  # 0 is greedy decoding
@@ -29,6 +34,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    json_schema: dict | None = None  # from guided_decoding; {} accepts any JSON value
 
     @classmethod
     def from_json(cls, raw: str) -> "SamplingParams":
@@ -44,16 +50,16 @@ class SamplingParams:
                 raise RequestError(f"sampling parameter {key} other than {neutral} is not supported by this model")
         # A parameter we would silently ignore (logprobs, ...) changes what the caller gets back;
         # refusing it is the honest answer.
-        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
+        accepted = (set(cls.__dataclass_fields__) - {"json_schema"}) | {"guided_decoding"}
+        unknown = sorted(set(values) - accepted)
         if unknown:
-            raise RequestError(
-                f"unsupported sampling parameters {unknown}; supported: {sorted(cls.__dataclass_fields__)}"
-            )
+            raise RequestError(f"unsupported sampling parameters {unknown}; supported: {sorted(accepted)}")
         stop = values.get("stop", ())
         if isinstance(stop, str):
             stop = (stop,)
         if not isinstance(stop, list | tuple) or not all(isinstance(s, str) for s in stop):
             raise RequestError("stop must be a string or a list of strings")
+        json_schema = _guided_json(values.get("guided_decoding"))
         params = cls(
             max_tokens=_int(values, "max_tokens", None, low=1),
             temperature=_float(values, "temperature", 1.0, low=0.0),
@@ -65,10 +71,59 @@ class SamplingParams:
             presence_penalty=_float(values, "presence_penalty", 0.0, low=-2.0, high=2.0),
             frequency_penalty=_float(values, "frequency_penalty", 0.0, low=-2.0, high=2.0),
             repetition_penalty=_float(values, "repetition_penalty", 1.0, low=0.0),
+            json_schema=json_schema,
         )
         if params.top_p == 0.0:
             raise RequestError("top_p must be greater than 0")
         return params
+
+    def engine_request(self, prompt: str, seed: int) -> dict:
+        """The body of llama.cpp's completion request (its server's names), streamed."""
+        body = {
+            "prompt": prompt,
+            "stream": True,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "typical_p": 1.0,
+            "seed": seed,
+            "stop": list(self.stop),
+            "repeat_penalty": self.repetition_penalty,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+        }
+        if self.json_schema is not None:
+            body["json_schema"] = self.json_schema
+        return body
+
+
+def _guided_json(guided) -> dict | None:
+    """The JSON schema of vLLM's guided_decoding, or None when the output is free."""
+    if guided is None:
+        return None
+    if not isinstance(guided, dict):
+        raise RequestError("guided_decoding must be a JSON object")
+    unsupported = sorted(
+        key for key, value in guided.items() if value not in (None, False) and key not in ("json", "json_object")
+    )
+    if unsupported:
+        raise RequestError(
+            f"guided_decoding {unsupported} is not supported by this model; supported: json, json_object"
+        )
+    schema = guided.get("json")
+    if schema is not None:
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as error:
+                raise RequestError(f"guided_decoding.json is not valid JSON: {error}") from None
+        if not isinstance(schema, dict):
+            raise RequestError("guided_decoding.json must be a JSON schema object")
+        return schema
+    if guided.get("json_object"):
+        return {"type": "object"}
+    return None
 
 
 def _int(values: dict, key: str, default, low=None, high=None):
@@ -96,35 +151,3 @@ def _check_range(key, value, low, high):
         raise RequestError(f"{key} must be >= {low}, got {value}")
     if high is not None and value > high:
         raise RequestError(f"{key} must be <= {high}, got {value}")
-
-
-class StopStringFilter:
-    """Cuts generated text at the first stop string and holds back text that may be the start of
-    one, so a stop string never reaches the client, not even split across two chunks.
-
-    The held-back part is always the longest suffix that is a prefix of some stop string, so a stop
-    string completed later can only begin inside it and one `find` over held-back + new text finds
-    it. (llama-cpp-python's own stop handling picks the first stop in list order, not the earliest
-    in the text.)"""
-
-    def __init__(self, stops: tuple[str, ...]):
-        self._stops = stops
-        self._held = ""
-
-    def push(self, text: str) -> tuple[str, bool]:
-        """Returns (text safe to emit, whether a stop string was hit)."""
-        if not self._stops:
-            return text, False
-        text = self._held + text
-        hits = [i for i in (text.find(s) for s in self._stops) if i >= 0]
-        if hits:
-            self._held = ""
-            return text[: min(hits)], True
-        keep = stop_prefix_length(text, self._stops)
-        self._held = text[len(text) - keep :]
-        return text[: len(text) - keep], False
-
-    def flush(self) -> str:
-        """Text held back at the end of a generation that did not end in a stop string."""
-        held, self._held = self._held, ""
-        return held

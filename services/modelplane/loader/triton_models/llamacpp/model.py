@@ -1,40 +1,42 @@
-"""Triton python-backend model that serves one GGUF file with llama.cpp (llama-cpp-python).
+"""Triton python-backend model that serves one GGUF file with llama.cpp's own C++ server engine,
+run in-process by xllamacpp: continuous batching over `engine_slots` slots, llama.cpp's sampling,
+stop strings and grammar-constrained decoding (JSON schemas through LLGuidance).
 
 Tensor contract: the one of Triton's own LLM backends (vLLM, TensorRT-LLM), so the inference
 service can talk to this model and to a production vLLM/TensorRT-LLM model the same way.
 
   inputs   text_input (BYTES [1]); stream (BOOL [1], optional);
-           sampling_parameters (BYTES [1], optional: one JSON object, see SamplingParams);
+           sampling_parameters (BYTES [1], optional: one JSON object, see SamplingParams; vLLM's
+           `guided_decoding` {"json": schema} or {"json_object": true} constrains the output);
            exclude_input_in_output, return_finish_reason, return_num_input_tokens,
            return_num_output_tokens (BOOL [1], optional)
   outputs  text_output (BYTES), finish_reason (BYTES), num_input_tokens (UINT32),
            num_output_tokens (UINT32)
 
-Streaming responses carry the text and the number of tokens generated since the previous
-response (as vLLM's backend does: they add up to the total); `finish_reason` is sent only on
-the final response. A request that is not streamed gets one response with everything. An error's
-message starts with its code (`[INVALID_ARG] ...`): over a gRPC stream Triton delivers only the
-message of a response's error, not its code.
+Streaming responses carry the text generated since the previous one; the token counts come on the
+final response (intermediate responses count 0, so the counts add up to the total, as vLLM's do);
+`finish_reason` is sent only on the final response. A request that is not streamed gets one
+response with everything. An error's message starts with its code (`[INVALID_ARG] ...`): over a
+gRPC stream Triton delivers only the message of a response's error, not its code.
 
 Model configuration (config.pbtxt `parameters`, all string values):
   gguf_path        GGUF file; a relative path is resolved against the model version folder
   n_ctx            context length of each engine slot, prompt plus completion (default 4096)
-  engine_slots     how many requests generate at the same time in this instance (default 1)
-  n_threads        CPU threads per slot while generating (default: usable CPUs // slots, >= 1)
-  n_threads_batch  CPU threads per slot while reading the prompt (default: n_threads)
-  n_batch          prompt tokens decoded per llama_decode call (default 512)
+  engine_slots     how many requests generate at the same time (default 1); llama.cpp batches
+                   their tokens into one decode per step
+  n_threads        CPU threads of the engine (default: usable CPUs)
+  n_threads_batch  CPU threads while reading prompts (default: n_threads)
+  n_batch          prompt tokens decoded per step (default 512)
   n_gpu_layers     layers offloaded to a GPU by a GPU build of llama.cpp (default 0)
   max_queue_size   requests allowed to wait for a slot before new ones are refused (default 64)
-  prefix_cache     "true" reuses a slot's KV cache when a prompt shares a prefix with the
-                   previous one: faster chat turns, but the last prompt token's logits then come
-                   from a different batch shape, and greedy output differed from a cold run for
-                   4 of 17 test prompts; default "false", so equal seeds give equal outputs
-  parse_special_tokens  "true" (default) reads `<start_of_turn>`-style text in the prompt as
-                   control tokens, which chat templates rendered upstream need
+  prefix_cache     "true" reuses a slot's KV cache when a prompt shares a prefix with an earlier
+                   one: faster chat turns, but the logits of the first new token then come from a
+                   different batch shape, so equal seeds may not give equal outputs; default "false"
+  strip_prefix     text removed from the start of a prompt because llama.cpp adds it itself (the
+                   BOS token of a model that adds one, when a chat template writes it too: two BOS
+                   tokens degrade every answer)
 """
 
-import codecs
-import ctypes
 import json
 import os
 import queue
@@ -45,21 +47,21 @@ import traceback
 from dataclasses import dataclass, field
 
 # llama.cpp's CPU backend runs its threads as an OpenMP team, and libgomp reads its wait policy
-# once, when `import llama_cpp` loads it. With libgomp's default (spin, then sleep) a 2-thread
-# slot inside the Triton stub on a busy 2-core machine spent 89-161 ms of CPU per token instead
-# of ~16 ms; with PASSIVE it matches llama-cpp-python in-process. An operator may still override.
+# once, when the library loads. With libgomp's default (spin, then sleep) a decode on a busy
+# 2-core machine cost 5-10x the CPU of PASSIVE. An operator may still override.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import llama_cpp
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from llama_cpp import Llama
-from llama_text import MAX_SEED, SamplingParams, StopStringFilter
+import xllamacpp
+from llama_text import MAX_SEED, SamplingParams
 from llm_protocol import INPUTS, OUTPUTS, RequestError, complete_config, error, read_prompt, scalar, send_error
 
 # Asking Triton whether a request was cancelled is an IPC round trip to the server process;
 # once every 50 ms bounds both its cost and the tokens generated after a client has gone.
 _CANCEL_POLL_S = 0.05
+# llama.cpp's error types that mean the request itself is wrong.
+_CALLER_ERRORS = {"invalid_request_error", "exceed_context_size_error", "not_supported_error"}
 
 
 @dataclass
@@ -70,9 +72,7 @@ class _Generation:
     sender: object
     request_id: str
     prompt: str
-    prompt_tokens: list[int]
     params: SamplingParams
-    max_new_tokens: int
     seed: int
     stream: bool
     include_prompt: bool
@@ -80,126 +80,6 @@ class _Generation:
     return_num_input_tokens: bool
     return_num_output_tokens: bool
     queued_at: float = field(default_factory=time.monotonic)
-
-
-class _Engine:
-    """One llama.cpp context and the thread that owns it.
-
-    A llama.cpp context is not thread-safe, and one decode loop serves one sequence; each slot
-    therefore has its own `Llama` and only its own thread touches it. The weights are mmapped,
-    so slots in one process share them through the page cache: a slot costs its KV cache and
-    compute buffers, not another copy of the model."""
-
-    def __init__(self, model: "TritonPythonModel", index: int, llm: Llama):
-        self._model = model
-        self._llm = llm
-        self._vocab = llm._model.vocab
-        self.thread = threading.Thread(target=self._run, name=f"llama-slot-{index}", daemon=True)
-
-    def _run(self):
-        while True:
-            job = self._model._jobs.get()
-            if job is None:
-                return
-            try:
-                self._generate(job)
-            except Exception as err:  # noqa: BLE001 - a failure of one request must not kill the slot
-                self._model._log.log_error(f"[llama] request {job.request_id} failed: {traceback.format_exc()}")
-                self._model._send_error(job, f"generation failed: {err}", pb_utils.TritonError.INTERNAL)
-
-    def _generate(self, job: _Generation):
-        model, llm, p = self._model, self._llm, job.params
-        waited = time.monotonic() - job.queued_at
-        if job.request.is_cancelled():
-            model._send_cancelled(job, generated=0)
-            return
-        if not model._prefix_cache:
-            llm.reset()  # forget the previous prompt, so no KV prefix is reused
-        llm.set_seed(job.seed)  # generate() seeds its sampler chain from this
-        tokens = llm.generate(
-            job.prompt_tokens,
-            temp=p.temperature,
-            top_k=p.top_k,
-            top_p=p.top_p,
-            min_p=p.min_p,
-            typical_p=1.0,
-            repeat_penalty=p.repetition_penalty,
-            presence_penalty=p.presence_penalty,
-            frequency_penalty=p.frequency_penalty,
-        )
-        # Tokens are bytes, not characters; the incremental decoder holds back a multi-byte
-        # character split across tokens until its last byte arrives.
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        stops = StopStringFilter(p.stop)
-        started = time.monotonic()
-        first_token_at = None
-        next_cancel_poll = started + _CANCEL_POLL_S
-        generated = unsent_tokens = 0
-        text_parts = [job.prompt] if job.include_prompt else []
-        finish_reason = "length"
-        hit_stop = False
-        try:
-            for token in tokens:
-                if first_token_at is None:
-                    first_token_at = time.monotonic()
-                if llama_cpp.llama_vocab_is_eog(self._vocab, token):
-                    finish_reason = "stop"
-                    break
-                generated += 1
-                unsent_tokens += 1
-                text, hit_stop = stops.push(utf8.decode(self._piece(token)))
-                if hit_stop or generated >= job.max_new_tokens:
-                    finish_reason = "stop" if hit_stop else "length"
-                    text_parts.append(text)
-                    break
-                if not job.stream:
-                    text_parts.append(text)
-                elif text:
-                    model._send_chunk(job, text, unsent_tokens, final=False)
-                    unsent_tokens = 0
-                now = time.monotonic()
-                if now >= next_cancel_poll:
-                    next_cancel_poll = now + _CANCEL_POLL_S
-                    if job.request.is_cancelled():
-                        model._send_cancelled(job, generated)
-                        return
-                    if model._stopping.is_set():
-                        model._send_error(job, "the model is being unloaded", pb_utils.TritonError.UNAVAILABLE)
-                        return
-        finally:
-            tokens.close()
-        if not hit_stop:
-            # Held-back text turned out not to start a stop string; a dangling partial UTF-8
-            # sequence becomes U+FFFD rather than vanishing.
-            text_parts.append(stops.flush() + utf8.decode(b"", final=True))
-        model._send_chunk(
-            job,
-            "".join(text_parts),
-            unsent_tokens if job.stream else generated,
-            final=True,
-            finish_reason=finish_reason,
-        )
-        elapsed = time.monotonic() - started
-        ttft = (first_token_at or time.monotonic()) - started
-        model._log.log_info(
-            f"[llama] request {job.request_id}: {len(job.prompt_tokens)} prompt + {generated} "
-            f"generated tokens, finish={finish_reason}, queued {waited * 1e3:.0f} ms, "
-            f"first token {ttft * 1e3:.0f} ms, {generated / max(elapsed, 1e-9):.1f} tokens/s"
-        )
-
-    def close(self):
-        """Frees the context and model; only after the slot's thread has stopped."""
-        self._llm.close()
-
-    def _piece(self, token: int) -> bytes:
-        # llama-cpp-python's detokenize() uses a 32-byte buffer and silently returns b"" for
-        # longer pieces; Gemma has 379 such tokens (whole words in Indic scripts, up to 48 bytes).
-        buf = ctypes.create_string_buffer(64)
-        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-        return buf.raw[:n]
 
 
 class TritonPythonModel:
@@ -224,42 +104,38 @@ class TritonPythonModel:
 
         slots = int(params.get("engine_slots", "1"))
         # The CPUs this process may run on (a container's quota), not the host's count.
-        cpus = len(os.sched_getaffinity(0))
-        threads = int(params.get("n_threads", "0")) or max(1, cpus // slots)
-        llama_args = dict(
-            n_ctx=int(params.get("n_ctx", "4096")),
-            n_batch=int(params.get("n_batch", "512")),
-            n_threads=threads,
-            n_threads_batch=int(params.get("n_threads_batch", "0")) or threads,
-            n_gpu_layers=int(params.get("n_gpu_layers", "0")),
-            use_mmap=True,
-            verbose=False,
-        )
+        threads = int(params.get("n_threads", "0")) or len(os.sched_getaffinity(0))
+        self._n_ctx = int(params.get("n_ctx", "4096"))
+        engine = xllamacpp.CommonParams()
+        engine.model.path = gguf
+        engine.n_parallel = slots
+        engine.n_ctx = self._n_ctx * slots  # llama.cpp splits the context evenly between the slots
+        engine.n_batch = int(params.get("n_batch", "512"))
+        engine.n_gpu_layers = int(params.get("n_gpu_layers", "0"))
+        engine.cpuparams.n_threads = threads
+        engine.cpuparams_batch.n_threads = int(params.get("n_threads_batch", "0")) or threads
+        engine.warmup = False
+        engine.verbosity = -1
         self._prefix_cache = params.get("prefix_cache", "false").lower() == "true"
-        self._parse_special = params.get("parse_special_tokens", "true").lower() == "true"
+        self._strip_prefix = params.get("strip_prefix", "")
         self._jobs = queue.Queue(maxsize=int(params.get("max_queue_size", "64")))
         self._stopping = threading.Event()
 
         started = time.monotonic()
-        llms = [Llama(model_path=gguf, **llama_args) for _ in range(slots)]
-        # Tokenising only reads the vocabulary, which llama.cpp never changes after loading, so
-        # execute() may tokenise with slot 0's model while slot 0 is decoding.
-        self._tokenizer = llms[0]
-        self._n_ctx = llms[0].n_ctx()
-        self._bos = llms[0].token_bos()
-        self._engines = [_Engine(self, i, llm) for i, llm in enumerate(llms)]
-
+        self._server = xllamacpp.Server(engine)
         # Sending is an IPC call to the server; one thread does it in order so a slot never
         # waits on it, and responses of one request keep their order.
         self._responses = queue.Queue()
         self._response_thread = threading.Thread(target=self._response_loop, name="llama-responses", daemon=True)
         self._response_thread.start()
-        for engine in self._engines:
-            engine.thread.start()
+        # One thread per slot hands requests to the engine: llama.cpp then sees at most `slots`
+        # requests, and the rest wait here in arrival order, within max_queue_size.
+        self._workers = [threading.Thread(target=self._work, name=f"llama-slot-{i}", daemon=True) for i in range(slots)]
+        for worker in self._workers:
+            worker.start()
         self._log.log_info(
-            f"[llama] loaded {gguf} in {time.monotonic() - started:.1f} s: {slots} slot(s), "
-            f"n_ctx {self._n_ctx}, {threads} thread(s) per slot, prefix_cache {self._prefix_cache}, "
-            f"llama-cpp-python {llama_cpp.__version__}"
+            f"[llama] loaded {gguf} in {time.monotonic() - started:.1f} s: {slots} slot(s), n_ctx {self._n_ctx} "
+            f"per slot, {threads} thread(s), prefix_cache {self._prefix_cache}, xllamacpp {xllamacpp.__version__}"
         )
 
     def execute(self, requests):
@@ -293,23 +169,14 @@ class TritonPythonModel:
         include_prompt = not bool(exclude) if exclude is not None else not stream
         if include_prompt and stream:
             raise RequestError("exclude_input_in_output=false is not supported with stream=true")
-
-        tokens = self._tokenizer.tokenize(prompt.encode("utf-8"), add_bos=True, special=self._parse_special)
-        # A template that writes "<bos>" itself plus the BOS the model adds gives two of them,
-        # which degrades every answer.
-        if tokens[:2] == [self._bos, self._bos]:
-            tokens = tokens[1:]
-        room = self._n_ctx - len(tokens)
-        if room < 1:
-            raise RequestError(f"the prompt has {len(tokens)} tokens; the context holds {self._n_ctx}")
+        if not prompt:
+            raise RequestError("text_input is empty")
         return _Generation(
             request=request,
             sender=request.get_response_sender(),
             request_id=request.request_id() or hex(id(request)),
             prompt=prompt,
-            prompt_tokens=tokens,
             params=params,
-            max_new_tokens=min(params.max_tokens or room, room),
             seed=params.seed if params.seed is not None else secrets.randbelow(MAX_SEED + 1),
             stream=stream,
             include_prompt=include_prompt,
@@ -318,16 +185,109 @@ class TritonPythonModel:
             return_num_output_tokens=bool(scalar(request, "return_num_output_tokens", False)),
         )
 
-    def _send_chunk(self, job: _Generation, text: str, new_tokens: int, final: bool, finish_reason: str = ""):
+    def _work(self):
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                self._generate(job)
+            except Exception as err:  # noqa: BLE001 - a failure of one request must not kill the slot
+                self._log.log_error(f"[llama] request {job.request_id} failed: {traceback.format_exc()}")
+                self._send_error(job, f"generation failed: {err}", pb_utils.TritonError.INTERNAL)
+
+    def _body(self, job: _Generation) -> dict:
+        prompt = job.prompt
+        if self._strip_prefix and prompt.startswith(self._strip_prefix):
+            prompt = prompt[len(self._strip_prefix) :]
+        body = job.params.engine_request(prompt, job.seed)
+        body["cache_prompt"] = self._prefix_cache
+        body["n_predict"] = job.params.max_tokens or self._n_ctx
+        return body
+
+    def _generate(self, job: _Generation):
+        if job.request.is_cancelled():
+            self._send_cancelled(job, generated=0)
+            return
+        waited = time.monotonic() - job.queued_at
+        started = time.monotonic()
+        state = {"next_poll": started + _CANCEL_POLL_S, "stopped": None, "first": None, "final": None, "error": None}
+        tokens = [0]  # llama.cpp streams one chunk per generated token
+        texts = [job.prompt] if job.include_prompt else []
+
+        def on_chunk(chunk: dict) -> bool:
+            if "error" in chunk:
+                state["error"] = chunk["error"]
+                return True
+            choice = (chunk.get("choices") or [{}])[0]
+            text = choice.get("text") or ""
+            tokens[0] += 1
+            if text and state["first"] is None:
+                state["first"] = time.monotonic()
+            if choice.get("finish_reason"):
+                state["final"] = (choice["finish_reason"], chunk.get("usage") or {})
+                texts.append(text)
+                return False
+            if job.stream:
+                if text:
+                    self._send_chunk(job, text, 0, 0, final=False)
+            else:
+                texts.append(text)
+            now = time.monotonic()
+            if now >= state["next_poll"]:
+                state["next_poll"] = now + _CANCEL_POLL_S
+                if job.request.is_cancelled():
+                    state["stopped"] = "cancelled"
+                    return True
+                if self._stopping.is_set():
+                    state["stopped"] = "unloading"
+                    return True
+            return False
+
+        self._server.handle_completions(self._body(job), on_chunk)
+
+        if state["error"] is not None:
+            self._send_engine_error(job, state["error"])
+            return
+        if state["stopped"] == "cancelled":
+            self._send_cancelled(job, generated=tokens[0])
+            return
+        if state["stopped"] == "unloading" or state["final"] is None:
+            self._send_error(job, "the model is being unloaded", pb_utils.TritonError.UNAVAILABLE)
+            return
+        finish_reason, usage = state["final"]
+        prompt_tokens, generated = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
+        # Streamed: only the final chunk's text is left here; otherwise everything, in order.
+        reason = "length" if finish_reason == "length" else "stop"
+        self._send_chunk(job, "".join(texts), prompt_tokens, generated, final=True, finish_reason=reason)
+        elapsed = time.monotonic() - started
+        ttft = (state["first"] or time.monotonic()) - started
+        self._log.log_info(
+            f"[llama] request {job.request_id}: {prompt_tokens} prompt + {generated} generated tokens, "
+            f"finish={finish_reason}, queued {waited * 1e3:.0f} ms, first token {ttft * 1e3:.0f} ms, "
+            f"{generated / max(elapsed, 1e-9):.1f} tokens/s"
+        )
+
+    def _send_chunk(
+        self, job: _Generation, text: str, prompt_tokens: int, new_tokens: int, final: bool, finish_reason: str = ""
+    ):
         tensors = [pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_))]
         if final and job.return_finish_reason:
             tensors.append(pb_utils.Tensor("finish_reason", np.array([finish_reason.encode()], dtype=np.object_)))
         if job.return_num_input_tokens:
-            tensors.append(pb_utils.Tensor("num_input_tokens", np.array([len(job.prompt_tokens)], dtype=np.uint32)))
+            tensors.append(pb_utils.Tensor("num_input_tokens", np.array([prompt_tokens], dtype=np.uint32)))
         if job.return_num_output_tokens:
             tensors.append(pb_utils.Tensor("num_output_tokens", np.array([new_tokens], dtype=np.uint32)))
         flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
         self._responses.put((job.sender, pb_utils.InferenceResponse(output_tensors=tensors), flags))
+
+    def _send_engine_error(self, job: _Generation, failure: dict):
+        if failure.get("type") == "exceed_context_size_error":
+            message = f"the prompt has {failure.get('n_prompt_tokens')} tokens; the context holds {self._n_ctx}"
+        else:
+            message = str(failure.get("message", failure))
+        caller = failure.get("type") in _CALLER_ERRORS
+        self._send_error(job, message, pb_utils.TritonError.INVALID_ARG if caller else pb_utils.TritonError.INTERNAL)
 
     def _send_cancelled(self, job: _Generation, generated: int):
         self._log.log_info(f"[llama] request {job.request_id} cancelled after {generated} generated tokens; slot freed")
@@ -358,12 +318,11 @@ class TritonPythonModel:
                 break
             if job is not None:
                 self._send_error(job, "the model is being unloaded", pb_utils.TritonError.UNAVAILABLE)
-        for _ in self._engines:
+        for _ in self._workers:
             self._jobs.put(None)
-        for engine in self._engines:
-            engine.thread.join()
+        for worker in self._workers:
+            worker.join()
         self._responses.put(None)
         self._response_thread.join()
-        for engine in self._engines:
-            engine.close()
+        del self._server  # stops llama.cpp's main loop and frees the model
         self._log.log_info("[llama] finalized")
