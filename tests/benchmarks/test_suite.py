@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from benchmarks.suite import concurrency, voice
 from benchmarks.suite.measure import percentile, ratio_per_round
 
@@ -16,6 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # runs every benchmark workload once, the embedded Triton included
 def test_quick_run_writes_the_report_the_figures_and_the_plots(tmp_path: Path) -> None:
     command = [
         sys.executable, "-m", "benchmarks.suite", "--quick", "--no-stack", "--no-infinity",

@@ -168,6 +168,7 @@ async def test_a_linked_package_left_alone_is_reused_without_reading_it(
     assert (counted.hashed, counted.read) == (0, 0)
 
 
+@pytest.mark.slow  # writes and fetches 160 MiB twice, in a fresh process
 def test_a_package_is_verified_in_memory_that_does_not_grow_with_its_size(tmp_path: Path) -> None:
     """Peak resident memory of a fresh process fetching a 160 MiB package, over its memory before
     the fetch: bounded by the hash window and the chunks in flight, not by the file (linked, and
