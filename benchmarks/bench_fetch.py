@@ -41,6 +41,7 @@ from modelplane.loader.cache import PackageCache
 from modelplane.loader.manifest import build_manifest
 from modelplane.loader.settings import LoaderSettings
 from modelplane.loader.sources import open_source
+from modelplane.loader.sources.local import LocalSource
 from modelplane.loader.verification import ExpectedPackage, FileExpectation, verify
 
 WAYS = ("local", "copied", "http", "s3")
@@ -211,27 +212,25 @@ async def transfer_seconds(package: Path, way: str, servers: Servers, scratch: P
     return time.perf_counter() - started
 
 
-def package_files(package: Path) -> list[Path]:
-    """The files of a package: a directory's, or the one file a single-file package is."""
-    return [package] if package.is_file() else sorted(p for p in package.rglob("*") if p.is_file())
+async def package_files(package: Path) -> list[tuple[str, Path]]:
+    """The files of a package as the loader lists them (a sidecar SHA256SUMS left out): each one's
+    path in the package and on disk."""
+    source = LocalSource.from_uri(str(package))
+    listed = await source.list_files()
+    return [(file.path, source.local_path(file)) for file in listed]
 
 
-def reference_manifest(package: Path) -> PackageManifest:
+async def reference_manifest(package: Path) -> PackageManifest:
+    """The package's digests, hashed here with hashlib over the loader's own listing."""
     import hashlib  # noqa: PLC0415
 
     digests = []
-    for path in package_files(package):
+    for relative, path in await package_files(package):
         hasher = hashlib.sha256()
         with path.open("rb") as handle:
             while chunk := handle.read(8 * 1024 * 1024):
                 hasher.update(chunk)
-        digests.append(
-            FileDigest(
-                path=path.name if path == package else path.relative_to(package).as_posix(),
-                size_bytes=path.stat().st_size,
-                sha256=hasher.hexdigest(),
-            )
-        )
+        digests.append(FileDigest(path=relative, size_bytes=path.stat().st_size, sha256=hasher.hexdigest()))
     return build_manifest(digests)
 
 
@@ -279,8 +278,8 @@ async def bench_package(
 ) -> list[dict]:
     """One row per way: the package's floors and that way's fetch + verify, every run's figures
     and the best of them."""
-    manifest = reference_manifest(package)  # also warms the page cache for every contender
-    files = package_files(package)
+    manifest = await reference_manifest(package)  # also warms the page cache for every contender
+    files = [path for _, path in await package_files(package)]
     paths = [f.path for f in manifest.files]
     size = sum(f.size_bytes for f in manifest.files)
     expected = ExpectedPackage(
