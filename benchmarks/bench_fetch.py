@@ -36,9 +36,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.conftest.free_port
 
-from modelplane.common.types import FileDigest, ModelSpec, PackageManifest, Task
+from modelplane.common.types import ModelSpec, PackageManifest, Task
 from modelplane.loader.cache import PackageCache
-from modelplane.loader.manifest import build_manifest
 from modelplane.loader.settings import LoaderSettings
 from modelplane.loader.sources import open_source
 from modelplane.loader.sources.local import LocalSource
@@ -212,26 +211,15 @@ async def transfer_seconds(package: Path, way: str, servers: Servers, scratch: P
     return time.perf_counter() - started
 
 
-async def package_files(package: Path) -> list[tuple[str, Path]]:
-    """The files of a package as the loader lists them (a sidecar SHA256SUMS left out): each one's
-    path in the package and on disk."""
+def package_files(package: Path) -> list[Path]:
+    """The files of a package as the loader lists them (a sidecar SHA256SUMS left out)."""
     source = LocalSource.from_uri(str(package))
-    listed = await source.list_files()
-    return [(file.path, source.local_path(file)) for file in listed]
+    return [source.local_path(file) for file in source.list_files_now()]
 
 
-async def reference_manifest(package: Path) -> PackageManifest:
-    """The package's digests, hashed here with hashlib over the loader's own listing."""
-    import hashlib  # noqa: PLC0415
-
-    digests = []
-    for relative, path in await package_files(package):
-        hasher = hashlib.sha256()
-        with path.open("rb") as handle:
-            while chunk := handle.read(8 * 1024 * 1024):
-                hasher.update(chunk)
-        digests.append(FileDigest(path=relative, size_bytes=path.stat().st_size, sha256=hasher.hexdigest()))
-    return build_manifest(digests)
+def reference_manifest(package: Path) -> PackageManifest:
+    """The package's digests from the loader's own listing, hashed here (`manifest_now`)."""
+    return LocalSource.from_uri(str(package)).manifest_now()
 
 
 @contextlib.contextmanager
@@ -278,8 +266,8 @@ async def bench_package(
 ) -> list[dict]:
     """One row per way: the package's floors and that way's fetch + verify, every run's figures
     and the best of them."""
-    manifest = await reference_manifest(package)  # also warms the page cache for every contender
-    files = [path for _, path in await package_files(package)]
+    manifest = reference_manifest(package)  # also warms the page cache for every contender
+    files = package_files(package)
     paths = [f.path for f in manifest.files]
     size = sum(f.size_bytes for f in manifest.files)
     expected = ExpectedPackage(

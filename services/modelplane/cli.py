@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 from collections.abc import Coroutine, Sequence
@@ -19,7 +18,7 @@ from rich.table import Table
 from modelplane.common.errors import ModelplaneError
 from modelplane.common.logging import configure_logging
 from modelplane.common.tls import set_identity
-from modelplane.common.types import FileDigest, Model, ModelSpec, ModelState, Priority, Task
+from modelplane.common.types import Model, ModelSpec, ModelState, Priority, Task
 
 if TYPE_CHECKING:
     from modelplane.registry.fleet import Node, Placement
@@ -86,20 +85,23 @@ def serve(service: Annotated[str, typer.Argument(help=f"One of: {', '.join(SERVI
 
 @app.command()
 def digest(path: Annotated[Path, typer.Argument(help="A package directory or a single model file.")]) -> None:
-    """Print the SHA-256 to register as a package's expected digest."""
-    from modelplane.loader.manifest import build_manifest, package_digest  # noqa: PLC0415
+    """Print the SHA-256 to register as a package's expected digest.
 
-    root = path.resolve()
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    digests = []
-    for file in files:
-        hasher = hashlib.sha256()
-        with file.open("rb") as handle:
-            while chunk := handle.read(4 * 1024 * 1024):
-                hasher.update(chunk)
-        relative = file.name if root.is_file() else file.relative_to(root).as_posix()
-        digests.append(FileDigest(path=relative, size_bytes=file.stat().st_size, sha256=hasher.hexdigest()))
-    print(package_digest(build_manifest(digests)))
+    The loader's own computation: the same files (SHA256SUMS and SHA256SUMS.sig beside the
+    package are left out, links out of the package are refused), the same digest.
+    """
+    from modelplane.loader.manifest import package_digest  # noqa: PLC0415
+    from modelplane.loader.sources.local import LocalSource  # noqa: PLC0415
+
+    if not path.exists():
+        console.print(f"[red]error:[/red] {path} does not exist; give a package directory or a model file.")
+        raise typer.Exit(1)
+    try:
+        manifest = LocalSource(str(path), path).manifest_now()
+    except ModelplaneError as error:
+        console.print(f"[red]error:[/red] {error.message}")
+        raise typer.Exit(1) from None
+    print(package_digest(manifest))
 
 
 @certs_app.command("init")

@@ -305,3 +305,11 @@ def test_the_dashboard_queries_only_metrics_that_exist() -> None:
                 assert name in known, f"dashboard queries {name}, which nothing exports"
             else:
                 assert name in functions | {"route", "status", "method", "code", "model", "e6"}, (name, query)
+
+
+def test_gateway_probes_never_wait_for_models(rendered: list[dict[str, Any]]) -> None:
+    """Liveness is /healthz (a loading model must not get a gateway restarted); readiness leaves the
+    models out (a loading or failed model must not take every gateway out of its Service)."""
+    [gateway] = [c for w in _workloads(rendered).values() for c in _containers(w) if c["name"] == "gateway"]
+    assert gateway["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert gateway["readinessProbe"]["httpGet"]["path"] == "/readyz?exclude=models"

@@ -52,9 +52,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
 
 @contextlib.contextmanager
 def running_stack(
-    home: Path, *, extra_env: dict[str, str] | None = None, bundled: bool = True
+    home: Path, *, extra_env: dict[str, str] | None = None, bundled: bool = True, own_session: bool = False
 ) -> Iterator[RunningStack]:
-    """`modelplane up` on free ports, its output (every service's log) in home/stack.log."""
+    """`modelplane up` on free ports, its output (every service's log) in home/stack.log. With
+    `own_session` it leads a process group of its own, which a test may signal as a terminal does."""
     names = ("registry", "loader", "inference", "gateway", "grpc", "http", "metrics")
     ports = {name: free_port() for name in names}
     metrics_ports = {name: free_port() for name in ("registry", "loader", "inference")}
@@ -81,7 +82,9 @@ def running_stack(
     log = home / "stack.log"
     command = [sys.executable, "-m", "modelplane.cli", "up", *([] if bundled else ["--no-bundled"])]
     with log.open("wb") as output:
-        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=own_session
+        )
     running = RunningStack(
         home=home,
         log=log,
@@ -105,7 +108,13 @@ def running_stack(
             if process.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"the stack did not come up:\n{running.log_text()[-5000:]}")
             time.sleep(0.5)
-        assert httpx.get(f"{running.gateway_url}/readyz", timeout=5, verify=running.verify).status_code == 200
+        # What a script waiting for `make run` does: /readyz answers 200 once every model the stack
+        # must serve (the bundled ones) is READY.
+        readyz = f"{running.gateway_url}/readyz"
+        while (ready := httpx.get(readyz, timeout=5, verify=running.verify)).status_code != 200:
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the stack was up but never ready: {ready.text}\n{running.log_text()[-5000:]}")
+            time.sleep(0.5)
         yield running
     finally:
         process.send_signal(signal.SIGINT)

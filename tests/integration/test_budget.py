@@ -36,7 +36,6 @@ from modelplane.loader.devices import GpuMemoryReader
 from modelplane.loader.errors import TritonUnavailable
 from modelplane.loader.triton_control import TritonControl
 from modelplane.registry.client import RegistryClient
-from tests.conftest import free_port
 from tests.encoders import save_tiny_bert
 from tests.integration.conftest import RunningStack, running_stack
 
@@ -45,7 +44,6 @@ T = TypeVar("T")
 # Each copy holds about 34 MiB of its own once loaded, and the copies share about 25 MiB of
 # runtime: 112 MiB less the 10% margin (101 MiB) holds two (93), never three (129).
 HOST_BUDGET = 112 * MIB
-LOADER_METRICS_PORT = free_port()
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +62,6 @@ def tight(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
         "MODELPLANE_LOADER_MEMORY_WAIT_SECONDS": "120",
         "MODELPLANE_INFERENCE_STATS_REPORT_INTERVAL_SECONDS": "0.5",
         "MODELPLANE_GATEWAY_REQUEST_TIMEOUT_SECONDS": "60",
-        "MODELPLANE_LOADER_METRICS_PORT": str(LOADER_METRICS_PORT),
     }
     with running_stack(tmp_path_factory.mktemp("tight-home"), extra_env=env, bundled=False) as running:
         yield running
@@ -252,7 +249,7 @@ async def test_requests_racing_loads_and_evictions_are_all_served_by_the_right_m
 
 async def test_the_loader_exports_what_it_decided(tight: RunningStack) -> None:
     async with httpx.AsyncClient(timeout=5) as client:
-        text = (await client.get(f"http://127.0.0.1:{LOADER_METRICS_PORT}/metrics")).text
+        text = (await client.get(tight.metrics["loader"])).text
     samples = {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
         for family in text_string_to_metric_families(text)

@@ -153,3 +153,17 @@ async def test_chat_uses_gemmas_turn_format(stack: RunningStack, stream: bool) -
     else:
         usage = response.json()["usage"]
     assert usage["prompt_tokens"] == 23 and usage["completion_tokens"] == 4
+
+
+async def test_a_prompt_that_cannot_fit_the_context_is_refused_before_it_is_tokenised(stack: RunningStack) -> None:
+    """10 MB of text cannot fit 4096 tokens: refused from its size (no token of Gemma's vocabulary
+    stands for more than a few dozen bytes), not after tokenising all of it."""
+    huge = "Once upon a time there was a model. " * 300_000
+    async with httpx.AsyncClient(timeout=300) as client:
+        response = await client.post(
+            f"{stack.gateway_url}/v1/chat/completions",
+            json={"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": huge}]},
+        )
+    assert response.status_code == 400, response.text
+    message = response.json()["error"]["message"]
+    assert re.search(r"the prompt is \d+ bytes, at least \d+ tokens; the context holds 4096", message), message

@@ -178,6 +178,7 @@ def test_llm_validates_with_a_ping_and_generates(
     assert outcome["stage"] == "done", outcome
     assert outcome["result"]["text"].strip()
     assert outcome["result"]["prompt_tokens"]
+    assert not outcome["result"]["usage_counted_by_dify"]  # streamed or not, the gateway sent usage
 
 
 WEATHER_TOOL = {

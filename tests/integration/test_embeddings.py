@@ -152,3 +152,19 @@ def test_malformed_body_is_refused_with_the_field(stack: RunningStack) -> None:
     response = httpx.post(f"{stack.gateway_url}/v1/embeddings", json={"input": "x"}, timeout=10)
     assert response.status_code == 422
     assert "model" in response.json()["error"]["message"]
+
+
+def test_a_huge_text_is_embedded_as_its_first_tokens_are(stack: RunningStack) -> None:
+    """A multi-megabyte input is tokenised only as far as the model's 256 tokens need, and its
+    embedding is exactly that of a text holding those tokens (tokenised whole, as every text was)."""
+    sentence = "Retrieval-augmented generation needs fast, accurate embeddings of every chunk. "
+    huge = sentence * 40_000  # 3.2 MB
+    head = sentence * 40  # 3,200 characters: over 256 tokens, under the length tokenised whole
+    response = httpx.post(
+        f"{stack.gateway_url}/v1/embeddings", json={"model": MODEL, "input": [huge, head]}, timeout=120
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    vectors = np.array([item["embedding"] for item in body["data"]], dtype=np.float32)
+    np.testing.assert_array_equal(vectors[0], vectors[1])
+    assert body["usage"]["prompt_tokens"] == 2 * 256

@@ -146,7 +146,9 @@ def test_deadline_reaches_the_inference_call_and_is_a_504(stack: RunningStack) -
     assert error["code"] == "deadline_exceeded"
     assert "did not finish within its deadline" in error["message"]
     assert "MODELPLANE_GATEWAY_REQUEST_TIMEOUT_SECONDS" in error["message"]
-    assert elapsed < 5
+    # Answered when the deadline passed, not when the batch would have finished: relative to this
+    # machine's own time for the batch, never a fixed number of seconds.
+    assert elapsed < min(durations), (elapsed, durations)
     # The inference service saw the request id, and so the call that the deadline cut short.
     rpc_lines = [json.loads(line) for line in stack.log_text().splitlines() if '"deadline-test"' in line]
     assert any(line.get("rpc", "").endswith("/Embed") for line in rpc_lines)

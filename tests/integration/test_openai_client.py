@@ -115,6 +115,20 @@ def test_chat_completions(client: openai.OpenAI) -> None:
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
 
 
+def test_stream_without_stream_options_ends_with_usage_and_every_chunk_has_a_choice(client: openai.OpenAI) -> None:
+    """Code written for OpenAI reads choices[0] of every chunk when it did not ask for usage; the
+    usage still comes, on the last chunk, and equals the blocking answer's."""
+    model = _generation_model(client)
+    messages = [{"role": "user", "content": "Say hello."}]
+    answer = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)
+    stream = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0, stream=True)
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == answer.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == answer.choices[0].finish_reason
+    assert chunks[-1].usage == answer.usage
+    assert all(c.usage is None for c in chunks[:-1])
+
+
 def test_completions(client: openai.OpenAI) -> None:
     model = _generation_model(client)
     answer = client.completions.create(model=model, prompt="Once upon a time", max_tokens=8, temperature=0)

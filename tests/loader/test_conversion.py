@@ -4,6 +4,7 @@ rerankers, PyTorch pickles, ONNX packages, int8/fp16 variants, and the Triton co
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from tritonclient.grpc import model_config_pb2
 from modelplane.common.types import Model, ModelSpec, Precision, RuntimeHints, RuntimeTarget, Task
 from modelplane.loader.builders import select_builder
 from modelplane.loader.builders.targets import target_options
+from modelplane.loader.conversion import run_converter
 from modelplane.loader.convert import encoder, onnx_package
 from modelplane.loader.errors import ConversionFailed
 from modelplane.loader.settings import LoaderSettings
@@ -270,3 +272,53 @@ def test_precision_and_target_key_the_artifact() -> None:
     )
     assert plain["precision"] == "fp32" and int8["precision"] == "int8" and int8["precision_tolerance"] == 0.05
     assert plain["target"] == "EMBEDDED"
+
+
+# What a failed conversion tells a client ----------------------------------------------------------
+
+
+async def test_a_converter_crash_is_reported_without_its_traceback_or_server_paths(tmp_path: Path) -> None:
+    """The model's FAILED reason reaches API clients (409): the exception, not the trace, and no
+    path where the server keeps its files; the loader log keeps the full output."""
+    crash = "import json; open('/var/cache/modelplane/packages/ab12/config.json')"  # fails: no such file
+    with pytest.raises(ConversionFailed) as failed:
+        await run_converter([sys.executable, "-c", crash], timeout_seconds=60)
+    message = failed.value.message
+    assert message.startswith(
+        "The converter crashed (exit status 1): FileNotFoundError: [Errno 2] No such file or directory: 'config.json'."
+    ), message
+    assert "Traceback" not in message and 'File "' not in message and "/var/cache" not in message
+    assert "the loader log has the converter's full output" in message
+
+
+async def test_a_converter_killed_by_a_signal_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ConversionFailed, match=r"^The converter was killed by SIGKILL\. Check that the package"):
+        await run_converter([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"], 60)
+
+
+async def test_the_onnx_checkers_finding_names_the_file_not_the_cache_path(tmp_path: Path) -> None:
+    """An ONNX model whose external weights file is missing: onnx's checker names it by its full
+    path inside the loader's cache."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    package = tmp_path / "cache" / "packages" / ("ab" * 32)
+    package.mkdir(parents=True)
+    weights = numpy_helper.from_array(np.ones((4, 4), dtype=np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "external",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [weights],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(package / "model.onnx"), save_as_external_data=True, location="weights.bin", size_threshold=0)
+    (package / "weights.bin").unlink()
+    (package / "tokenizer.json").write_text("{}")
+    command = [sys.executable, "-m", "modelplane.loader.convert.onnx_package", "--source", str(package)]
+    with pytest.raises(ConversionFailed) as failed:
+        await run_converter([*command, "--output", str(tmp_path / "out"), "--task", "embedding"], timeout_seconds=120)
+    message = failed.value.message
+    assert message.startswith("Conversion failed: model.onnx ")
+    assert "weights.bin" in message and str(tmp_path) not in message and "/packages/" not in message, message

@@ -39,3 +39,32 @@ def test_guided_decoding_json_becomes_the_engines_json_schema() -> None:
 def test_what_the_model_would_not_honour_is_refused(raw: str, message: str) -> None:
     with pytest.raises(RequestError, match=message.replace("[", r"\[").replace("]", r"\]")):
         SamplingParams.from_json(raw)
+
+
+def _gguf(path: Path, tokens: list[bytes], *, version: int = 3) -> Path:
+    """A GGUF file with metadata only: a string, a float array and the vocabulary, as llama.cpp
+    writes them (little-endian; u64 lengths)."""
+    import struct
+
+    def string(b: bytes) -> bytes:
+        return struct.pack("<Q", len(b)) + b
+
+    kvs = [
+        string(b"general.name") + struct.pack("<I", 8) + string(b"tiny"),
+        string(b"tokenizer.ggml.scores") + struct.pack("<IIQ", 9, 6, len(tokens)) + b"\0\0\0\0" * len(tokens),
+        string(b"tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, len(tokens)) + b"".join(string(t) for t in tokens),
+    ]
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", version, 0, len(kvs)) + b"".join(kvs))
+    return path
+
+
+def test_the_longest_vocabulary_entry_is_read_from_the_gguf_metadata(tmp_path: Path) -> None:
+    from llama_text import gguf_longest_token_bytes
+
+    tokens = [b"<0x0A>", "▁the".encode(), b" " * 31, "▁नमस्ते".encode()]
+    assert gguf_longest_token_bytes(str(_gguf(tmp_path / "m.gguf", tokens))) == 31
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        gguf_longest_token_bytes(str(_gguf(tmp_path / "old.gguf", tokens, version=1)))
+    (tmp_path / "x.bin").write_bytes(b"PK\3\4" + bytes(40))
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        gguf_longest_token_bytes(str(tmp_path / "x.bin"))

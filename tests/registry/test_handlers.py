@@ -65,6 +65,99 @@ async def test_a_new_source_is_a_new_version(handler: RegistryHandler) -> None:
     assert created and model.version == 2 and model.state == ModelState.REGISTERED
 
 
+DIGEST = "ab" * 32
+
+
+async def _ready(handler: RegistryHandler, name: str, manifest: PackageManifest) -> None:
+    await walk(handler, name, ModelState.FETCHING, ModelState.VERIFYING)
+    await handler.transition(Transition(name, 1, ModelState.STAGED, manifest=manifest))
+    await walk(handler, name, ModelState.LOADING, ModelState.READY)
+
+
+async def test_the_same_content_from_another_location_keeps_its_version_and_state(handler: RegistryHandler) -> None:
+    """A second checkout registers the bundled package again from its own install path."""
+    manifest = PackageManifest(files=[FileDigest(path="1_Pooling/config.json", sha256="1" * 64)], sha256=DIGEST)
+    await handler.register(spec(source="/clone-a/.venv/minilm", expected_sha256=DIGEST), load=True)
+    await _ready(handler, "minilm", manifest)
+    model, created = await handler.register(spec(source="/clone-b/.venv/minilm", expected_sha256=DIGEST), load=True)
+    assert not created
+    assert (model.version, model.state, model.spec.source_uri) == (1, ModelState.READY, "/clone-b/.venv/minilm")
+    assert model.status.manifest == manifest  # still proves the cached package: no fetch, no conversion
+    assert (await handler.get("minilm")).spec.source_uri == "/clone-b/.venv/minilm"
+    last = (await handler.events(name="minilm"))[-1]
+    assert "source moved to /clone-b/.venv/minilm" in last.message and "version 1 is kept" in last.message
+
+
+async def test_a_single_file_renamed_at_its_new_location_is_fetched_again(handler: RegistryHandler) -> None:
+    manifest = PackageManifest(files=[FileDigest(path="model.gguf", sha256=DIGEST)], sha256="9" * 64)
+    await handler.register(spec(source="/a/model.gguf", expected_sha256=DIGEST), load=True)
+    await _ready(handler, "minilm", manifest)
+    same_name, _ = await handler.register(spec(source="/b/model.gguf", expected_sha256=DIGEST), load=True)
+    assert same_name.status.manifest == manifest
+    renamed, created = await handler.register(spec(source="/c/renamed.gguf", expected_sha256=DIGEST), load=True)
+    assert not created and renamed.version == 1
+    assert renamed.status.manifest is None  # its file names changed: the next load records them again
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        ({"expected_sha256": ""}, {"expected_sha256": ""}),  # nothing proves the content is the same
+        ({"expected_sha256": DIGEST}, {"expected_sha256": "cd" * 32}),
+        ({"expected_sha256": DIGEST}, {"expected_sha256": DIGEST, "task": Task.RERANK}),
+    ],
+    ids=["no-digest", "other-digest", "other-task"],
+)
+async def test_another_location_without_the_same_content_is_a_new_version(
+    handler: RegistryHandler, before: dict, after: dict
+) -> None:
+    await handler.register(spec(source="/a", **before), load=False)
+    model, created = await handler.register(spec(source="/b").model_copy(update=after), load=False)
+    assert created and model.version == 2 and model.state == ModelState.REGISTERED
+
+
+async def test_a_failed_model_moved_to_another_location_gets_a_new_version(handler: RegistryHandler) -> None:
+    await handler.register(spec(source="/a", expected_sha256=DIGEST), load=True)
+    await handler.transition(Transition("minilm", 1, ModelState.FAILED, message="Source path /a does not exist."))
+    model, created = await handler.register(spec(source="/b", expected_sha256=DIGEST), load=True)
+    assert created and (model.version, model.state) == (2, ModelState.REGISTERED)
+
+
+@pytest.mark.parametrize(
+    ("uri", "what"),
+    [
+        ("http://user:secret@models.internal/pkg/", "a user name or password"),
+        ("s3://AKIAEXAMPLE:secret@bucket/minilm", "a user name or password"),
+        ("https://token-only@models.internal/pkg/", "a user name or password"),
+        (
+            "https://bucket.s3.amazonaws.com/m.gguf?X-Amz-Credential=AKIA%2F1&X-Amz-Signature=secret",
+            "the query parameter 'X-Amz-Credential'",
+        ),
+        ("https://models.internal/m.gguf?access_token=secret", "the query parameter 'access_token'"),
+    ],
+)
+async def test_credentials_in_the_source_are_refused_and_never_stored(
+    handler: RegistryHandler, uri: str, what: str
+) -> None:
+    with pytest.raises(InvalidModelSpec) as refused:
+        await handler.register(spec(source=uri), load=False)
+    message = refused.value.message
+    assert f"carries credentials ({what}); nothing was registered" in message
+    assert "MODELPLANE_LOADER_HTTP_BEARER_TOKEN" in message and "MODELPLANE_LOADER_S3_ACCESS_KEY_ID" in message
+    assert "secret" not in message and "AKIA" not in message
+    with pytest.raises(ModelNotFound):
+        await handler.get("minilm")
+    with pytest.raises(ModelNotFound):
+        await handler.events(name="minilm")
+
+
+async def test_a_query_without_secrets_and_a_path_with_an_at_sign_are_accepted(handler: RegistryHandler) -> None:
+    model, _ = await handler.register(spec(source="https://models.internal/pkg/?rev=3"), load=False)
+    assert model.spec.source_uri == "https://models.internal/pkg/?rev=3"
+    model, _ = await handler.register(spec(name="local", source="/data/team@site/minilm"), load=False)
+    assert model.spec.source_uri == "/data/team@site/minilm"
+
+
 @pytest.mark.parametrize(
     ("bad", "message"),
     [
@@ -91,6 +184,9 @@ async def test_expected_digest_is_normalised_to_lowercase(handler: RegistryHandl
 async def test_unknown_model_is_not_found(handler: RegistryHandler) -> None:
     with pytest.raises(ModelNotFound, match="Model 'ghost' is not registered"):
         await handler.get("ghost")
+    # A mistyped name in `modelplane models events` is an error, not an empty history.
+    with pytest.raises(ModelNotFound, match="Model 'ghost' is not registered"):
+        await handler.events(name="ghost")
 
 
 async def test_lifecycle_records_phases_and_their_durations(handler: RegistryHandler) -> None:

@@ -95,3 +95,36 @@ async def test_the_migrations_create_exactly_the_tables_the_code_uses(database_u
     finally:
         await store.close()
     assert differences == []
+
+
+async def test_credentials_stored_before_they_were_refused_are_masked_in_the_database(database_url: str) -> None:
+    """A registry of an earlier release accepted a source URI with a password; after the upgrade no
+    row holds it, and the model reads back with the credential masked."""
+    leaky = ModelSpec(
+        name="private", task=Task.EMBEDDING, source_uri="https://deploy:hunter2@models.internal/minilm/?rev=3"
+    )
+    engine = create_async_engine(database_url)
+    async with engine.begin() as connection:
+        await connection.run_sync(upgrade_schema, "0003")
+        await connection.execute(
+            sa.text("INSERT INTO models VALUES ('private', 1, 1, 1, 2, :spec, :status, :t, :t)"),
+            {"spec": leaky.model_dump_json(), "status": ModelStatus().model_dump_json(), "t": WHEN},
+        )
+        await connection.execute(
+            sa.text("INSERT INTO model_versions VALUES ('private', 1, :spec, :t)"),
+            {"spec": leaky.model_dump_json(), "t": WHEN},
+        )
+    await engine.dispose()
+
+    store = await RegistryStore.open(database_url)
+    try:
+        async with store.engine.connect() as connection:
+            rows = [
+                *(await connection.execute(sa.text("SELECT spec_json FROM models"))).scalars(),
+                *(await connection.execute(sa.text("SELECT spec_json FROM model_versions"))).scalars(),
+            ]
+        assert len(rows) == 2 and not any("hunter2" in row or "deploy" in row for row in rows)
+        model = await store.get_model("private")
+        assert model is not None and model.spec.source_uri == "https://***@models.internal/minilm/?rev=3"
+    finally:
+        await store.close()

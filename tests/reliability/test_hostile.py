@@ -111,9 +111,34 @@ async def test_a_package_with_a_symlink_out_of_it_is_refused(
     async with LoaderClient(rel.loader) as loader:
         with pytest.raises(ModelplaneError) as refused:
             await loader.ensure_loaded(name, reason="test", timeout_seconds=60)
-    assert "vocab.txt" in refused.value.message and "symlink" in refused.value.message.lower(), refused.value.message
+    message = refused.value.message
+    assert "vocab.txt is a symbolic link to a file outside the package" in message, message
+    assert str(tmp_path) not in message  # where the link points is the server's business
     cached = [p for p in (rel.home / "cache").rglob("vocab.txt") if p.read_bytes() == secret.read_bytes()]
     assert cached == []  # the secret was not copied into the cache
+
+
+async def test_a_symlinked_directory_out_of_the_package_is_refused_and_the_client_sees_no_internals(
+    rel: RunningStack, pids: dict[str, int], encoder_paths: dict[str, Path], tmp_path: Path
+) -> None:
+    """A directory link was once skipped silently: the converter then crashed, and the client's
+    409 carried its Python traceback and the cache's paths."""
+    package = tmp_path / "dir-linked"
+    shutil.copytree(encoder_paths[ENCODERS[0]], package)
+    elsewhere = tmp_path / "private-weights"
+    elsewhere.mkdir()
+    for weights in package.glob("*.safetensors"):
+        weights.rename(elsewhere / weights.name)
+    (package / "weights").symlink_to(elsewhere)
+    name = "rel-dir-symlink"
+    async with RegistryClient(rel.registry) as registry:
+        await registry.register(ModelSpec(name=name, task=Task.EMBEDDING, source_uri=str(package)))
+    async with httpx.AsyncClient(base_url=rel.gateway_url, headers=AUTH, timeout=120) as client:
+        answer = error(await client.post("/v1/embeddings", json={"model": name, "input": ["x"]}), 409)
+    assert "weights is a symbolic link to a directory outside the package" in answer["message"], answer
+    for internal in ("Traceback", 'File "', str(tmp_path), str(rel.home)):
+        assert internal not in answer["message"]
+    assert (await registry_models(rel))[name].state == ModelState.FAILED
 
 
 class _Payload:

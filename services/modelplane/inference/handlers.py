@@ -127,8 +127,9 @@ class InferenceHandler:
         if not self._truncates(truncation):
             for index, (ids, _) in enumerate(sequences):
                 if len(ids) > tokenizer.max_tokens:
+                    length = tokenizer.length_of(len(ids), inputs[index].text or "")
                     raise InputTooLong(
-                        f"Input {index} has {len(ids)} tokens; model '{model}' accepts at most {tokenizer.max_tokens}. "
+                        f"Input {index} has {length}; model '{model}' accepts at most {tokenizer.max_tokens}. "
                         "Shorten it, or allow truncation.",
                         metadata={"model": model, "index": str(index)},
                     )

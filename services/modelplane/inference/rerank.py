@@ -77,12 +77,15 @@ async def rerank(
     return RerankResult(model=serving.name, results=results, usage=Usage(prompt_tokens=tokens))
 
 
-def _refuse_long(sequences: Sequences, tokenizer: EncoderTokenizer, model: str, what: str) -> None:
+def _refuse_long(
+    sequences: Sequences, texts: Sequence[str], tokenizer: EncoderTokenizer, model: str, what: str
+) -> None:
     """With truncation off, the first document over the model's limit is refused by its position."""
     for index, (ids, _) in enumerate(sequences):
         if len(ids) > tokenizer.max_tokens:
             raise InputTooLong(
-                f"Document {index}{what} has {len(ids)} tokens; model '{model}' accepts at most "
+                f"Document {index}{what} has {tokenizer.length_of(len(ids), texts[index])}; model '{model}' accepts "
+                "at most "
                 f"{tokenizer.max_tokens}. Shorten it, or allow truncation.",
                 metadata={"model": model, "index": str(index)},
             )
@@ -99,7 +102,7 @@ async def _cross_encoder_scores(
     # Truncation cuts the end of each pair: the document's tail, never the query.
     sequences = [(e.ids, e.type_ids) for e in tokenizer.encode_pairs([(query, doc) for doc in documents])]
     if not truncate:
-        _refuse_long(sequences, tokenizer, serving.name, " with the query")
+        _refuse_long(sequences, [query + doc for doc in documents], tokenizer, serving.name, " with the query")
     logits, facts = await run_encoder(serving, sequences)
     logits = logits.reshape(len(documents), -1).astype(np.float64)
     if logits.shape[1] == 1:
@@ -122,11 +125,12 @@ async def _cosine_scores(
     if not truncate:
         if len(sequences[0][0]) > tokenizer.max_tokens:
             raise InputTooLong(
-                f"The query has {len(sequences[0][0])} tokens; model '{serving.name}' accepts at most "
+                f"The query has {tokenizer.length_of(len(sequences[0][0]), query)}; model '{serving.name}' accepts "
+                "at most "
                 f"{tokenizer.max_tokens}. Shorten it, or allow truncation.",
                 metadata={"model": serving.name},
             )
-        _refuse_long(sequences[1:], tokenizer, serving.name, "")
+        _refuse_long(sequences[1:], documents, tokenizer, serving.name, "")
     vectors, facts = await run_encoder(serving, sequences)
     vectors = vectors.astype(np.float64)
     vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)

@@ -8,6 +8,24 @@ from dataclasses import dataclass
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
+# A text up to this many characters per token of the model's limit is tokenised whole (4096
+# tokens' worth of 8 KiB for a 256-token model: far more than any text the model keeps).
+WHOLE_TEXT_CHARS_PER_TOKEN = 32
+# Tokens a bounded prefix must have beyond the model's limit: room for a tokenizer that reads a
+# word differently when it is cut, though the cut falls between words where it can.
+BOUND_MARGIN_TOKENS = 16
+# How far back from a cut a whitespace is looked for, in characters.
+_WHITESPACE_SEARCH = 1024
+
+
+def _cut_before_whitespace(text: str, length: int) -> str:
+    """text[:length], shortened to end just before a whitespace when one is near."""
+    start = max(0, length - _WHITESPACE_SEARCH)
+    for position in range(length, start, -1):
+        if text[position].isspace() and not text[position - 1].isspace():
+            return text[:position]
+    return text[:length]
+
 
 @dataclass(frozen=True)
 class EncodedBatch:
@@ -43,10 +61,44 @@ class EncoderTokenizer:
         return len(self.tokenizer.encode(text, add_special_tokens=True).ids)
 
     def encode_texts(self, texts: Sequence[str]) -> list[Encoding]:
-        return self.tokenizer.encode_batch(list(texts), add_special_tokens=True)
+        """Each text's encoding; one far longer than the model's limit only as far as the limit
+        needs (`bounded`), so a 10 MB text costs what its first few thousand characters cost."""
+        return self.tokenizer.encode_batch([self.bounded(text) for text in texts], add_special_tokens=True)
 
     def encode_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[Encoding]:
-        return self.tokenizer.encode_batch([list(p) for p in pairs], add_special_tokens=True)
+        """(query, document) pairs; truncation cuts a pair's end, so a bounded part loses nothing kept."""
+        return self.tokenizer.encode_batch(
+            [[self.bounded(query), self.bounded(document)] for query, document in pairs], add_special_tokens=True
+        )
+
+    def length_of(self, count: int, text: str) -> str:
+        """How long an input over the limit is, for a refusal: its token count, or for a text that
+        was tokenised only in part (`bounded`), that it is over the limit."""
+        if len(text) > self.max_tokens * WHOLE_TEXT_CHARS_PER_TOKEN:
+            return f"more than {self.max_tokens} tokens"
+        return f"{count} tokens"
+
+    def bounded(self, text: str) -> str:
+        """The text, or for a text far longer than the model's limit the prefix of it whose tokens
+        are all that truncation keeps, and more.
+
+        Texts up to `max_tokens * WHOLE_TEXT_CHARS_PER_TOKEN` characters are returned whole, exactly
+        as before. A longer one is cut just before a whitespace (where tokenizers split words, so the
+        tokens before the cut are the whole text's own) after `max_tokens * 8` characters, and
+        the prefix is kept once it has `BOUND_MARGIN_TOKENS` tokens more than the model takes;
+        otherwise (long words, texts without spaces) the prefix grows fourfold until it does, or
+        until it is the whole text. The prefix then tokenises to the same first `max_tokens` tokens
+        as the text: truncation keeps the same, and over the limit is over the limit."""
+        if len(text) <= self.max_tokens * WHOLE_TEXT_CHARS_PER_TOKEN:
+            return text
+        wanted = self.max_tokens + BOUND_MARGIN_TOKENS
+        length = self.max_tokens * 8
+        while length < len(text):
+            prefix = _cut_before_whitespace(text, length)
+            if len(self.tokenizer.encode(prefix, add_special_tokens=False).ids) >= wanted:
+                return prefix
+            length *= 4
+        return text
 
     def frame_token_ids(self, ids: Sequence[int]) -> list[int]:
         return [*self._prefix, *ids, *self._suffix]

@@ -200,7 +200,7 @@ class PackageCache:
             kept = sum(e.size_bytes for e in entries if e.digest in keep)
             budget = f"; its budget is {_size(self.budget_bytes)}" if self.budget_bytes else ""
             raise CacheFull(
-                f"The package needs {_size(needed)}, but the cache at {self.root} has "
+                f"The package needs {_size(needed)}, but the loader's cache (MODELPLANE_LOADER_CACHE_DIR) has "
                 f"{_size(shutil.disk_usage(self.root).free)} free on its disk{budget}, with {_size(kept)} held by "
                 "packages that loaded models need. Free space on that disk, point MODELPLANE_LOADER_CACHE_DIR at a "
                 "larger one, raise MODELPLANE_LOADER_CACHE_BUDGET_BYTES, or unload models.",
@@ -247,7 +247,8 @@ class PackageCache:
             shutil.rmtree(staging, ignore_errors=True)
             if error.errno in _DISK_FULL:
                 raise CacheFull(
-                    f"The cache's disk at {self.root} filled up while the package was fetched ({_size(done_bytes)} "
+                    f"The disk of the loader's cache (MODELPLANE_LOADER_CACHE_DIR) filled up while the package was "
+                    f"fetched ({_size(done_bytes)} "
                     "written); nothing of it was kept. Free space on that disk, point MODELPLANE_LOADER_CACHE_DIR "
                     "at a larger one, or set MODELPLANE_LOADER_CACHE_BUDGET_BYTES below the disk's size so the "
                     "cache evicts in time."

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -22,6 +23,8 @@ from typing import Any
 import structlog
 
 from modelplane.common.process import PARENT_PID_VARIABLE
+from modelplane.common.redact import without_server_paths
+from modelplane.common.request_context import current_request_id
 from modelplane.loader.errors import ConversionFailed
 
 log = structlog.get_logger()
@@ -89,11 +92,22 @@ async def run_converter(command: list[str], timeout_seconds: float) -> dict[str,
         result = {}
     if process.returncode == 0 and result and "error" not in result:
         return result
+    # The model's FAILED reason reaches API clients: it names what is wrong with the package, never
+    # a traceback or where the server keeps files; the loader log keeps the full text.
+    request_id = current_request_id.get()
+    where = f" under request id {request_id}" if request_id else ""
     if "error" in result:
-        raise ConversionFailed(f"Conversion failed: {result['error']}")
-    tail = "\n".join(stderr.decode(errors="replace").strip().splitlines()[-5:])
-    log.error("converter crashed", returncode=process.returncode, stderr=tail)
+        log.warning("converter refused the package", error=str(result["error"]))
+        raise ConversionFailed(f"Conversion failed: {without_server_paths(str(result['error']))}")
+    lines = stderr.decode(errors="replace").strip().splitlines()
+    log.error("converter crashed", returncode=process.returncode, stderr="\n".join(lines[-60:]))
+    if process.returncode is not None and process.returncode < 0:
+        how = f"was killed by {signal.Signals(-process.returncode).name}"
+    else:
+        how = f"crashed (exit status {process.returncode})"
+    last = next((line.strip() for line in reversed(lines) if line.strip() and not line[0].isspace()), "")
+    cause = f": {without_server_paths(last)[:300]}" if last and not last.startswith("Traceback") else ""
     raise ConversionFailed(
-        f"The converter exited with status {process.returncode}: {tail[-500:] or 'no output'}. "
-        "The loader log has the full output."
+        f"The converter {how}{cause}. Check that the package is a complete model of the registered task and "
+        f"format; the loader log has the converter's full output{where}."
     )

@@ -1,10 +1,12 @@
 """Package manifests: the files of a package with their sizes and SHA-256 digests.
 
 A manifest's digest is the SHA-256 of its canonical text, which is exactly what `sha256sum`
-prints for the files sorted by path, so an operator can compute the expected digest of a
-directory with standard tools:
+prints for the files sorted by path (`SHA256SUMS` and `SHA256SUMS.sig` left out), so an operator
+can compute the expected digest of a directory with `modelplane digest` (the loader's own listing,
+`LocalSource.manifest_now`) or with standard tools:
 
-    cd package && find . -type f -printf '%P\\n' | LC_ALL=C sort | xargs -d '\\n' sha256sum | sha256sum
+    cd package && find -L . -type f ! -path ./SHA256SUMS ! -path ./SHA256SUMS.sig -printf '%P\\n' \\
+      | LC_ALL=C sort | xargs -r -d '\\n' sha256sum | sha256sum
 """
 
 from __future__ import annotations

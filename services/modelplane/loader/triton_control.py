@@ -9,6 +9,7 @@ import structlog
 from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
+from modelplane.common.redact import without_server_paths
 from modelplane.loader.errors import TritonLoadFailed, TritonUnavailable
 
 log = structlog.get_logger()
@@ -44,7 +45,9 @@ class TritonControl:
             if _is_connection_error(error):
                 raise self._unreachable(message, retry_after_seconds=2.0) from None
             log.warning("triton refused a load", model=name, detail=message)
-            raise TritonLoadFailed(f"Triton refused to load '{name}': {_without_traceback(message)}") from None
+            raise TritonLoadFailed(
+                f"Triton refused to load '{name}': {without_server_paths(_without_traceback(message))}"
+            ) from None
 
     async def unload(self, name: str) -> None:
         try:

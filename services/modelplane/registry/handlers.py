@@ -11,10 +11,12 @@ import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import PurePosixPath
+from urllib.parse import urlsplit
 
 import structlog
 
-from modelplane.common.redact import redact_uri
+from modelplane.common.redact import CREDENTIALS_BELONG, credentials_in_uri, redact_uri
 from modelplane.common.types import (
     RESIDENT_STATES,
     WORKING_STATES,
@@ -80,8 +82,51 @@ class Transition:
 
 
 def _identity(spec: ModelSpec) -> tuple[object, ...]:
-    """What makes two specs the same package; a change of any of these is a new version."""
+    """What makes two specs the same package; a change of any of these is a new version, except
+    a new source for the same content (see `_moved`)."""
     return (spec.task, spec.format, spec.source_uri, spec.expected_sha256, spec.manifest)
+
+
+def _moved(existing: Model, spec: ModelSpec) -> bool:
+    """The same content, proven by the same expected digest, registered from another location
+    (a second checkout, a recreated virtual environment, a mirror): the version stays. The loader
+    verifies the digest at the next fetch from the new location, as at any fetch. A FAILED model
+    gets a new version instead, so that the new location is loaded afresh."""
+    before = existing.spec
+    return (
+        bool(spec.expected_sha256)
+        and existing.state != ModelState.FAILED
+        and (before.task, before.format, before.expected_sha256, before.manifest)
+        == (spec.task, spec.format, spec.expected_sha256, spec.manifest)
+    )
+
+
+def _manifest_still_valid(manifest: PackageManifest | None, source_uri: str) -> bool:
+    """A recorded manifest names the files; a directory's names are part of its digest, but a
+    single file's name is not, so the file's manifest holds at a new location only under the same name."""
+    if manifest is None or len(manifest.files) != 1 or "/" in manifest.files[0].path:
+        return True
+    return PurePosixPath(urlsplit(source_uri).path).name == manifest.files[0].path
+
+
+def _move(existing: Model, spec: ModelSpec, desired: DesiredState, request_id: str) -> tuple[Model, ModelEvent]:
+    """The current version's source moves to `spec.source_uri`; its state and cache stay."""
+    status = existing.status
+    if not _manifest_still_valid(status.manifest, spec.source_uri):
+        status = status.model_copy(update={"manifest": None})  # the next load fetches and records it again
+    updated = existing.model_copy(update={"spec": spec, "desired_state": desired, "status": status})
+    event = ModelEvent(
+        model_name=spec.name,
+        version=existing.version,
+        from_state=existing.state,
+        to_state=existing.state,
+        message=(
+            f"source moved to {redact_uri(spec.source_uri)}: the same content (SHA-256 {spec.expected_sha256}), "
+            f"so version {existing.version} is kept"
+        ),
+        request_id=request_id,
+    )
+    return updated, event
 
 
 def validate_spec(spec: ModelSpec) -> ModelSpec:
@@ -97,6 +142,13 @@ def validate_spec(spec: ModelSpec) -> ModelSpec:
         )
     if not spec.source_uri.strip():
         raise InvalidModelSpec(f"Model '{spec.name}' has no source URI: give a path, s3:// or http(s):// URI.")
+    secret = credentials_in_uri(spec.source_uri)
+    if secret:
+        # Refused before anything is stored: the registry, its events and every reader would keep it.
+        raise InvalidModelSpec(
+            f"The source URI of model '{spec.name}' ({redact_uri(spec.source_uri)}) carries credentials ({secret}); "
+            f"nothing was registered. {CREDENTIALS_BELONG}"
+        )
     expected = spec.expected_sha256.strip().lower()
     if expected and not _SHA256.match(expected):
         raise InvalidModelSpec(
@@ -160,6 +212,7 @@ class RegistryHandler:
     async def register(self, spec: ModelSpec, *, load: bool, request_id: str = "") -> tuple[Model, bool]:
         spec = validate_spec(spec)
         now = datetime.now(UTC)
+        outcome = {"moved": False}
 
         def decide(existing: Model | None) -> tuple[Model, bool, ModelEvent | None, ChangeType] | None:
             # Runs inside the store's transaction, serialised per name across replicas: the version
@@ -169,6 +222,10 @@ class RegistryHandler:
                 # The same package again: keep its version and state, take the new mutable fields.
                 updated = existing.model_copy(update={"spec": spec, "desired_state": desired or DesiredState.UNLOADED})
                 return None if updated == existing else (updated, False, None, ChangeType.UPDATED)
+            if existing and _moved(existing, spec):
+                moved, event = _move(existing, spec, desired or DesiredState.UNLOADED, request_id)
+                outcome["moved"] = True
+                return moved, False, event, ChangeType.UPDATED
             version = existing.version + 1 if existing else 1
             model = Model(
                 spec=spec,
@@ -187,10 +244,12 @@ class RegistryHandler:
             return model, True, event, ChangeType.REGISTERED
 
         model, event, written = await self.store.register_model(spec.name, decide)
-        created = event is not None
+        if outcome["moved"]:
+            log.info("model source moved", model=spec.name, version=model.version)
+        created = written and event is not None and not outcome["moved"]
         if created:
             log.info("model registered", model=spec.name, version=model.version)
-        return model, created and written
+        return model, created
 
     async def update(self, spec: ModelSpec, fields: Sequence[str]) -> Model:
         unknown = set(fields) - MUTABLE_SPEC_FIELDS
@@ -278,6 +337,8 @@ class RegistryHandler:
         return model, event
 
     async def events(self, *, name: str = "", after_id: int = 0, page_size: int = 0) -> list[ModelEvent]:
+        if name:
+            await self.get(name)  # a mistyped name is not found, not a model without history
         return await self.store.list_events(
             name=name, after_id=after_id, limit=min(page_size or _DEFAULT_PAGE, _MAX_PAGE)
         )

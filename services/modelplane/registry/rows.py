@@ -11,6 +11,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from modelplane.common.redact import mask_credentials
 from modelplane.common.types import DesiredState, Model, ModelEvent, ModelSpec, ModelState, ModelStatus
 from modelplane.registry.fleet import Node, NodeState, Placement
 
@@ -23,8 +24,12 @@ def utc(value: datetime | None) -> datetime | None:
 
 
 def model_from_row(row: sa.Row) -> Model:
+    spec = ModelSpec.model_validate_json(row.spec_json)
+    # Registrations refuse credentials in a source URI; a row written before they did (or by hand)
+    # still never hands one to a reader, a watcher or a log.
+    spec.source_uri = mask_credentials(spec.source_uri)
     return Model(
-        spec=ModelSpec.model_validate_json(row.spec_json),
+        spec=spec,
         version=row.version,
         desired_state=DesiredState(row.desired_state),
         status=ModelStatus.model_validate_json(row.status_json),

@@ -164,6 +164,9 @@ class EmbeddedTriton:
             stdout=log_file,
             stderr=asyncio.subprocess.STDOUT,
             stdin=asyncio.subprocess.DEVNULL,
+            # Ctrl-C reaches the supervisor only, which stops Triton last, after the services that
+            # use it; in the terminal's process group Triton would die first and be taken for a crash.
+            start_new_session=True,
             preexec_fn=die_with_parent,
         )
         log_file.close()

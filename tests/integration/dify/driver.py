@@ -74,6 +74,15 @@ def _llm(scenario: dict) -> tuple[AIModel, Callable[[], dict]]:
     model = OAICompatLargeLanguageModel(model_schemas=[])
 
     def invoke() -> dict:
+        # Dify counts tokens itself only when a response carries no usage: record when it does.
+        counted: list[str] = []
+        count = model._num_tokens_from_string
+
+        def counting(*args: object, **kwargs: object) -> int:
+            counted.append("dify")
+            return count(*args, **kwargs)
+
+        model._num_tokens_from_string = counting  # type: ignore[method-assign]
         chunks = model.invoke(
             scenario["model"],
             scenario["credentials"],
@@ -85,7 +94,11 @@ def _llm(scenario: dict) -> tuple[AIModel, Callable[[], dict]]:
         for chunk in chunks:
             text += chunk.delta.message.content or ""
             usage = chunk.delta.usage or usage
-        return {"text": text, "prompt_tokens": usage.prompt_tokens if usage else None}
+        return {
+            "text": text,
+            "prompt_tokens": usage.prompt_tokens if usage else None,
+            "usage_counted_by_dify": bool(counted),
+        }
 
     return model, invoke
 

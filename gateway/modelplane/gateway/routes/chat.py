@@ -2,8 +2,12 @@
 OpenAI-API-compatible provider (and the official openai client) read them.
 
 Streams are server-sent events of `data:` lines only, each followed by a blank line: a `choices`
-key in every chunk, `finish_reason` on the last content chunk, a last chunk with `"choices": []`
-and the usage when `stream_options.include_usage` is set, then `data: [DONE]`. An error before the
+key in every chunk, `finish_reason` on the last content chunk, then `data: [DONE]`. Every stream
+carries its usage once, at its end: with `stream_options.include_usage`, as OpenAI sends it, in a
+last chunk of its own with `"choices": []`; without it, on the last content chunk (the one with
+`finish_reason`), since a client that did not ask may read `choices[0]` of every chunk (the
+official openai client's users do) and would break on an empty list. Dify's SDK, which never asks,
+takes `usage` from whichever chunk carries it, so it never counts tokens itself. An error before the
 first token is an ordinary HTTP error; one after the stream has started is a chunk with an `error`
 object (and no `choices`, which is how Dify's parser recognises it), after which the stream ends.
 While the model is still loading, SSE comment lines (`: ...`, which SSE clients and Dify skip)
@@ -216,12 +220,13 @@ class _Completion:
             return "function_call"
         return piece.finish_reason
 
-    def chunks(self, piece: _Piece) -> list[dict[str, Any]]:
+    def chunks(self, piece: _Piece, usage: Any = None) -> list[dict[str, Any]]:
         """The chunks of one piece: its text, then one chunk per tool call, each call whole (Dify
-        merges calls by id, the openai client by index); the finish reason on the last."""
+        merges calls by id, the openai client by index); the finish reason, and `usage` when
+        given, on the last."""
         if not self.chat:
             choice = {"index": 0, "text": piece.text, "logprobs": None, "finish_reason": piece.finish_reason}
-            return [self._envelope(choice)]
+            return [self._envelope(choice, usage)]
         deltas: list[dict[str, Any]] = []
         if piece.text or piece.reasoning or not piece.tool_calls:
             delta: dict[str, Any] = {"content": piece.text}
@@ -239,12 +244,18 @@ class _Completion:
             if self.first:
                 delta = {"role": "assistant", **delta}
                 self.first = False
-            reason = self.finish_reason(piece) if n == len(deltas) - 1 else None
-            out.append(self._envelope({"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}))
+            last = n == len(deltas) - 1
+            reason = self.finish_reason(piece) if last else None
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+            out.append(self._envelope(choice, usage if last else None))
         return out
 
-    def _envelope(self, choice: dict[str, Any]) -> dict[str, Any]:
-        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model, "choices": [choice]}
+    def _envelope(self, choice: dict[str, Any], usage: Any = None) -> dict[str, Any]:
+        chunk = {"id": self.id, "object": self.object, "created": self.created, "model": self.model}
+        chunk["choices"] = [choice]
+        if usage is not None:
+            chunk["usage"] = _usage(usage)
+        return chunk
 
     def usage_chunk(self, usage: Any) -> dict[str, Any]:
         return {
@@ -314,10 +325,12 @@ async def _event_stream(
             if not first.done():
                 yield b": waiting for the model\n\n"
         piece = first.result()
-        for chunk in answer.chunks(piece):
+        # Usage rides on the last content chunk unless the client asked for OpenAI's separate
+        # usage chunk (`stream_options.include_usage`), whose `choices` is empty.
+        for chunk in answer.chunks(piece, None if include_usage else piece.usage):
             yield _sse(chunk)
         async for piece in pieces:
-            for chunk in answer.chunks(piece):
+            for chunk in answer.chunks(piece, None if include_usage else piece.usage):
                 yield _sse(chunk)
         if include_usage and piece.usage is not None:
             yield _sse(answer.usage_chunk(piece.usage))

@@ -543,7 +543,9 @@ class ModelSpec(_message.Message):
     """The package format; absent means detected from the files."""
     source_uri: _builtins.str
     """Where the package is kept: a local path or file:// URI, s3://bucket/prefix
-    or http(s)://host/path. Credentials never belong in the URI.
+    or http(s)://host/path. Credentials never belong in the URI: one with user
+    info or a secret query parameter is refused; the loader's settings hold
+    S3 credentials and an HTTP bearer token.
     """
     expected_sha256: _builtins.str
     """Expected lowercase hex SHA-256 of the package: of the file itself for a
@@ -1067,7 +1069,8 @@ class Model(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """The current version; versions start at 1 and grow when a model is
-    registered again with a different source or digest.
+    registered again with a different digest, or with a different source and
+    no expected digest to prove the content is the same.
     """
     desired_state: Global___DesiredState.ValueType
     """What the operator wants."""

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from modelplane.common.redact import redact_uri
+from modelplane.common.redact import CREDENTIALS_BELONG, credentials_in_uri, redact_uri
 from modelplane.loader.errors import UnsupportedSource
 
 if TYPE_CHECKING:
@@ -72,14 +72,15 @@ def open_source(uri: str, settings: LoaderSettings, known_paths: Sequence[str] =
     from modelplane.loader.sources.s3 import S3Source  # noqa: PLC0415
 
     parts = urlsplit(uri)
+    secret = credentials_in_uri(uri)
+    if secret:
+        # The registry refuses these; one registered before it did is refused here, never used.
+        raise UnsupportedSource(
+            f"Source {redact_uri(uri)} carries credentials in its URI ({secret}), where logs and the registry "
+            f"would keep them. {CREDENTIALS_BELONG}"
+        )
     if parts.scheme in ("", "file"):
         return LocalSource.from_uri(uri)
-    if parts.username or parts.password:
-        raise UnsupportedSource(
-            f"Source {redact_uri(uri)} carries credentials in its URI, where logs and the registry would keep "
-            "them. Register the URI without them and give the credentials to the loader's settings "
-            "(MODELPLANE_LOADER_S3_* or MODELPLANE_LOADER_HTTP_BEARER_TOKEN)."
-        )
     if parts.scheme == "s3":
         return S3Source(uri, settings)
     if parts.scheme in ("http", "https"):

@@ -154,8 +154,12 @@ class RegistryServiceServicer:
     def RegisterModel(self, request, context):
         """Registers a model, or a new version of a registered model when its source
         or expected digest changed. Registering the same spec again is a no-op
-        that returns the model as it is. Fails with INVALID_ARGUMENT when the name
-        or spec is malformed.
+        that returns the model as it is. The same content from another location
+        (same expected digest, task, format and manifest; only source_uri differs)
+        keeps the version and its state and moves the version's source, unless
+        the model is FAILED. Fails with INVALID_ARGUMENT when the name or spec is
+        malformed, or when the source URI carries credentials (user info, or a
+        signature or token in its query); nothing is stored then.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -208,7 +212,8 @@ class RegistryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModelEvents(self, request, context):
-        """Lists a model's recorded transitions, newest last.
+        """Lists a model's recorded transitions, oldest first. Fails with NOT_FOUND
+        when a name is given and no model has it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -42,8 +42,12 @@ class RegistryServiceStub:
     RegisterModel: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.RegisterModelRequest, _registry_service_pb2.RegisterModelResponse]
     """Registers a model, or a new version of a registered model when its source
     or expected digest changed. Registering the same spec again is a no-op
-    that returns the model as it is. Fails with INVALID_ARGUMENT when the name
-    or spec is malformed.
+    that returns the model as it is. The same content from another location
+    (same expected digest, task, format and manifest; only source_uri differs)
+    keeps the version and its state and moves the version's source, unless
+    the model is FAILED. Fails with INVALID_ARGUMENT when the name or spec is
+    malformed, or when the source URI carries credentials (user info, or a
+    signature or token in its query); nothing is stored then.
     """
     GetModel: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.GetModelRequest, _registry_service_pb2.GetModelResponse]
     """Returns one model. Fails with NOT_FOUND when no model has that name."""
@@ -65,7 +69,9 @@ class RegistryServiceStub:
     writers cannot both move the same model.
     """
     ListModelEvents: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ListModelEventsRequest, _registry_service_pb2.ListModelEventsResponse]
-    """Lists a model's recorded transitions, newest last."""
+    """Lists a model's recorded transitions, oldest first. Fails with NOT_FOUND
+    when a name is given and no model has it.
+    """
     WatchModels: _grpc.UnaryStreamMultiCallable[_registry_service_pb2.WatchModelsRequest, _registry_service_pb2.WatchModelsResponse]
     """Streams every change to the catalogue from now on, optionally preceded by
     the current state of every model.
@@ -147,8 +153,12 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     RegisterModel: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.RegisterModelRequest, _registry_service_pb2.RegisterModelResponse]  # type: ignore[assignment]
     """Registers a model, or a new version of a registered model when its source
     or expected digest changed. Registering the same spec again is a no-op
-    that returns the model as it is. Fails with INVALID_ARGUMENT when the name
-    or spec is malformed.
+    that returns the model as it is. The same content from another location
+    (same expected digest, task, format and manifest; only source_uri differs)
+    keeps the version and its state and moves the version's source, unless
+    the model is FAILED. Fails with INVALID_ARGUMENT when the name or spec is
+    malformed, or when the source URI carries credentials (user info, or a
+    signature or token in its query); nothing is stored then.
     """
     GetModel: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.GetModelRequest, _registry_service_pb2.GetModelResponse]  # type: ignore[assignment]
     """Returns one model. Fails with NOT_FOUND when no model has that name."""
@@ -170,7 +180,9 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     writers cannot both move the same model.
     """
     ListModelEvents: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ListModelEventsRequest, _registry_service_pb2.ListModelEventsResponse]  # type: ignore[assignment]
-    """Lists a model's recorded transitions, newest last."""
+    """Lists a model's recorded transitions, oldest first. Fails with NOT_FOUND
+    when a name is given and no model has it.
+    """
     WatchModels: _aio.UnaryStreamMultiCallable[_registry_service_pb2.WatchModelsRequest, _registry_service_pb2.WatchModelsResponse]  # type: ignore[assignment]
     """Streams every change to the catalogue from now on, optionally preceded by
     the current state of every model.
@@ -255,8 +267,12 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_registry_service_pb2.RegisterModelResponse, _abc.Awaitable[_registry_service_pb2.RegisterModelResponse]]:
         """Registers a model, or a new version of a registered model when its source
         or expected digest changed. Registering the same spec again is a no-op
-        that returns the model as it is. Fails with INVALID_ARGUMENT when the name
-        or spec is malformed.
+        that returns the model as it is. The same content from another location
+        (same expected digest, task, format and manifest; only source_uri differs)
+        keeps the version and its state and moves the version's source, unless
+        the model is FAILED. Fails with INVALID_ARGUMENT when the name or spec is
+        malformed, or when the source URI carries credentials (user info, or a
+        signature or token in its query); nothing is stored then.
         """
 
     @_abc_1.abstractmethod
@@ -320,7 +336,9 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _registry_service_pb2.ListModelEventsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_registry_service_pb2.ListModelEventsResponse, _abc.Awaitable[_registry_service_pb2.ListModelEventsResponse]]:
-        """Lists a model's recorded transitions, newest last."""
+        """Lists a model's recorded transitions, oldest first. Fails with NOT_FOUND
+        when a name is given and no model has it.
+        """
 
     @_abc_1.abstractmethod
     def WatchModels(

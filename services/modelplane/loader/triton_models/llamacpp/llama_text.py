@@ -4,6 +4,8 @@ tested without a server). Copied next to model.py in the model's version folder,
 llm_protocol.py."""
 
 import json
+import mmap
+import struct
 from dataclasses import dataclass
 
 from llm_protocol import RequestError
@@ -151,3 +153,62 @@ def _check_range(key, value, low, high):
         raise RequestError(f"{key} must be >= {low}, got {value}")
     if high is not None and value > high:
         raise RequestError(f"{key} must be <= {high}, got {value}")
+
+
+# GGUF metadata value types (the GGUF spec): fixed sizes in bytes; 8 is a string, 9 an array.
+_GGUF_FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_longest_token_bytes(path: str) -> int:
+    """The most bytes one vocabulary entry (`tokenizer.ggml.tokens`) of a GGUF file spells, read
+    from its metadata without loading the model. Entries are spelled as stored (SentencePiece's
+    "▁" is 3 bytes for one space, a byte token "<0x0A>" 6 for one), so this bounds from above the
+    bytes any token stands for: what refusing an unfittable prompt before tokenising needs."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        at = 0
+
+        def number(fmt: str):
+            nonlocal at
+            value = struct.unpack_from("<" + fmt, data, at)[0]
+            at += struct.calcsize(fmt)
+            return value
+
+        def skip(value_type: int) -> None:
+            nonlocal at
+            if value_type in _GGUF_FIXED:
+                at += _GGUF_FIXED[value_type]
+            elif value_type == _GGUF_STRING:
+                length = number("Q")
+                at += length
+            elif value_type == _GGUF_ARRAY:
+                element_type, count = number("I"), number("Q")
+                if element_type in _GGUF_FIXED:
+                    at += _GGUF_FIXED[element_type] * count
+                else:
+                    for _ in range(count):
+                        skip(element_type)
+            else:
+                raise ValueError(f"{path}: unknown GGUF value type {value_type}")
+
+        if data[:4] != b"GGUF" or struct.unpack_from("<I", data, 4)[0] < 2:
+            raise ValueError(f"{path} is not a GGUF file of version 2 or later")
+        at = 16  # magic, version, tensor count
+        for _ in range(number("Q")):
+            length = number("Q")
+            key = data[at : at + length]
+            at += length
+            value_type = number("I")
+            if key == b"tokenizer.ggml.tokens" and value_type == _GGUF_ARRAY:
+                element_type, count = number("I"), number("Q")
+                if element_type != _GGUF_STRING:
+                    raise ValueError(f"{path}: tokenizer.ggml.tokens is not an array of strings")
+                longest = 0
+                unpack = struct.Struct("<Q").unpack_from
+                for _ in range(count):
+                    (length,) = unpack(data, at)
+                    at += 8 + length
+                    longest = max(longest, length)
+                return longest or 1
+            skip(value_type)
+    raise ValueError(f"{path} has no tokenizer.ggml.tokens")

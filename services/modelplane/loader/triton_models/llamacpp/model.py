@@ -54,8 +54,18 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 import triton_python_backend_utils as pb_utils
 import xllamacpp
-from llama_text import MAX_SEED, SamplingParams
-from llm_protocol import INPUTS, OUTPUTS, RequestError, complete_config, error, read_prompt, scalar, send_error
+from llama_text import MAX_SEED, SamplingParams, gguf_longest_token_bytes
+from llm_protocol import (
+    INPUTS,
+    OUTPUTS,
+    RequestError,
+    complete_config,
+    error,
+    read_prompt,
+    refuse_unfittable_prompt,
+    scalar,
+    send_error,
+)
 
 # Asking Triton whether a request was cancelled is an IPC round trip to the server process;
 # once every 50 ms bounds both its cost and the tokens generated after a client has gone.
@@ -123,6 +133,7 @@ class TritonPythonModel:
 
         started = time.monotonic()
         self._server = xllamacpp.Server(engine)
+        self._longest_token = gguf_longest_token_bytes(gguf)
         # Sending is an IPC call to the server; one thread does it in order so a slot never
         # waits on it, and responses of one request keep their order.
         self._responses = queue.Queue()
@@ -171,6 +182,9 @@ class TritonPythonModel:
             raise RequestError("exclude_input_in_output=false is not supported with stream=true")
         if not prompt:
             raise RequestError("text_input is empty")
+        # llama.cpp tokenises the whole prompt before it finds it too long; a prompt that cannot
+        # fit is refused here, in milliseconds, whatever its size.
+        refuse_unfittable_prompt(prompt, self._n_ctx, self._longest_token)
         return _Generation(
             request=request,
             sender=request.get_response_sender(),

@@ -46,7 +46,18 @@ from genai_text import (  # the modules beside this one in the version folder
     parse_sampling_parameters,
     special_ids,
 )
-from llm_protocol import INPUTS, OUTPUTS, RequestError, complete_config, error, read_prompt, scalar, send_error
+from llm_protocol import (
+    INPUTS,
+    OUTPUTS,
+    RequestError,
+    complete_config,
+    error,
+    longest_token_bytes,
+    read_prompt,
+    refuse_unfittable_prompt,
+    scalar,
+    send_error,
+)
 from tokenizers import Tokenizer
 
 # One extra optional pair: the generated ids, so parity with PyTorch can be checked exactly.
@@ -110,6 +121,7 @@ class TritonPythonModel:
         self._tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         self._byte_tokens = byte_fallback_ids(self._tokenizer)
         self._special_tokens = special_ids(self._tokenizer)
+        self._longest_token = longest_token_bytes(self._tokenizer.get_vocab(with_added_tokens=True))
 
         og_config = og.Config(str(model_dir))
         threads = int(params.get("intra_op_num_threads", "0"))
@@ -152,6 +164,7 @@ class TritonPythonModel:
             raise RequestError("when streaming, exclude_input_in_output=false is not allowed")
         params = parse_sampling_parameters(scalar(request, "sampling_parameters"))
 
+        refuse_unfittable_prompt(prompt, self._context_length, self._longest_token)
         prompt_ids = encode_prompt(self._tokenizer, prompt, self._bos_id)
         if not prompt_ids:
             raise RequestError("text_input is empty and this tokenizer adds no BOS: nothing to continue from")
