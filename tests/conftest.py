@@ -12,6 +12,18 @@ import pytest
 if TYPE_CHECKING:
     from tests.postgres import PostgresServer
 
+# Every test under these folders runs the whole stack or the embedded Triton: `slow`, left out of
+# `make test-fast`. Slow tests elsewhere carry the marker themselves.
+SLOW_FOLDERS = ("integration", "reliability", "triton")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    tests = Path(__file__).parent
+    for item in items:
+        relative = item.path.relative_to(tests) if item.path.is_relative_to(tests) else None
+        if relative is not None and relative.parts[0] in SLOW_FOLDERS:
+            item.add_marker(pytest.mark.slow)
+
 
 def free_port() -> int:
     """A port free now. Only for processes that cannot bind port 0 themselves (tritonserver)."""

@@ -37,7 +37,9 @@ async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
     """node-0 serves minilm (READY); node-1 holds a copy of it still fetching. A second model,
     bge, is placed only on node-1 and FAILED there."""
     service = RegistryService(
-        RegistrySettings(host="127.0.0.1", port=0, database_url=f"sqlite+aiosqlite:///{tmp_path / 'r.db'}")
+        RegistrySettings(
+            host="127.0.0.1", port=0, database_url=f"sqlite+aiosqlite:///{tmp_path / 'r.db'}", placer=False
+        )
     )
     await service.start()
     address = f"127.0.0.1:{service.port}"

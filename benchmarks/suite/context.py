@@ -36,6 +36,11 @@ class Sizes:
     generated_hidden: int = 1024  # a BERT of 28 layers x 1024 is 1.0 GiB of float32 weights
     generated_layers: int = 28
     fetch_repeats: int = 3
+    # HTTP and S3 on loopback move a package through Python servers far slower than a disk: their
+    # rows are measured for the packages up to this size, where they take seconds, not minutes.
+    fetch_remote_up_to_bytes: int = 512 * 2**20
+    fetch_only_minilm: bool = False
+    fetch_ways: tuple[str, ...] = ("local", "copied", "http", "s3")
     warm_loads: int = 3
     baseline_loads: int = 3
     overhead_requests: int = 400
@@ -55,6 +60,9 @@ QUICK = Sizes(
     generated_hidden=64,
     generated_layers=2,
     fetch_repeats=1,
+    fetch_remote_up_to_bytes=100 * 2**20,
+    fetch_only_minilm=True,
+    fetch_ways=("local", "http"),
     warm_loads=1,
     baseline_loads=1,
     overhead_requests=20,

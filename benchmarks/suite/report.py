@@ -101,9 +101,14 @@ def markdown(results: dict, plots: dict[str, str]) -> str:
     fetch, loads = _section(w, "fetch"), _section(w, "load")
     out += ["", "## 1. Model load", ""]
     out += [
-        "Fetch + verify is the loader's copy into its cache, hashing every byte while writing, fsync and "
-        "rename, then checking every digest; the floors read the same bytes (from the page cache, as "
-        "fetch does) through `cat | sha256sum` and through Python's hashlib. Medians of "
+        "Fetch + verify brings a package into the loader's cache and checks every digest, hashing each "
+        "byte in the pass that brings it: a local package on the cache's filesystem is hard-linked and "
+        "hashed in place (`local`); `copied` (another filesystem, or MODELPLANE_LOADER_LINK_LOCAL_SOURCES="
+        "false), HTTP and S3 are written as they arrive, each chunk hashed while it is written, then fsynced. "
+        "The floors read the same bytes (from the page cache, as fetch does) through Python's hashlib and "
+        "`cat | sha256sum`; a copy is also bounded by `copy + fsync` of the same bytes, a remote source by "
+        "reading every file through it without hashing or writing (servers on loopback, in child processes). "
+        "Peak memory: what one fetch adds to a fresh process's peak resident memory. Medians of "
         f"{fetch.get('repeats', '?')} runs each.",
         "",
         _status_line(fetch) + (load.render_fetch(fetch) if fetch["status"] == "ran" else ""),
@@ -275,20 +280,23 @@ def _targets(w: dict) -> list[tuple[str, str, str]]:
     if w.get("placement", {}).get("status") == "ran":
         rows.append(placement_target(w["placement"]))
     if w.get("fetch", {}).get("status") == "ran":
-        fetched = w["fetch"]["rows"]
-        hashlib_met = all(r["fetch_verify_s"] / r["hashlib_s"] <= 1.2 for r in fetched)
-        coreutils_met = all(r["fetch_verify_s"] / r["sha256sum_s"] <= 1.2 for r in fetched)
+        local = [r for r in w["fetch"]["rows"] if r["source"] == "local"]
+        others = [r for r in w["fetch"]["rows"] if r["source"] != "local"]
         rows.append(
             (
-                "fetch + verify within 1.2× of the SHA-256 floor (MiniLM, Gemma, 1 GiB)",
-                "hashlib floor: "
-                + ", ".join(f"{r['fetch_verify_s'] / r['hashlib_s']:.2f}×" for r in fetched)
-                + "; `sha256sum` floor: "
-                + ", ".join(f"{r['fetch_verify_s'] / r['sha256sum_s']:.2f}×" for r in fetched),
-                f"{'met' if hashlib_met else '**missed**'} against hashlib, "
-                f"{'met' if coreutils_met else '**missed**'} against `sha256sum`",
+                "fetch + verify of a local package within 1.2× of the hashlib floor (MiniLM, Gemma, 1 GiB)",
+                ", ".join(f"{r['ratio_to_hashlib']:.2f}×" for r in local),
+                "met" if local and all(r["ratio_to_hashlib"] <= 1.2 for r in local) else "**missed**",
             )
         )
+        if others:
+            rows.append(
+                (
+                    "fetch + verify copied, over HTTP and S3: within 1.2× of what bounds each (disk, transfer)",
+                    ", ".join(f"{r['source']} {r['ratio_to_bound']:.2f}×" for r in others),
+                    "met" if all(r["ratio_to_bound"] <= 1.2 for r in others) else "**missed**",
+                )
+            )
     if w.get("load", {}).get("status") == "ran":
         minilm = next((r for r in w["load"]["rows"] if r["model"] == "all-minilm-l6-v2"), None)
         if minilm:

@@ -1,9 +1,10 @@
 """`modelplane up`: the whole embedded stack in one process tree.
 
 The supervisor starts the embedded Triton, then each service in its own process
-(`modelplane serve <name>`, exactly as in production), waits until each is healthy, registers and
-loads the bundled models, and prints the URL to give Dify. A child that dies is restarted with
-backoff; Ctrl-C or SIGTERM stops the gateway first and Triton last.
+(`modelplane serve <name>`, exactly as in production), waits until each is healthy, registers the
+bundled models and loads them all at once, prints the URL to give Dify as soon as the first serves
+(modelplane/startup.py reports what is still coming), and a last line when every one is READY. A
+child that dies is restarted with backoff; Ctrl-C or SIGTERM stops the gateway first and Triton last.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -31,7 +33,7 @@ from modelplane.common.channels import open_channel
 from modelplane.common.errors import ModelplaneError
 from modelplane.common.process import die_with_parent
 from modelplane.common.settings import ServerSettings, TritonSettings, modelplane_home
-from modelplane.common.types import ModelSpec, ModelState, Task
+from modelplane.common.types import ModelSpec, Task
 from modelplane.gateway.settings import GatewaySettings
 from modelplane.inference.settings import InferenceSettings
 from modelplane.loader.client import LoaderClient
@@ -39,6 +41,7 @@ from modelplane.loader.settings import LoaderSettings
 from modelplane.registry.client import RegistryClient
 from modelplane.registry.fleet import Node
 from modelplane.registry.settings import RegistrySettings
+from modelplane.startup import BundledLoad, BundledLoads
 from modelplane.triton.embedded import EmbeddedTriton
 
 log = structlog.get_logger()
@@ -344,60 +347,22 @@ class Stack:
                 await asyncio.sleep(0.2)
         raise StackError("the gateway did not answer /healthz within 60 s")
 
-    async def register_bundled(self) -> list[ModelSpec]:
-        """Registers the bundled models and waits until each is READY, printing progress."""
-        if self.layout.fleet:
-            return await self._register_bundled_on_fleet()
+    async def register_bundled(
+        self, on_serving: Callable[[list[BundledLoad]], None], started: float | None = None
+    ) -> list[BundledLoad]:
+        """Registers the bundled models and loads them all at once, saying what serves and what is
+        still coming; `on_serving` is called when the first is READY. Returns how each load ended.
+        On a fleet the placer decides where each runs: they are registered wanted LOADED and
+        followed in the registry until READY on some node."""
         registry = RegistryClient(f"127.0.0.1:{self.layout.registry.port}")
         loader = LoaderClient(f"127.0.0.1:{self.layout.loader.port}")
-        specs = []
         try:
-            for spec in bundled_models():
-                await registry.register(spec, load=True)
-                specs.append(spec)
-                last_phase = None
-                async for update in loader.load(spec.name, reason="bundled", timeout_seconds=1800):
-                    if update.progress.phase != last_phase or update.done:
-                        last_phase = update.progress.phase
-                        log.info(
-                            "loading bundled model",
-                            model=spec.name,
-                            phase=last_phase.name,
-                            message=update.progress.message,
-                        )
+            models = [(await registry.register(spec, load=True))[0] for spec in bundled_models()]
+            follow = registry if self.layout.fleet else None
+            return await BundledLoads(loader, _say, on_serving, registry=follow).run(models, started)
         finally:
             await registry.close()
             await loader.close()
-        return specs
-
-    async def _register_bundled_on_fleet(self, limit_seconds: float = 1800) -> list[ModelSpec]:
-        """On a fleet the placer decides where each model runs: register them wanted LOADED and
-        wait until each is READY on some node."""
-        registry = RegistryClient(f"127.0.0.1:{self.layout.registry.port}")
-        specs = []
-        try:
-            for spec in bundled_models():
-                await registry.register(spec, load=True)
-                specs.append(spec)
-            deadline = time.monotonic() + limit_seconds
-            waiting = {spec.name for spec in specs}
-            said: dict[str, str] = {}
-            while waiting:
-                for model in [m for m in await registry.list_models() if m.name in waiting]:
-                    line = f"{model.state.name}: {model.status.reason}"
-                    if said.get(model.name) != line:
-                        said[model.name] = line
-                        log.info("loading bundled model", model=model.name, phase=model.state.name, message=line)
-                    if model.state == ModelState.READY:
-                        waiting.discard(model.name)
-                    elif model.state == ModelState.FAILED:
-                        raise StackError(f"bundled model '{model.name}' failed: {model.status.reason}")
-                if waiting and time.monotonic() > deadline:
-                    raise StackError(f"bundled models not READY within {limit_seconds:.0f} s: {sorted(waiting)}")
-                await asyncio.sleep(0.5)
-        finally:
-            await registry.close()
-        return specs
 
     async def nodes(self) -> list[Node]:
         registry = RegistryClient(f"127.0.0.1:{self.layout.registry.port}")
@@ -431,38 +396,28 @@ async def _wait_grpc_serving(child: ChildProcess, address: str, limit_seconds: f
     raise StackError(f"the {child.name} service was not healthy within {limit_seconds:.0f} s")
 
 
-def banner(layout: StackLayout, models: list[ModelSpec], nodes: list[Node] | None = None) -> str:
+def banner(
+    layout: StackLayout, loads: list[BundledLoad], elapsed_seconds: float, nodes: list[Node] | None = None
+) -> str:
+    """What the user needs once something serves: the URL, what serves, what is coming."""
     base = f"{layout.gateway_scheme}://localhost:{layout.gateway.port}/v1"
-    embedder = next((m.name for m in models if m.task == Task.EMBEDDING), "MODEL")
-    chat = [
-        f"    curl -sN {base}/chat/completions -H 'Content-Type: application/json' \\\n"
-        f'      -d \'{{"model": "{m.name}", "stream": true, "messages": [{{"role": "user", "content": "Hello"}}]}}\''
-        for m in models
-        if m.task == Task.GENERATION
-    ][:1]
-    speech = [
-        f"    curl -s {base}/audio/speech -H 'Content-Type: application/json' \\\n"
-        f'      -d \'{{"model": "{m.name}", "input": "Hello from modelplane.", "voice": "alloy"}}\' -o hello.mp3'
-        for m in models
-        if m.task == Task.TTS
-    ][:1]
-    speech += [
-        f"    curl -s {base}/audio/transcriptions -F file=@hello.mp3 -F model={m.name}"
-        for m in models
-        if m.task == Task.SPEECH2TEXT
-    ][:1]
+    now = time.monotonic()
+    ready = [load for load in loads if load.ready_after is not None]
+    coming = [load for load in loads if load.coming]
+    embedder = next((load.name for load in loads if load.model.spec.task == Task.EMBEDDING), "MODEL")
     metrics = [f"    {name:<10} {url}" for name, url in layout.metrics_endpoints().items()]
+    serving = ", ".join(f"{load.name} ({load.what})" for load in ready) or "no model yet (none is bundled or ready)"
     return "\n".join(
         [
             "",
-            "modelplane is up.",
+            f"modelplane is serving, {elapsed_seconds:.0f} s after start.",
             f"  Base URL for Dify (OpenAI-API-compatible provider):  {base}",
-            f"  Models: {', '.join(m.name for m in models) or '(none registered)'}",
+            f"  Serving: {serving}",
+            *[f"  Coming:  {load.describe(now)}" for load in coming],
             "  Try:",
             f"    curl -s {base}/embeddings -H 'Content-Type: application/json' \\",
             f'      -d \'{{"model": "{embedder}", "input": ["hello", "world"]}}\'',
-            *chat,
-            *speech,
+            *_examples(base, [load.model.spec for load in loads]),
             voice_notice(),
             *_node_lines(nodes or []),
             "  Prometheus metrics:",
@@ -484,6 +439,44 @@ def _node_lines(nodes: list[Node]) -> list[str]:
             f"({budget})"
         )
     return lines
+
+
+def _examples(base: str, specs: list[ModelSpec]) -> list[str]:
+    """A request for the first bundled model of each task beyond embeddings: chat, speech, transcription."""
+    chat = next((spec.name for spec in specs if spec.task == Task.GENERATION), None)
+    tts = next((spec.name for spec in specs if spec.task == Task.TTS), None)
+    stt = next((spec.name for spec in specs if spec.task == Task.SPEECH2TEXT), None)
+    examples = []
+    if chat:
+        examples.append(
+            f"    curl -sN {base}/chat/completions -H 'Content-Type: application/json' \\\n"
+            f'      -d \'{{"model": "{chat}", "stream": true, "messages": [{{"role": "user", "content": "Hello"}}]}}\''
+        )
+    if tts:
+        examples.append(
+            f"    curl -s {base}/audio/speech -H 'Content-Type: application/json' \\\n"
+            f'      -d \'{{"model": "{tts}", "input": "Hello from modelplane.", "voice": "alloy"}}\' -o hello.mp3'
+        )
+    if stt:
+        examples.append(f"    curl -s {base}/audio/transcriptions -F file=@hello.mp3 -F model={stt}")
+    return examples
+
+
+def finished(loads: list[BundledLoad], elapsed_seconds: float) -> str:
+    """The last line of a start: every bundled model READY, or which were not."""
+    failed = [load for load in loads if load.failure]
+    if not failed:
+        names = ", ".join(load.name for load in loads) or "none are bundled"
+        return f"modelplane is up. Every bundled model is ready ({names}), {elapsed_seconds:.0f} s after start."
+    return (
+        f"modelplane is up. Not every bundled model loaded ({elapsed_seconds:.0f} s after start): "
+        + "; ".join(f"{load.name}: {load.failure}" for load in failed)
+        + ". See `modelplane models events NAME`."
+    )
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 async def run_stack(*, load_bundled: bool = True) -> None:
@@ -510,18 +503,23 @@ async def run_stack(*, load_bundled: bool = True) -> None:
 
 
 async def _start_and_load(stack: Stack, layout: StackLayout, load_bundled: bool) -> None:
+    started = time.monotonic()
     await stack.start()
-    models: list[ModelSpec] = []
-    if load_bundled:
-        try:
-            models = await stack.register_bundled()
-        except ModelplaneError as error:
-            log.error("a bundled model did not load; the stack keeps running", error=error.message)
-        except StackError as error:
-            log.error("a bundled model did not load; the stack keeps running", error=str(error))
     nodes: list[Node] = []
     try:
         nodes = await stack.nodes()
     except ModelplaneError as error:
         log.warning("nodes not listed", error=error.message)
-    print(banner(layout, models, nodes), file=sys.stderr, flush=True)
+
+    def serving(loads: list[BundledLoad]) -> None:
+        _say(banner(layout, loads, time.monotonic() - started, nodes))
+
+    loads: list[BundledLoad] = []
+    if load_bundled:
+        try:
+            loads = await stack.register_bundled(serving, started)
+        except ModelplaneError as error:
+            log.error("the bundled models could not be registered; the stack keeps running", error=error.message)
+    else:
+        serving(loads)
+    _say(finished(loads, time.monotonic() - started))

@@ -8,6 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from modelplane.bundled import bundled_models
 from modelplane.common.errors import FailedPrecondition
 from modelplane.common.types import ModelSpec, ModelState, Task
 from modelplane.loader.client import LoaderClient
@@ -102,3 +103,16 @@ async def test_directory_that_is_not_a_model(stack: RunningStack, tmp_path: Path
     assert error.reason == "NOT_A_MODEL"
     assert "holds no model" in error.message and "README.txt" in error.message
     await _assert_failed_and_absent_from_triton(stack, "not-a-model")
+
+
+def test_the_stack_said_what_served_first_and_when_every_bundled_model_was_ready(stack: RunningStack) -> None:
+    """`modelplane up` loads the bundled models at once: the URL and what serves are printed when the
+    first is READY, the rest as they come, and the last line when all are."""
+    log = stack.log_text()
+    serving, up = log.index("modelplane is serving"), log.index("modelplane is up.")
+    assert log.index("  ready:  ") < serving < up
+    names = [spec.name for spec in bundled_models()]
+    assert MODEL in names
+    for name in names:
+        assert f"  ready:  {name} (" in log
+    assert f"Every bundled model is ready ({', '.join(names)})" in log[up:]

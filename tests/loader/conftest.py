@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,7 +99,7 @@ async def make_core(tmp_path: Path, registry_service: RegistryService) -> AsyncI
         registry = RegistryClient(f"127.0.0.1:{registry_service.port}")
         triton = TritonControl(f"127.0.0.1:{free_port()}")  # nothing listens: see LoaderCore
         made.append((registry, triton))
-        cache = PackageCache(settings.cache_dir, settings.cache_budget_bytes)
+        cache = PackageCache.from_settings(settings)
         repository = ModelRepository(tmp_path / "triton-models")
         pipeline = LoadPipeline(settings, registry, cache, repository, triton)
         handler = LoaderHandler(settings, registry, pipeline, triton, repository)
@@ -108,3 +109,19 @@ async def make_core(tmp_path: Path, registry_service: RegistryService) -> AsyncI
     for registry, triton in made:
         await registry.close()
         await triton.close()
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A real 8 MiB tmpfs: a second filesystem (a small disk for the cache, full after 8 MiB)."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True, check=False
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()}); needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

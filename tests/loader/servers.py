@@ -37,6 +37,7 @@ class S3Server:
         self.fail_ranged_gets = 0
         self.ranged_gets = 0
         self.full_gets = 0
+        self.bytes_sent: Counter[str] = Counter()  # bodies of GETs, by path (/bucket/key)
         self._lock = threading.Lock()
         self._server = make_server("127.0.0.1", 0, self._wsgi, threaded=True, request_handler=MotoRequestHandler)
         self.endpoint = f"http://127.0.0.1:{self._server.server_port}"
@@ -51,7 +52,14 @@ class S3Server:
             if fail:
                 start_response("500 Internal Server Error", [("Content-Type", "application/xml")])
                 return [b"<Error><Code>InternalError</Code><Message>injected by the test</Message></Error>"]
-        return self._app(environ, start_response)
+        body = self._app(environ, start_response)
+        return self._counted(environ["PATH_INFO"], body) if environ["REQUEST_METHOD"] == "GET" else body
+
+    def _counted(self, path: str, body: Any) -> Any:
+        for piece in body:
+            with self._lock:
+                self.bytes_sent[path] += len(piece)
+            yield piece
 
     def start(self) -> S3Server:
         self._thread.start()
@@ -86,11 +94,17 @@ class FileServerState:
     cut_first_get_at: dict[str, int] = field(default_factory=dict)  # path → byte where the 1st GET drops
     chunked: bool = False  # no Content-Length anywhere, as some streaming servers do
     ignore_range: bool = False
+    announce_ranges: bool = True  # Accept-Ranges: bytes
     gets: Counter[str] = field(default_factory=Counter)
     range_headers: list[str] = field(default_factory=list)
+    bytes_sent: Counter[str] = field(default_factory=Counter)  # body bytes, by path
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
+    """Serves files as nginx does: an ETag from the file's mtime and size, byte ranges (`a-b` and
+    `a-`), bodies read from the file as they are sent."""
+
     protocol_version = "HTTP/1.1"
     state: FileServerState
 
@@ -111,8 +125,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
 
     def _headers(self, path: Path, length: int) -> None:
-        self.send_header("ETag", '"' + hashlib.md5(path.read_bytes()).hexdigest() + '"')  # noqa: S324 - an ETag
-        self.send_header("Accept-Ranges", "bytes")
+        status = path.stat()
+        self.send_header("ETag", f'"{status.st_mtime_ns:x}-{status.st_size:x}"')
+        if self.state.announce_ranges:
+            self.send_header("Accept-Ranges", "bytes")
         if self.state.chunked:
             self.send_header("Connection", "close")
         else:
@@ -124,30 +140,46 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(404)
             return
         relative = path.relative_to(self.state.root.resolve()).as_posix()
-        self.state.gets[relative] += 1
-        data = path.read_bytes()
-        start = 0
+        with self.state.lock:
+            self.state.gets[relative] += 1
+        size = path.stat().st_size
+        start, end = 0, size  # [start, end)
         range_header = self.headers.get("Range")
         if range_header:
-            self.state.range_headers.append(range_header)
+            with self.state.lock:
+                self.state.range_headers.append(range_header)
         if range_header and not self.state.ignore_range:
-            start = int(range_header.removeprefix("bytes=").split("-")[0])
+            first, _, last = range_header.removeprefix("bytes=").partition("-")
+            start, end = int(first), min(size, int(last) + 1) if last else size
             self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
         else:
             self.send_response(200)
-        self._headers(path, len(data) - start)
+        self._headers(path, end - start)
         self.end_headers()
         cut = self.state.cut_first_get_at.pop(relative, None)
         if cut is not None:
-            self.wfile.write(data[start:cut])
+            self._send(path, relative, start, cut)
             self.wfile.flush()
             self.connection.shutdown(2)  # the network drops: the client sees a short body
             self.close_connection = True
             return
-        self.wfile.write(data[start:])
+        self._send(path, relative, start, end)
         if self.state.chunked:
             self.close_connection = True
+
+    def _send(self, path: Path, relative: str, start: int, end: int) -> None:
+        with path.open("rb") as handle:
+            handle.seek(start)
+            remaining = end - start
+            while remaining > 0:
+                piece = handle.read(min(remaining, 1024 * 1024))
+                if not piece:
+                    break
+                self.wfile.write(piece)
+                remaining -= len(piece)
+                with self.state.lock:
+                    self.state.bytes_sent[relative] += len(piece)
 
 
 class FileServer:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -54,22 +53,6 @@ async def test_the_cache_reindexes_itself_after_a_restart_and_discards_partials(
     assert not any(restarted.partial.iterdir())
 
 
-@pytest.fixture
-def tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A real 8 MiB tmpfs: the cache's disk, full after 8 MiB."""
-    mount = tmp_path / "small-disk"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True, check=False
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()}); needs root")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 async def test_a_package_larger_than_the_disk_is_refused_before_any_byte(
     tmpfs: Path, tmp_path: Path, make_core: Callable[..., LoaderCore]
 ) -> None:
@@ -112,3 +95,17 @@ def test_quarantined_packages_expire_after_their_keep_time(tmp_path: Path) -> No
     fresh = cache.quarantine(staging, "fresh")
     assert not old.exists() and fresh.exists()  # the old one expired, the new one is kept
     assert PackageCache(tmp_path / "cache", quarantine_keep_seconds=0).expire_quarantine() == []
+
+
+async def test_bytes_hard_linked_into_artifacts_count_once_in_the_budget(tmp_path: Path) -> None:
+    """Converters hard-link package files (tokenizers, ONNX files) into their artifacts: one copy
+    on the disk, so one charge in the budget, and no eviction a full count would call for."""
+    cache = PackageCache(tmp_path / "cache", budget_bytes=3 * MiB)
+    digest = await _fetch(cache, tmp_path / "pkg", 2 * MiB)
+    artifact = cache.artifact_path(digest, "converter-v1")
+    artifact.mkdir(parents=True)
+    os.link(cache.packages / digest / "weights.bin", artifact / "weights.bin")
+    (artifact / "report.json").write_bytes(b"x" * 100)
+    assert [(e.digest, e.size_bytes) for e in cache.index()] == [(digest, 2 * MiB + 100)]
+    assert await cache.make_room(MiB // 2, keep=set()) == []
+    assert cache.package_path(digest) is not None

@@ -21,6 +21,9 @@ from modelplane.loader.errors import ConversionFailed
 from modelplane.loader.settings import LoaderSettings
 from modelplane.loader.triton_repo import parse_config, render_config
 
+# Real conversions (PyTorch to ONNX, checked against PyTorch): seconds each, left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 WORDS = [
     "the",
     "a",

@@ -23,7 +23,11 @@ MIB = 2**20
 
 @pytest.fixture
 async def core(tmp_path: Path, make_core: Callable[..., LoaderCore]) -> LoaderCore:
-    settings = loader_settings(tmp_path, host_memory_bytes=1024 * MIB, preload=True, eviction_grace_seconds=0.0)
+    # Copied into the cache, not linked: the tests change the source behind a verified package, and a
+    # linked copy would change with it (and be fetched again by the preload, see test_fetching.py).
+    settings = loader_settings(
+        tmp_path, host_memory_bytes=1024 * MIB, preload=True, eviction_grace_seconds=0.0, link_local_sources=False
+    )
     return make_core(settings)
 
 

@@ -18,6 +18,8 @@ from modelplane.registry.settings import RegistrySettings
 from modelplane.registry.watch import Change, ChangeType, ModelChange, NodeChange, PlacementChange
 from tests.postgres import PostgresServer
 
+pytestmark = pytest.mark.slow  # a real PostgreSQL server and two replicas
+
 
 @pytest.fixture
 async def database(postgres: PostgresServer) -> AsyncIterator[str]:

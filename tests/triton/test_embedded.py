@@ -66,3 +66,15 @@ async def test_a_start_that_fails_is_tried_again(tmp_path: Path) -> None:
     finally:
         await control.close()
         await triton.stop()
+
+
+def test_the_python_backend_stub_is_a_file_of_the_running_user(tmp_path: Path) -> None:
+    """Triton's python backend chmods the stub before it starts one; on a link to the wheel's file,
+    owned by root in the image, that failed for the image's user ("Failed to give execute
+    permission to triton_python_backend_stub") and no python-backend model loaded."""
+    triton = EmbeddedTriton(TritonSettings(model_repository=tmp_path / "models"), workdir=tmp_path / "triton")
+    stub = triton._backend_directory() / "python" / "triton_python_backend_stub"
+    assert not stub.is_symlink()
+    assert stub.stat().st_uid == os.getuid()
+    assert os.access(stub, os.X_OK)
+    assert stub.read_bytes() == triton.distribution.stub.read_bytes()

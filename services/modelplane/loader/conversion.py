@@ -74,7 +74,9 @@ async def run_converter(command: list[str], timeout_seconds: float) -> dict[str,
         stdin=asyncio.subprocess.DEVNULL,
         # A converter orphaned by a killed loader would go on converting, racing the restarted
         # loader's own conversion of the same package for the artifact's name: it follows us.
-        env={**os.environ, PARENT_PID_VARIABLE: str(os.getpid())},
+        # PYTHONSAFEPATH: the working directory is not on the converter's sys.path (in the image it
+        # is MODELPLANE_HOME, whose folder `triton/` shadowed the `triton` module torch imports).
+        env={**os.environ, PARENT_PID_VARIABLE: str(os.getpid()), "PYTHONSAFEPATH": "1"},
     )
     try:
         stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=timeout_seconds)

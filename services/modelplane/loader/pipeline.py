@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -166,7 +167,7 @@ class LoadPipeline:
         """The model's verified package in the cache: found there, or fetched and verified."""
         cached = None if refresh else self._cached_package(tracker.model)
         if cached is None:
-            return await self._fetch_and_verify(tracker)
+            return await self._fetch_and_verify(tracker, refresh=refresh)
         self.cache.touch(cached[1].sha256)
         return cached
 
@@ -178,7 +179,7 @@ class LoadPipeline:
         path = self.cache.package_path(manifest.sha256)
         return (path, manifest) if path is not None else None
 
-    async def _fetch_and_verify(self, tracker: ModelTracker) -> tuple[Path, PackageManifest]:
+    async def _fetch_and_verify(self, tracker: ModelTracker, *, refresh: bool) -> tuple[Path, PackageManifest]:
         spec = tracker.model.spec
         known_paths = [f.path for f in spec.manifest.files] if spec.manifest else []
         source = open_source(spec.source_uri, self.settings, known_paths)
@@ -191,7 +192,7 @@ class LoadPipeline:
             check_listing(expected, files, source.display_uri)
             package, manifest = await self.fetches.run(
                 expected.fetch_key(spec.source_uri),
-                lambda publish: self._fetch_verify_admit(source, files, expected, tracker.model.name, publish),
+                lambda publish: self._fetch_verify_admit(source, files, expected, tracker.model.name, publish, refresh),
                 tracker.progress,
             )
         finally:
@@ -211,7 +212,16 @@ class LoadPipeline:
         expected: ExpectedPackage,
         label: str,
         publish: ProgressListener,
+        refresh: bool,
     ) -> tuple[Path, PackageManifest]:
+        # Content-addressed: when the expectations name every file's digest and the cache holds those
+        # bytes (another model's load, or one that finished a moment ago), nothing is fetched.
+        known = None if refresh else expected.file_digests(files)
+        cached = self.cache.find(known) if known is not None else None
+        if cached is not None:
+            with contextlib.suppress(ChecksumMismatch):  # the listing's sizes differ: fetch and see
+                verify(expected, files, cached[1])
+                return cached
         total = sum(max(f.size, 0) for f in files)
         keep = await self._packages_needed()
         await self.cache.make_room(total, keep)

@@ -41,9 +41,7 @@ class LoaderService(Service):
         registry = RegistryClient(self.settings.registry_address)
         triton = TritonControl(self.triton_settings.grpc_address, TritonTls.from_settings(self.triton_settings))
         repository = ModelRepository(self.triton_settings.model_repository)
-        cache = PackageCache(
-            self.settings.cache_dir, self.settings.cache_budget_bytes, self.settings.quarantine_keep_seconds
-        )
+        cache = PackageCache.from_settings(self.settings)
         pipeline = LoadPipeline(self.settings, registry, cache, repository, triton)
         # The embedded Triton's backend processes run on this host, where their memory can be read.
         processes = BackendProcesses(repository.root) if self.triton_settings.embedded else None

@@ -26,6 +26,17 @@ class LoaderSettings(ServerSettings):
     """Most bytes the cache may hold (packages and their converted artifacts). When a fetch needs room,
     the least recently used packages that no loaded or loading model needs are evicted. 0 means no
     budget: only the free space of the cache's disk limits it."""
+    link_local_sources: bool = True
+    """Hard-link the files of a package on a local disk into the cache when both are on one
+    filesystem, and hash them in place: no byte is copied, no disk space used twice. The cache then
+    shares each file with its source: a file rewritten in place there (`cp new old`) changes under
+    a model that is loaded from it; the cache notices at the file's next load and fetches and
+    verifies it again. Replace published files by renaming a new file over them (as rsync and most
+    tools do), or set false to copy every file."""
+    fetch_concurrency: int = 4
+    """Files of one package fetched (and hashed) at the same time: many small files do not wait on
+    one round trip after another, several large local files hash on several cores. Large streamed
+    files (over download_part_bytes) go one at a time, each in parallel parts."""
     quarantine_keep_seconds: float = 7 * 86400
     """How long packages that failed verification stay in the cache's quarantine/ for a person to
     inspect (7 days); older ones are removed at start and at each new quarantine. 0 keeps them."""
@@ -101,9 +112,10 @@ class LoaderSettings(ServerSettings):
 
     # Sources ---------------------------------------------------------------------------------
     download_part_bytes: int = 8 * 1024 * 1024
-    """Size of one ranged GET when a large S3 object is downloaded in parallel parts."""
+    """Size of one ranged GET when a large S3 object or HTTP file is downloaded in parallel parts."""
     download_concurrency: int = 8
-    """Ranged GETs of one object in flight at once (S3); memory use is this times the part size."""
+    """Ranged GETs of one file in flight at once (S3, and HTTP servers that take byte ranges);
+    memory use is this times the part size."""
     fetch_retries: int = 5
     """Attempts for one request or ranged part before a fetch fails (S3 and HTTP)."""
     fetch_retry_backoff_seconds: float = 0.5

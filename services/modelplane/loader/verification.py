@@ -43,6 +43,19 @@ class ExpectedPackage:
         text = json.dumps([source_uri, self.digest, [(f.origin, sorted(f.digests.items())) for f in self.files]])
         return hashlib.sha256(text.encode()).hexdigest()
 
+    def file_digests(self, files: list[SourceFile]) -> dict[str, str] | None:
+        """Every listed file's digest, when the expectations name them all before a byte is fetched
+        (a manifest, a SHA256SUMS, or the registered digest of a one-file package); None otherwise,
+        or when two expectations disagree (the fetch then shows which file differs)."""
+        listed = {f.path for f in files}
+        named = [e.digests for e in self.files]
+        if self.digest and len(files) == 1 and "/" not in files[0].path:
+            named.append({files[0].path: self.digest})
+        complete = [d for d in named if set(d) == listed]
+        if not complete or any(d != complete[0] for d in complete[1:]):
+            return None
+        return complete[0]
+
     def describe(self) -> str:
         origins = [f.origin for f in self.files] + (["the registered digest"] if self.digest else [])
         return ", ".join(origins) if origins else "digests computed now and recorded in the registry"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import sys
 import sysconfig
@@ -86,7 +87,9 @@ class EmbeddedTriton:
 
     def _backend_directory(self) -> Path:
         """Triton wants <dir>/python/ holding the backend library, its utils module and the stub
-        built for the running Python; the wheel keeps the stubs apart, so link them together."""
+        built for the running Python; the wheel keeps the stubs apart, so link them together. The
+        stub is copied, not linked: the python backend chmods it before each start, which fails for
+        a user who does not own the wheel's file (the image runs as uid 10001, the wheel is root's)."""
         backend = self.workdir / "backends" / "python"
         backend.mkdir(parents=True, exist_ok=True)
         links = {
@@ -98,7 +101,10 @@ class EmbeddedTriton:
             link = backend / name
             if link.is_symlink() or link.exists():
                 link.unlink()
-            link.symlink_to(target)
+            if name == "triton_python_backend_stub":
+                shutil.copy2(target, link)
+            else:
+                link.symlink_to(target)
         return backend.parent
 
     def command(self) -> list[str]:

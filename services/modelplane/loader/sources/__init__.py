@@ -1,6 +1,7 @@
 """Where packages are kept. A source lists a package's files and streams each file's bytes in
-order; the cache hashes and writes them. Local disks and NFS mounts (plain paths, file://),
-S3 and MinIO (s3://bucket/prefix) and HTTP(S) servers are supported.
+order (and, on a local disk, says where the file is); the cache hashes and keeps them. Local
+disks and NFS mounts (plain paths, file://), S3 and MinIO (s3://bucket/prefix) and HTTP(S)
+servers are supported.
 
 A package is a directory tree, or a single file. `SHA256SUMS` and `SHA256SUMS.sig` in the
 package's directory (beside a single-file package) are its manifest and the manifest's
@@ -12,6 +13,7 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -48,6 +50,11 @@ class PackageSource(abc.ABC):
     @abc.abstractmethod
     def read(self, file: SourceFile) -> AsyncIterator[bytes]:
         """The file's bytes, in order."""
+
+    def local_path(self, file: SourceFile) -> Path | None:
+        """The file's path when the loader's machine can open it directly (a local disk or an NFS
+        mount): the cache may then link it instead of copying it. None for remote sources."""
+        return None
 
     @abc.abstractmethod
     async def read_sidecar(self, name: str) -> bytes | None:

@@ -4,12 +4,15 @@ manifest, since HTTP cannot list a directory).
 
 A download that breaks off is resumed where it stopped with a `Range` request; `If-Range` with
 the file's ETag (or Last-Modified) makes sure the rest belongs to the same file, so a file
-replaced on the server mid-download fails cleanly instead of mixing two versions.
+replaced on the server mid-download fails cleanly instead of mixing two versions. A file larger
+than one part, on a server that announces `Accept-Ranges: bytes`, is downloaded as parallel
+ranged parts (a bounded window in flight, as for S3) and handed on in order.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
@@ -42,6 +45,7 @@ class HttpSource(PackageSource):
         self.single_name = "" if self.is_directory else unquote(parts.path.rsplit("/", 1)[-1])
         self.single_file = not self.is_directory
         self._sidecars: dict[str, bytes | None] = {}
+        self._ranged: set[str] = set()  # files whose server announced byte ranges
         headers = {"Accept-Encoding": "identity"}  # ranges and digests are over the file's own bytes
         if settings.http_bearer_token is not None:
             headers["Authorization"] = f"Bearer {settings.http_bearer_token.get_secret_value()}"
@@ -74,7 +78,7 @@ class HttpSource(PackageSource):
                     "manifest."
                 )
             paths = sorted(parse_sha256sums(sums.decode(errors="replace")))
-        return [await self._describe(path) for path in paths]
+        return list(await asyncio.gather(*(self._describe(path) for path in paths)))
 
     async def _describe(self, path: str) -> SourceFile:
         response = await self._request("HEAD", path)
@@ -83,7 +87,9 @@ class HttpSource(PackageSource):
             if "chunked" not in response.headers.get("Transfer-Encoding", "")
             else -1
         )
-        return SourceFile(path, size, response.headers.get("ETag") or response.headers.get("Last-Modified", ""))
+        if response.headers.get("Accept-Ranges", "").strip().lower() == "bytes":
+            self._ranged.add(path)
+        return SourceFile(path, size, _version(response))
 
     async def _request(self, method: str, path: str) -> httpx.Response:
         attempt = 1
@@ -105,6 +111,78 @@ class HttpSource(PackageSource):
 
     async def read(self, file: SourceFile) -> AsyncIterator[bytes]:
         position = 0  # bytes handed to the caller
+        if file.path in self._ranged and file.size > self.settings.download_part_bytes:
+            async for chunk in self._read_parts(file):
+                position += len(chunk)
+                yield chunk
+            if position >= file.size:
+                return
+            log.info("the server ignored a byte range; downloading the rest in one stream", file=file.path)
+        async for chunk in self._read_stream(file, position):
+            yield chunk
+
+    async def _read_parts(self, file: SourceFile) -> AsyncIterator[bytes]:
+        """Parts of `download_part_bytes`, up to `download_concurrency` in flight, yielded in order;
+        ends early when the server answers a part with the whole file (it does not honour ranges)."""
+        part = max(1, self.settings.download_part_bytes)
+        ranges = collections.deque((start, min(start + part, file.size) - 1) for start in range(0, file.size, part))
+        window: collections.deque[asyncio.Task[bytearray | None]] = collections.deque()
+        try:
+            while ranges or window:
+                while ranges and len(window) < max(1, self.settings.download_concurrency):
+                    first, last = ranges.popleft()
+                    window.append(asyncio.create_task(self._get_part(file, first, last)))
+                body = await window.popleft()
+                if body is None:
+                    return
+                yield body
+        finally:
+            for task in window:
+                task.cancel()
+            await asyncio.gather(*window, return_exceptions=True)
+
+    async def _get_part(self, file: SourceFile, first: int, last: int) -> bytearray | None:
+        """One ranged GET, read to its end and retried with backoff; None when the server sent the
+        whole file instead (its body is not read)."""
+        headers = {"Range": f"bytes={first}-{last}"}
+        if file.version:
+            headers["If-Range"] = file.version
+        failures = 0
+        while True:
+            try:
+                async with self.client.stream("GET", self._url(file.path), headers=headers) as response:
+                    if response.status_code in _RETRYABLE_STATUS:
+                        raise _Retry(f"HTTP {response.status_code}")
+                    _raise_for_status(response, self._where(file.path))
+                    if response.status_code == 200:
+                        if file.version and _version(response) != file.version:
+                            raise SourceUnavailable(_changed(self._where(file.path)))
+                        return None
+                    start = response.headers.get("Content-Range", "").removeprefix("bytes ").split("-")[0]
+                    if start != str(first):
+                        raise SourceUnavailable(f"{self._where(file.path)} answered a part with the wrong byte range.")
+                    body, received = bytearray(last - first + 1), 0  # one buffer: memory is one part
+                    async for piece in response.aiter_bytes():
+                        if received + len(piece) > len(body):
+                            raise SourceUnavailable(
+                                f"{self._where(file.path)} sent more than the part it was asked for."
+                            )
+                        body[received : received + len(piece)] = piece
+                        received += len(piece)
+                if received != len(body):
+                    raise _Retry(f"a part ended after {received} of {len(body)} bytes")
+                return body
+            except (httpx.TransportError, _Retry) as error:
+                failures += 1
+                if failures >= self.settings.fetch_retries:
+                    raise SourceUnavailable(
+                        f"Downloading {self._where(file.path)} failed {failures} times in a row at byte {first} "
+                        f"({_reason(error)}); check the server and the network. Nothing partial was kept."
+                    ) from None
+                await asyncio.sleep(backoff_delay(failures, self.settings.fetch_retry_backoff_seconds))
+
+    async def _read_stream(self, file: SourceFile, position: int) -> AsyncIterator[bytes]:
+        """The file from byte `position` on in one GET, resumed with Range where it breaks off."""
         failures = 0
         buffer = bytearray()  # received, not yet handed over: handed over even when the connection drops
         while True:
@@ -168,12 +246,8 @@ class HttpSource(PackageSource):
             if start != str(position):
                 raise SourceUnavailable(f"{self._where(file.path)} answered a resume with the wrong byte range.")
             return 0
-        served = response.headers.get("ETag") or response.headers.get("Last-Modified", "")
-        if file.version and served != file.version:
-            raise SourceUnavailable(
-                f"{self._where(file.path)} changed on the server while it was being downloaded; load again once "
-                "it is replaced completely."
-            )
+        if file.version and _version(response) != file.version:
+            raise SourceUnavailable(_changed(self._where(file.path)))
         return position  # the same file from a server that ignores Range: skip what we already have
 
     async def read_sidecar(self, name: str) -> bytes | None:
@@ -194,6 +268,14 @@ class HttpSource(PackageSource):
 
 class _Retry(Exception):
     pass
+
+
+def _version(response: httpx.Response) -> str:
+    return response.headers.get("ETag") or response.headers.get("Last-Modified", "")
+
+
+def _changed(where: str) -> str:
+    return f"{where} changed on the server while it was being downloaded; load again once it is replaced completely."
 
 
 def _reason(error: Exception) -> str:

@@ -58,10 +58,10 @@ class LocalSource(PackageSource):
             raise PackageRefused(f"Source directory {self.path} is empty; it holds no model files.")
         return files
 
-    def _file_path(self, file: SourceFile) -> Path:
+    def local_path(self, file: SourceFile) -> Path:
         if self.path.is_file():
             return self.path
-        # Checked again at reading: a link changed since the listing must not lead out either.
+        # Checked again at reading and linking: a link changed since the listing must not lead out either.
         root = self.path.resolve()
         target = (self.path / file.path).resolve()
         if not target.is_relative_to(root):
@@ -69,7 +69,7 @@ class LocalSource(PackageSource):
         return target
 
     async def read(self, file: SourceFile) -> AsyncIterator[bytes]:
-        handle = await asyncio.to_thread(open, self._file_path(file), "rb")
+        handle = await asyncio.to_thread(open, self.local_path(file), "rb")
         try:
             while chunk := await asyncio.to_thread(handle.read, CHUNK_BYTES):
                 yield chunk
@@ -88,7 +88,7 @@ class LocalSource(PackageSource):
         for file in self.list_files_now():
             hasher = hashlib.sha256()
             size = 0
-            with self._file_path(file).open("rb") as handle:
+            with self.local_path(file).open("rb") as handle:
                 while chunk := handle.read(CHUNK_BYTES):
                     hasher.update(chunk)
                     size += len(chunk)
