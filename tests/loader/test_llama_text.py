@@ -27,9 +27,21 @@ def test_guided_decoding_json_becomes_the_engines_json_schema() -> None:
     assert "json_schema" not in SamplingParams.from_json("{}").engine_request("Hi", seed=1)
 
 
+def test_guided_decoding_grammar_becomes_the_engines_grammar() -> None:
+    grammar = '%llguidance {}\nstart: "yes" | "no"\n'
+    body = SamplingParams.from_json(json.dumps({"guided_decoding": {"grammar": grammar}})).engine_request("Hi", seed=1)
+    assert body["grammar"] == grammar and "json_schema" not in body
+    assert "grammar" not in SamplingParams.from_json("{}").engine_request("Hi", seed=1)
+
+
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
+        ('{"guided_decoding": {"grammar": " "}}', "guided_decoding.grammar must be a non-empty string"),
+        (
+            '{"guided_decoding": {"grammar": "start: \\"a\\"", "json_object": true}}',
+            "guided_decoding sets ['grammar', 'json_object']; set only one of them",
+        ),
         ('{"guided_decoding": {"regex": "a+"}}', "guided_decoding ['regex'] is not supported by this model"),
         ('{"guided_decoding": {"json": [1]}}', "guided_decoding.json must be a JSON schema object"),
         ('{"json_schema": {}}', "unsupported sampling parameters ['json_schema']"),

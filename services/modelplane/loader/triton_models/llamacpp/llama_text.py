@@ -24,7 +24,9 @@ class SamplingParams:
 
     `guided_decoding` is vLLM's (GuidedDecodingParams as a JSON object): {"json": <JSON schema>}
     or {"json_object": true} constrains the output to JSON that the schema accepts; llama.cpp
-    compiles the schema into a grammar (LLGuidance) that masks every sampled token."""
+    compiles the schema into a grammar (LLGuidance) that masks every sampled token.
+    {"grammar": <text>} constrains it to a grammar: llama.cpp's GBNF, or a Lark grammar that starts
+    with "%llguidance {}" (LLGuidance's, which can hold JSON schemas inline with `%json`)."""
 
     max_tokens: int | None = None  # None: as many as the context leaves
     temperature: float = 1.0  # 0 is greedy decoding
@@ -37,6 +39,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     json_schema: dict | None = None  # from guided_decoding; {} accepts any JSON value
+    grammar: str | None = None  # from guided_decoding
 
     @classmethod
     def from_json(cls, raw: str) -> "SamplingParams":
@@ -52,7 +55,7 @@ class SamplingParams:
                 raise RequestError(f"sampling parameter {key} other than {neutral} is not supported by this model")
         # A parameter we would silently ignore (logprobs, ...) changes what the caller gets back;
         # refusing it is the honest answer.
-        accepted = (set(cls.__dataclass_fields__) - {"json_schema"}) | {"guided_decoding"}
+        accepted = (set(cls.__dataclass_fields__) - {"json_schema", "grammar"}) | {"guided_decoding"}
         unknown = sorted(set(values) - accepted)
         if unknown:
             raise RequestError(f"unsupported sampling parameters {unknown}; supported: {sorted(accepted)}")
@@ -61,7 +64,7 @@ class SamplingParams:
             stop = (stop,)
         if not isinstance(stop, list | tuple) or not all(isinstance(s, str) for s in stop):
             raise RequestError("stop must be a string or a list of strings")
-        json_schema = _guided_json(values.get("guided_decoding"))
+        json_schema, grammar = _guided(values.get("guided_decoding"))
         params = cls(
             max_tokens=_int(values, "max_tokens", None, low=1),
             temperature=_float(values, "temperature", 1.0, low=0.0),
@@ -74,6 +77,7 @@ class SamplingParams:
             frequency_penalty=_float(values, "frequency_penalty", 0.0, low=-2.0, high=2.0),
             repetition_penalty=_float(values, "repetition_penalty", 1.0, low=0.0),
             json_schema=json_schema,
+            grammar=grammar,
         )
         if params.top_p == 0.0:
             raise RequestError("top_p must be greater than 0")
@@ -97,22 +101,35 @@ class SamplingParams:
         }
         if self.json_schema is not None:
             body["json_schema"] = self.json_schema
+        if self.grammar is not None:
+            body["grammar"] = self.grammar
         return body
 
 
-def _guided_json(guided) -> dict | None:
-    """The JSON schema of vLLM's guided_decoding, or None when the output is free."""
+def _guided(guided) -> tuple[dict | None, str | None]:
+    """The JSON schema and the grammar of vLLM's guided_decoding (at most one of them), both None
+    when the output is free."""
     if guided is None:
-        return None
+        return None, None
     if not isinstance(guided, dict):
         raise RequestError("guided_decoding must be a JSON object")
-    unsupported = sorted(
-        key for key, value in guided.items() if value not in (None, False) and key not in ("json", "json_object")
-    )
+    given = sorted(key for key, value in guided.items() if value not in (None, False))
+    unsupported = [key for key in given if key not in ("json", "json_object", "grammar")]
     if unsupported:
         raise RequestError(
-            f"guided_decoding {unsupported} is not supported by this model; supported: json, json_object"
+            f"guided_decoding {unsupported} is not supported by this model; supported: json, json_object, grammar"
         )
+    if len(given) > 1:
+        raise RequestError(f"guided_decoding sets {given}; set only one of them")
+    grammar = guided.get("grammar")
+    if grammar is not None:
+        if not isinstance(grammar, str) or not grammar.strip():
+            raise RequestError("guided_decoding.grammar must be a non-empty string")
+        return None, grammar
+    return _guided_json(guided), None
+
+
+def _guided_json(guided: dict) -> dict | None:
     schema = guided.get("json")
     if schema is not None:
         if isinstance(schema, str):
