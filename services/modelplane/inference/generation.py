@@ -3,13 +3,16 @@
 A chat is rendered into one prompt with the model's chat template (chosen by the loader: the
 model's own, else its family's default), then generated like a completion. The model in Triton
 counts the tokens with its own tokenizer, so usage is exact. Around the generation: tool calls
-(tool_calls.py), structured output (structured.py) and thinking split from the answer
+(in the template's own Hermes form, template_tools.py, else the generic form, tool_calls.py),
+structured output (structured.py) and thinking split from the answer
 (reasoning.py) turn the text the model writes into what the caller asked for.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
+import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +28,13 @@ from modelplane.inference.errors import InvalidRequest, TemplateMissing
 from modelplane.inference.reasoning import ReasoningSplitter
 from modelplane.inference.routing import Router
 from modelplane.inference.structured import guided_decoding, validate_output
-from modelplane.inference.tool_calls import ResponseReader, ToolCall, ToolPlan, render_history
+from modelplane.inference.template_tools import (
+    TemplateTools,
+    may_render_tools,
+    probe_conversation,
+    probe_shows_the_form,
+)
+from modelplane.inference.tool_calls import ToolCall, ToolPlan, render_history
 
 log = structlog.get_logger()
 
@@ -88,14 +97,18 @@ def sampling_for_triton(
     context_length: int,
     default_max_tokens: int = 0,
     schema: dict[str, Any] | None = None,
+    grammar: str | None = None,
 ) -> dict[str, Any]:
     """The `sampling_parameters` JSON of Triton's vLLM convention: only what the caller set, so
     each engine keeps its own neutral defaults, and always `max_tokens` (vLLM's default is 16): the
     caller's, else the model's default cap (a base model's), else the context; the model clamps it
-    to what fits in its context after the prompt. A schema becomes vLLM's `guided_decoding`."""
+    to what fits in its context after the prompt. A schema or a grammar becomes vLLM's
+    `guided_decoding`."""
     values: dict[str, Any] = {"max_tokens": parameters.max_tokens or default_max_tokens or context_length}
     if schema is not None:
         values["guided_decoding"] = guided_decoding(schema)
+    elif grammar is not None:
+        values["guided_decoding"] = {"grammar": grammar}
     for key in ("temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty"):
         value = getattr(parameters, key)
         if value is not None:
@@ -114,13 +127,41 @@ def _raise_exception(message: str) -> None:
     raise jinja2.TemplateError(message)
 
 
+def _tojson(value: Any, indent: int | None = None, separators=None, sort_keys: bool = False) -> str:
+    # transformers' own filter: Jinja's escapes <, >, & and ' for HTML, which no template means.
+    return json.dumps(value, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
 _TEMPLATES.globals["raise_exception"] = _raise_exception
+_TEMPLATES.filters["tojson"] = _tojson
+
+ToolForm = ToolPlan | TemplateTools
 
 
-def render_chat(serving: ServingModel, messages: Sequence[ChatMessage], plan: ToolPlan | None = None) -> str:
+def tool_form(template: str, plan: ToolPlan) -> ToolForm:
+    """The form the model calls tools in: its template's own Hermes form where the template
+    renders one (template_tools.py), else the generic form."""
+    return TemplateTools(plan) if renders_hermes_tools(template) else plan
+
+
+@functools.lru_cache(maxsize=64)
+def renders_hermes_tools(template: str) -> bool:
+    """Whether the template lists tools and writes calls and results in the Hermes form, judged by
+    rendering a probe conversation through it."""
+    if not may_render_tools(template):
+        return False
+    messages, tools = probe_conversation()
+    try:
+        rendered = _TEMPLATES.from_string(template).render(messages=messages, tools=tools, add_generation_prompt=True)
+    except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError):
+        return False
+    return probe_shows_the_form(rendered)
+
+
+def render_chat(serving: ServingModel, messages: Sequence[ChatMessage], form: ToolForm | None = None) -> str:
     """The prompt for a conversation, by the model's chat template (as transformers renders it:
     a sandboxed Jinja environment, `messages`, `add_generation_prompt`, the special tokens), with
-    tools and earlier tool calls in the generic form (tool_calls.py)."""
+    tools and earlier tool calls in the form's way (`tool_form`)."""
     template = serving.profile.chat_template
     if not template:
         raise TemplateMissing(
@@ -131,10 +172,11 @@ def render_chat(serving: ServingModel, messages: Sequence[ChatMessage], plan: To
         )
     if not messages:
         raise InvalidRequest("The conversation has no messages; send at least one.")
-    rendered = render_history(messages, plan)
+    rendered = form.history(messages) if form is not None else render_history(messages, None)
+    variables = form.template_variables() if form is not None else {}
     try:
         return _TEMPLATES.from_string(template).render(
-            messages=rendered, add_generation_prompt=True, **serving.profile.special_tokens
+            messages=rendered, add_generation_prompt=True, **variables, **serving.profile.special_tokens
         )
     except jinja2.TemplateError as error:
         raise InvalidRequest(
@@ -150,10 +192,11 @@ async def generate(
     parameters: SamplingParameters,
     *,
     schema: dict[str, Any] | None = None,
+    grammar: str | None = None,
     request_id: str = "",
 ) -> AsyncIterator[GenerationChunk]:
-    """Streams one generation, constrained to `schema` when one is given. The caller closing the
-    iterator (its client went away) cancels it in Triton."""
+    """Streams one generation, constrained to `schema` or `grammar` when one is given. The caller
+    closing the iterator (its client went away) cancels it in Triton."""
     if not prompt:
         raise InvalidRequest("The prompt is empty; send some text to complete.")
     sampling = sampling_for_triton(
@@ -161,6 +204,7 @@ async def generate(
         serving.profile.context_length or 4096,
         serving.model.spec.runtime_hints.default_max_tokens,
         schema,
+        grammar,
     )
     counts = _Counts()
     stream = triton.generate(serving.profile.triton_model_name, prompt, sampling, stream=True, request_id=request_id)
@@ -183,14 +227,15 @@ async def generate(
 
 
 async def tool_answer(
-    chunks: AsyncIterator[GenerationChunk], plan: ToolPlan, model: str
+    chunks: AsyncIterator[GenerationChunk], plan: ToolForm, model: str
 ) -> AsyncIterator[GenerationChunk]:
-    """The answer of a chat with tools: the constrained JSON the model writes (after the plan's
+    """The answer of a chat with tools: the constrained answer the model writes (after the form's
     prefill) becomes either complete tool calls, on the last chunk, or the answer's text, streamed as
-    it is generated; nothing of the JSON reaches the text. The whole answer is checked against the
-    plan's schema once complete."""
+    it is generated; nothing of the calls reaches the text. The whole answer is checked against the
+    form's schema or grammar once complete."""
     texts = [plan.prefill()]
-    reader = ResponseReader()
+    reader = plan.reader()
+    reader.push(plan.prefill())
     sent = 0
     async for chunk in chunks:
         texts.append(chunk.text)
@@ -211,7 +256,7 @@ async def tool_answer(
                 metadata={"param": "max_tokens"},
             )
         text = "".join(texts) + plan.suffix()
-        _check_constrained(text, plan.output_schema(), model)
+        _check_constrained(plan.problem(text), model)
         content, calls = plan.parse(text)
         # What the reader has not yet returned of the text (all of it when the response is not a string).
         rest = fresh + (content or "")[sent:]
@@ -231,7 +276,7 @@ async def structured_answer(
     async for chunk in chunks:
         texts.append(chunk.text)
         if chunk.finish_reason == FinishReason.STOP:
-            _check_constrained("".join(texts), schema, model)
+            _check_constrained(validate_output("".join(texts), schema), model)
         yield chunk
 
 
@@ -248,10 +293,9 @@ async def split_reasoning(chunks: AsyncIterator[GenerationChunk], prompt: str) -
         yield GenerationChunk(text=text, finish_reason=chunk.finish_reason, usage=chunk.usage, reasoning=reasoning)
 
 
-def _check_constrained(text: str, schema: dict[str, Any], model: str) -> None:
-    problem = validate_output(text, schema)
+def _check_constrained(problem: str | None, model: str) -> None:
     if problem is not None:
-        # The schema passed every check and still was not enforced: a defect of the engine, not of
-        # the request. The answer is withheld rather than passed off as valid.
+        # The schema or grammar passed every check and still was not enforced: a defect of the
+        # engine, not of the request. The answer is withheld rather than passed off as valid.
         log.error("constrained output failed its schema", model=model, problem=problem)
         raise Internal(f"Model '{model}' produced output that does not satisfy the requested schema ({problem}).")

@@ -222,15 +222,23 @@ class InferenceHandler:
                 "include tools.",
                 metadata={"model": model, "param": "tools"},
             )
-        prompt = generation.render_chat(serving, messages, plan)
-        if plan is not None:
-            prompt += plan.prefill()
-        schema = plan.engine_schema() if plan is not None else response
+        form = generation.tool_form(serving.profile.chat_template, plan) if plan is not None else None
+        prompt = generation.render_chat(serving, messages, form)
+        schema, grammar = response, None
+        if form is not None:
+            prompt += form.prefill()
+            schema, grammar = form.engine_schema(), form.engine_grammar()
         chunks = generation.generate(
-            self.triton, serving, prompt, parameters, schema=schema, request_id=current_request_id.get()
+            self.triton,
+            serving,
+            prompt,
+            parameters,
+            schema=schema,
+            grammar=grammar,
+            request_id=current_request_id.get(),
         )
-        if plan is not None:
-            chunks = generation.tool_answer(chunks, plan, model)
+        if form is not None:
+            chunks = generation.tool_answer(chunks, form, model)
         elif schema is not None:
             chunks = generation.structured_answer(chunks, schema, model)
         elif capabilities.reasoning:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from modelplane.inference.errors import InvalidRequest
-from modelplane.inference.structured import check_schema, finite
+from modelplane.inference.structured import check_schema, finite, validate_output
 
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # Bounds a model that repeats one call when several are allowed.
@@ -40,7 +40,7 @@ _USE_RESULT = 'Use this result to answer the user with {"response": ...}.'
 # which the engine's prefix cache holds. With free whitespace SmolLM2-135M also wrote line breaks
 # and indents, 11-13 more tokens for one call (measured). `x-guidance` is LLGuidance's (llama.cpp's
 # grammar engine) option; other engines ignore it.
-_COMPACT = {"x-guidance": {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}}
+COMPACT = {"x-guidance": {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}}
 
 
 class ToolChoiceMode(enum.IntEnum):
@@ -103,10 +103,14 @@ class ToolPlan:
         """The JSON schema the engine constrains what it generates to: after a prefill, the forced
         tool's arguments; else the whole answer."""
         name = self.forced_call()
-        return {**self.tools[name], **_COMPACT} if name else self.output_schema()
+        return {**self.tools[name], **COMPACT} if name else self.output_schema()
 
-    def output_schema(self) -> dict[str, Any]:
-        """The JSON schema the whole answer satisfies."""
+    def engine_grammar(self) -> str | None:
+        """The generic form is constrained by its JSON schema alone (`engine_schema`)."""
+        return None
+
+    def call_schema(self) -> dict[str, Any]:
+        """The JSON schema of one call: `{"name": <a tool's name>, "arguments": <valid for it>}`."""
         names = [self.only] if self.only else list(self.tools)
         calls = [
             {
@@ -117,7 +121,11 @@ class ToolPlan:
             }
             for name in names
         ]
-        call = calls[0] if len(calls) == 1 else {"anyOf": calls}
+        return calls[0] if len(calls) == 1 else {"anyOf": calls}
+
+    def output_schema(self) -> dict[str, Any]:
+        """The JSON schema the whole answer satisfies."""
+        call = self.call_schema()
         calling = {
             "type": "object",
             # One call per answer unless parallel calls are asked for: a small model allowed more
@@ -128,14 +136,14 @@ class ToolPlan:
             "additionalProperties": False,
         }
         if self.required:
-            return {**calling, **_COMPACT}
+            return {**calling, **COMPACT}
         answering = {
             "type": "object",
             "properties": {"response": self.response},
             "required": ["response"],
             "additionalProperties": False,
         }
-        return {"anyOf": [answering, calling], **_COMPACT}
+        return {"anyOf": [answering, calling], **COMPACT}
 
     def instructions(self) -> str:
         """What the system message tells the model about the tools and the form of its answer."""
@@ -161,6 +169,20 @@ class ToolPlan:
                 "When a tool result answers the question, answer the user."
             )
         return "\n".join(lines)
+
+    def template_variables(self) -> dict[str, Any]:
+        """The generic form gives the template no variables: the tools are in the system message."""
+        return {}
+
+    def history(self, messages: Sequence[Any]) -> list[dict[str, Any]]:
+        return render_history(messages, self)
+
+    def reader(self) -> ResponseReader:
+        return ResponseReader()
+
+    def problem(self, text: str) -> str | None:
+        """Why a complete answer fails its schema, or None when it is valid."""
+        return validate_output(text, self.output_schema())
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         """(answer text, calls) from a complete constrained answer."""
@@ -273,7 +295,7 @@ def render_history(messages: Sequence[Any], plan: ToolPlan | None) -> list[dict[
             for call in message.tool_calls:
                 names[call.id] = call.name
             content = json.dumps(
-                {"tool_calls": [{"name": c.name, "arguments": _arguments(c)} for c in message.tool_calls]},
+                {"tool_calls": [{"name": c.name, "arguments": arguments_value(c)} for c in message.tool_calls]},
                 ensure_ascii=False,
             )
         elif message.role == "assistant" and plan is not None:
@@ -291,7 +313,8 @@ def render_history(messages: Sequence[Any], plan: ToolPlan | None) -> list[dict[
     return _merge_consecutive(rendered)
 
 
-def _arguments(call: ToolCall) -> Any:
+def arguments_value(call: ToolCall) -> Any:
+    """A call's arguments as the value they spell (the text itself when it is not JSON)."""
     try:
         return json.loads(call.arguments_json) if call.arguments_json.strip() else {}
     except json.JSONDecodeError:
