@@ -62,9 +62,11 @@ def from_tokenizer_files(folder: Path) -> str:
 
 def capabilities(template: str, constrained_decoding: bool) -> ModelCapabilities:
     """What a generation model served with this template can do. Tool calls need a template (a
-    chat) and constrained decoding, so that their arguments always validate; they use modelplane's
-    generic JSON form, which works with any template. No model served here reads images: vision
-    needs a multimodal projector, which no model package modelplane knows ships."""
+    chat) and constrained decoding, so that their arguments always validate; they use the
+    template's own Hermes form where it renders one, else modelplane's generic JSON form, which
+    works with any template (the inference service decides which, from the template). No model
+    served here reads images: vision needs a multimodal projector, which no model package
+    modelplane knows ships."""
     return ModelCapabilities(
         tools=bool(template) and constrained_decoding,
         json_schema=constrained_decoding,
