@@ -227,15 +227,15 @@ async def generate(
 
 
 async def tool_answer(
-    chunks: AsyncIterator[GenerationChunk], plan: ToolForm, model: str
+    chunks: AsyncIterator[GenerationChunk], form: ToolForm, model: str
 ) -> AsyncIterator[GenerationChunk]:
     """The answer of a chat with tools: the constrained answer the model writes (after the form's
     prefill) becomes either complete tool calls, on the last chunk, or the answer's text, streamed as
     it is generated; nothing of the calls reaches the text. The whole answer is checked against the
     form's schema or grammar once complete."""
-    texts = [plan.prefill()]
-    reader = plan.reader()
-    reader.push(plan.prefill())
+    texts = [form.prefill()]
+    reader = form.reader()
+    reader.push(form.prefill())
     sent = 0
     async for chunk in chunks:
         texts.append(chunk.text)
@@ -255,9 +255,9 @@ async def tool_answer(
                 "complete; raise max_tokens.",
                 metadata={"param": "max_tokens"},
             )
-        text = "".join(texts) + plan.suffix()
-        _check_constrained(plan.problem(text), model)
-        content, calls = plan.parse(text)
+        text = "".join(texts) + form.suffix()
+        _check_constrained(form.problem(text), model)
+        content, calls = form.parse(text)
         # What the reader has not yet returned of the text (all of it when the response is not a string).
         rest = fresh + (content or "")[sent:]
         yield GenerationChunk(
