@@ -111,3 +111,16 @@ async def test_models_ls_shows_where_each_model_is_and_how_many_copies(fleet: st
     ]
     assert models["unplaced"]["copies"] == {"ready": 0, "placed": 0}
     assert models["unplaced"]["state"] == "REGISTERED"
+
+
+async def test_nodes_ls_on_a_single_node_says_there_is_no_fleet(tmp_path: Path) -> None:
+    service = RegistryService(
+        RegistrySettings(host="127.0.0.1", port=0, database_url=f"sqlite+aiosqlite:///{tmp_path / 'r.db'}")
+    )
+    await service.start()
+    try:
+        listing = await cli(f"127.0.0.1:{service.port}", "nodes", "ls")
+        assert "No nodes are registered: this is a single node" in listing
+        assert json.loads(await cli(f"127.0.0.1:{service.port}", "nodes", "ls", "--json")) == []
+    finally:
+        await service.stop()

@@ -94,3 +94,57 @@ def test_a_first_load_is_estimated_from_the_package_size_and_its_format() -> Non
     load = BundledLoad(CHAT, started=0.0, phase=ModelState.FETCHING, phase_since=0.0, progress=fetching)
     # A quarter fetched in 2 s: 6 s more of it; a GGUF is not converted; then Triton's load.
     assert load.remaining_seconds(now=2.0) == 6.0 + FIRST_TRITON_LOAD_SECONDS
+
+
+class ScriptedRegistry:
+    """On a fleet the placer places and the registry derives each model's state over its copies:
+    each model's states in turn, one per poll, the last one repeated."""
+
+    def __init__(self, script: dict[str, list[Model]]) -> None:
+        self.script = script
+
+    async def get_model(self, name: str) -> Model:
+        states = self.script[name]
+        return states.pop(0) if len(states) > 1 else states[0]
+
+
+def _in(model: Model, state: ModelState, reason: str = "") -> Model:
+    return Model(spec=model.spec, status={"state": state, "reason": reason})
+
+
+async def test_on_a_fleet_the_loads_are_followed_in_the_registry_not_asked_of_one_loader() -> None:
+    lines: list[str] = []
+    registry = ScriptedRegistry(
+        {
+            "embedder": [
+                _in(EMBEDDER, ModelState.REGISTERED),
+                _in(EMBEDDER, ModelState.LOADING),
+                _in(EMBEDDER, ModelState.READY),
+            ],
+            "chat": [_in(CHAT, ModelState.FETCHING), _in(CHAT, ModelState.FAILED, "does not fit on node node-1")],
+        }
+    )
+    loader = ScriptedLoader({})  # asked nothing: a KeyError if it were
+    loads = await BundledLoads(
+        loader,  # type: ignore[arg-type]
+        lines.append,
+        lambda _: lines.append("SERVING"),
+        registry=registry,  # type: ignore[arg-type]
+        poll_seconds=0.01,
+    ).run([EMBEDDER, CHAT])
+    assert loads[0].ready_after is not None
+    assert loads[1].failure == "does not fit on node node-1"
+    assert lines.count("SERVING") == 1
+
+
+async def test_on_a_fleet_a_model_never_ready_is_reported_at_the_limit() -> None:
+    registry = ScriptedRegistry({"embedder": [_in(EMBEDDER, ModelState.LOADING)]})
+    (load,) = await BundledLoads(
+        ScriptedLoader({}),  # type: ignore[arg-type]
+        lambda _: None,
+        lambda _: None,
+        registry=registry,  # type: ignore[arg-type]
+        poll_seconds=0.01,
+        limit_seconds=0.05,
+    ).run([EMBEDDER])
+    assert load.failure.startswith("not READY on any node within 0 s")

@@ -291,6 +291,13 @@ def nodes_ls(registry: RegistryOption = "", as_json: JsonOption = False) -> None
         if as_json:
             print(json.dumps(rows, indent=2))
             return
+        if not rows:
+            print(
+                "No nodes are registered: this is a single node (make run), which holds its models "
+                "itself; `modelplane models ls` shows them. Nodes register on a fleet (MODELPLANE_NODES=2 "
+                "make run, or MODELPLANE_LOADER_FLEET=true)."
+            )
+            return
         table = Table("NODE", "STATE", "LEASE", "DEVICES (USED / FREE)", "MODELS", "LOADER", "TRITON")
         for row in rows:
             age = row["lease_age_seconds"]

@@ -116,3 +116,12 @@ def test_the_stack_said_what_served_first_and_when_every_bundled_model_was_ready
     for name in names:
         assert f"  ready:  {name} (" in log
     assert f"Every bundled model is ready ({', '.join(names)})" in log[up:]
+
+
+async def test_a_single_node_registers_no_node_and_its_models_are_placed_nowhere(stack: RunningStack) -> None:
+    """`make run`'s single node holds its models itself. Registered as a node, the placer placed
+    every model on it and the registry then refused its model-level transitions (every load FAILED)."""
+    async with RegistryClient(stack.registry) as registry:
+        assert await registry.list_nodes() == []
+        assert await registry.list_placements() == []
+        assert (await registry.get_model(MODEL)).state == ModelState.READY

@@ -125,9 +125,10 @@ class LoaderHandler:
     # Background work -----------------------------------------------------------------------
 
     async def register_node(self) -> None:
-        """Registers this node. A node of a fleet must hold its id to start (a second process with
-        a live id is refused); a single node registers in the background, so that it starts as
-        before and `modelplane nodes ls` shows it once registered."""
+        """Registers this node of a fleet: it must hold its id to start (a second process with a
+        live id is refused). A single node does not register: a registered node is one the placer
+        places copies on, and a single node holds every model wanted loaded on its own, recording
+        model states, which the registry refuses for a model placed on a node."""
         if self.settings.fleet:
             await self.node.register()
 
@@ -139,7 +140,7 @@ class LoaderHandler:
 
     def start_background(self) -> None:
         self._background = [
-            asyncio.create_task(self.node.keep_lease(), name="node-lease"),
+            *([asyncio.create_task(self.node.keep_lease(), name="node-lease")] if self.settings.fleet else []),
             asyncio.create_task(self._watch_registry(), name="watch-registry"),
             asyncio.create_task(self._watch_triton(), name="watch-triton"),
             asyncio.create_task(self._maintain_forever(), name="maintain-budget"),
