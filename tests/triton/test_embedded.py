@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
+import shutil
 import signal
 import socket
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from modelplane.common.settings import TritonSettings
 from modelplane.loader.triton_control import TritonControl
-from modelplane.triton.embedded import EmbeddedTriton
+from modelplane.triton.embedded import EmbeddedTriton, TritonStartError
 from tests.conftest import free_port
 
 
@@ -78,3 +83,31 @@ def test_the_python_backend_stub_is_a_file_of_the_running_user(tmp_path: Path) -
     assert stub.stat().st_uid == os.getuid()
     assert os.access(stub, os.X_OK)
     assert stub.read_bytes() == triton.distribution.stub.read_bytes()
+
+
+@pytest.fixture
+def program_missing_a_library(tmp_path: Path) -> Path:
+    """A real program linked against a shared library that is gone, as the dynamic linker sees it."""
+    if shutil.which("cc") is None or shutil.which("ldd") is None:
+        pytest.skip("needs a C compiler and ldd")
+    (tmp_path / "dep.c").write_text("int modelplane_dep(void) { return 1; }\n")
+    (tmp_path / "main.c").write_text("int modelplane_dep(void);\nint main(void) { return modelplane_dep(); }\n")
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", tmp_path / "libmodelplanegone.so", tmp_path / "dep.c"], check=True)
+    program = tmp_path / "triton_python_backend_stub"
+    subprocess.run(["cc", "-o", program, tmp_path / "main.c", f"-L{tmp_path}", "-lmodelplanegone"], check=True)
+    (tmp_path / "libmodelplanegone.so").unlink()
+    return program
+
+
+async def test_a_stub_missing_a_shared_library_is_refused_before_triton_starts(
+    tmp_path: Path, program_missing_a_library: Path
+) -> None:
+    """A stub that cannot load a library dies at once and Triton waits for it: every load then
+    hung with nothing said (the image on Debian's python3.11 without libpython3.11)."""
+    triton = EmbeddedTriton(TritonSettings(model_repository=tmp_path / "models"), workdir=tmp_path / "triton")
+    assert await triton._check_stub_libraries() is None  # the wheel's own stub finds what it needs here
+    triton.distribution = dataclasses.replace(triton.distribution, stub=program_missing_a_library)
+    with pytest.raises(TritonStartError, match=r"libmodelplanegone\.so not found") as refused:
+        await triton.start()
+    assert "Install the packages that provide them" in str(refused.value)
+    assert triton.process is None  # refused before anything started

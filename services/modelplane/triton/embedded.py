@@ -66,6 +66,11 @@ class TritonDistribution:
         return distribution
 
 
+def missing_libraries(ldd_output: str) -> list[str]:
+    """The libraries `ldd` could not find ("libfoo.so.1 => not found"), in its order."""
+    return [line.split()[0] for line in ldd_output.splitlines() if line.strip().endswith("=> not found")]
+
+
 class EmbeddedTriton:
     def __init__(self, settings: TritonSettings | None = None, *, workdir: Path | None = None) -> None:
         self.settings = settings or TritonSettings()
@@ -167,6 +172,7 @@ class EmbeddedTriton:
         (status -6, `epoll_wait` error) and to exit while a port it needs is still held by a
         process going away; a persistent fault still fails after the last attempt."""
         self._stopping = False
+        await self._check_stub_libraries()
         for attempt in range(1, _START_ATTEMPTS + 1):
             try:
                 await self._spawn()
@@ -177,6 +183,40 @@ class EmbeddedTriton:
                 log.error("triton did not start; trying again", attempt=attempt, error=str(error)[:500])
                 await asyncio.sleep(attempt)
         self._supervisor = asyncio.create_task(self._supervise(), name="triton-supervisor")
+
+    async def _check_stub_libraries(self) -> None:
+        """Every model runs in a python-backend stub process. A stub that cannot find a shared
+        library it needs dies at once, and Triton goes on waiting for it: the loads then hang with
+        nothing said. This was seen with a Debian Python whose libpython3.11.so.1.0 is a package of
+        its own. Asks the dynamic linker first (`ldd`, with the stub's environment) and refuses to
+        start with what is missing and how to get it."""
+        ldd = shutil.which("ldd")
+        if ldd is None:
+            return
+        process = await asyncio.create_subprocess_exec(
+            ldd,
+            str(self.distribution.stub),
+            env=self.environment(),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        out, _ = await process.communicate()
+        missing = missing_libraries(out.decode(errors="replace"))
+        if not missing:
+            return
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        hint = "Install the packages that provide them."
+        if any(name.startswith("libpython") for name in missing):
+            hint = (
+                f"The python backend runs the models with this Python ({sys.executable}), which must come with its "
+                f"shared library: install it (Debian and Ubuntu: `apt-get install libpython{version}`), or use a "
+                "Python built with --enable-shared (pyenv's with PYTHON_CONFIGURE_OPTS=--enable-shared, and the "
+                "official python container images, are)."
+            )
+        raise TritonStartError(
+            f"Triton's python backend cannot start: {', '.join(missing)} not found for "
+            f"{self.distribution.stub.name}. {hint}"
+        )
 
     async def _spawn(self) -> None:
         self.settings.model_repository.mkdir(parents=True, exist_ok=True)
