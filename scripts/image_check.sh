@@ -15,17 +15,19 @@
 #      (Triton, registry, loader, inference, gateway), on free ports; then POST /v1/embeddings.
 # It prints each step's seconds, and the image's size.
 #
-# Environment: IMAGE (default localhost/modelplane:check), KEEP_IMAGE=1 (do not remove the image),
+# Environment: IMAGE (default localhost/modelplane:check), MODELPLANE_EXTRAS (the extras the image
+# carries, as the Dockerfile's build argument; default voice), KEEP_IMAGE=1 (do not remove the image),
 # MODELPLANE_IMAGE_CHECK=skip (skip, saying so), CI=true (a missing tool fails instead of skipping),
 # IMAGE_CHECK_START_SECONDS (how long the started stack may take to answer; default 900).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 IMAGE="${IMAGE:-localhost/modelplane:check}"
+EXTRAS="${MODELPLANE_EXTRAS-voice}"
 PYTHON="${PYTHON:-.venv/bin/python}"
 CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/modelplane"
 LIMIT_SECONDS="${IMAGE_CHECK_START_SECONDS:-900}"
-BASE_PACKAGES="ca-certificates,python3.11,python3-venv,python-is-python3,passwd,libgomp1"
+BASE_PACKAGES="ca-certificates,python3.11,libpython3.11,python3-venv,python-is-python3,passwd,libgomp1"
 
 say() { echo "image-check: $*" >&2; }
 elapsed() { echo $(( $(date +%s) - $1 )); }
@@ -76,7 +78,7 @@ base_seconds=$(elapsed "$started")
 
 # 2. The wheelhouse --------------------------------------------------------------------------------
 started=$(date +%s)
-deps_key="$(cat pyproject.toml constraints.txt bundled-models.txt | sha256sum)"
+deps_key="$(cat pyproject.toml constraints.txt bundled-models.txt <(echo "$EXTRAS") | sha256sum)"
 WHEELHOUSE="$CACHE/wheelhouse/${deps_key:0:16}"
 if [ -f "$WHEELHOUSE/.complete" ]; then
   say "wheelhouse $WHEELHOUSE: kept from an earlier run"
@@ -84,8 +86,13 @@ else
   say "wheelhouse: downloading every wheel the image installs into $WHEELHOUSE"
   rm -rf "$WHEELHOUSE"
   mkdir -p "$WHEELHOUSE"
-  "$PYTHON" -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-    > "$WHEELHOUSE/requirements.txt"
+  # What the Dockerfile installs: the project's dependencies and those of the extras it carries.
+  EXTRAS="$EXTRAS" "$PYTHON" -c "
+import os, tomllib
+project = tomllib.load(open('pyproject.toml', 'rb'))['project']
+extras = [name for name in os.environ['EXTRAS'].split(',') if name]
+print('\n'.join(project['dependencies'] + [d for name in extras for d in project['optional-dependencies'][name]]))
+" > "$WHEELHOUSE/requirements.txt"
   "$PYTHON" -m pip download --quiet --only-binary=:all: --dest "$WHEELHOUSE" \
     -c constraints.txt -r "$WHEELHOUSE/requirements.txt" 'hatchling>=1.25'
   "$PYTHON" -m pip download --quiet --only-binary=:all: --no-deps --require-hashes --dest "$WHEELHOUSE" \
@@ -99,7 +106,7 @@ started=$(date +%s)
 say "podman build $IMAGE (FROM $BASE)"
 build_log="$(mktemp)"
 if ! podman build --isolation chroot --network host -f deploy/Dockerfile -t "$IMAGE" \
-       --build-arg BASE_IMAGE="$BASE" --build-arg PIP_FIND_LINKS=/wheels --build-arg PIP_NO_INDEX=1 \
+       --build-arg BASE_IMAGE="$BASE" --build-arg MODELPLANE_EXTRAS="$EXTRAS" --build-arg PIP_FIND_LINKS=/wheels --build-arg PIP_NO_INDEX=1 \
        --volume "$WHEELHOUSE:/wheels:ro" . > "$build_log" 2>&1; then
   say "FAILED: podman build; the end of its output:"
   tail -60 "$build_log" >&2
