@@ -35,7 +35,7 @@ from modelplane.loader.settings import LoaderSettings
 from modelplane.loader.signing import trusted_keys
 from modelplane.loader.sources import PackageSource, SourceFile, open_source
 from modelplane.loader.states import Transitions
-from modelplane.loader.triton_control import TritonControl
+from modelplane.loader.triton_control import UNDO_TIMEOUT_SECONDS, TritonControl
 from modelplane.loader.triton_repo import BuiltEntry, ModelRepository
 from modelplane.loader.verification import ExpectedPackage, check_listing, expected_package, verify
 from modelplane.registry.client import RegistryClient
@@ -296,7 +296,7 @@ class LoadPipeline:
             footprint = await measure(tracker.model) if measure else 0
         except BaseException:
             # Undo a partial load, so Triton holds nothing the registry does not know about.
-            await _quietly(self.triton.unload(tracker.model.name))
+            await _quietly(self.triton.unload(tracker.model.name, timeout_seconds=UNDO_TIMEOUT_SECONDS))
             raise
         message = f"loaded into Triton in {time.perf_counter() - started:.1f} s"
         if footprint:

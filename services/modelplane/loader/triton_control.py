@@ -9,10 +9,14 @@ import structlog
 from tritonclient.utils import InferenceServerException
 
 from modelplane.common.redact import without_server_paths
-from modelplane.loader.errors import TritonLoadFailed, TritonUnavailable
+from modelplane.loader.errors import LoadTimedOut, TritonLoadFailed, TritonUnavailable
 from modelplane.triton.client import TritonTls, open_triton
 
 log = structlog.get_logger()
+# Unloading frees a model's backend processes; it takes seconds, even for large models.
+UNLOAD_TIMEOUT_SECONDS = 120.0
+# Undoing a load that failed or timed out: best effort, and short, since the failure is what counts.
+UNDO_TIMEOUT_SECONDS = 15.0
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,13 @@ class TritonControl:
     async def load(self, name: str, *, timeout_seconds: float) -> None:
         try:
             await asyncio.wait_for(self.client.load_model(name), timeout=timeout_seconds)
+        except TimeoutError:
+            raise LoadTimedOut(
+                f"Triton did not finish loading '{name}' within {timeout_seconds:.0f} s "
+                "(MODELPLANE_LOADER_TRITON_LOAD_TIMEOUT_SECONDS). A model whose backend process cannot start "
+                "never finishes loading: Triton's log (tritonserver.log) says why.",
+                metadata={"model": name},
+            ) from None
         except InferenceServerException as error:
             message = error.message() or str(error)
             if _is_connection_error(error):
@@ -49,9 +60,16 @@ class TritonControl:
                 f"Triton refused to load '{name}': {without_server_paths(_without_traceback(message))}"
             ) from None
 
-    async def unload(self, name: str) -> None:
+    async def unload(self, name: str, *, timeout_seconds: float = UNLOAD_TIMEOUT_SECONDS) -> None:
+        """Bounded: Triton answers an unload only once the model's load has ended, which for a load
+        that never ends (a backend process that died at start) is never."""
         try:
-            await self.client.unload_model(name)
+            await asyncio.wait_for(self.client.unload_model(name), timeout=timeout_seconds)
+        except TimeoutError:
+            raise TritonUnavailable(
+                f"Triton did not unload '{name}' within {timeout_seconds:.0f} s; it may still be loading it. "
+                "Triton's log (tritonserver.log) says what its backend is doing; restarting Triton clears it."
+            ) from None
         except InferenceServerException as error:
             raise TritonUnavailable(f"Triton could not unload '{name}': {error.message()}") from None
 

@@ -1,0 +1,69 @@
+"""The loader's calls to Triton are bounded, for real: a tritonserver and a python-backend model
+whose start never ends (as when its backend process cannot start: the image once lacked
+libpython, and every load hung in LOADING with nothing said)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from modelplane.common.settings import TritonSettings
+from modelplane.loader.errors import LoadTimedOut, TritonUnavailable
+from modelplane.loader.triton_control import TritonControl
+from modelplane.triton.embedded import EmbeddedTriton
+from tests.conftest import free_port
+
+_CONFIG = """name: "stuck"
+backend: "python"
+max_batch_size: 0
+input [{ name: "x" data_type: TYPE_FP32 dims: [ -1 ] }]
+output [{ name: "y" data_type: TYPE_FP32 dims: [ -1 ] }]
+instance_group [{ kind: KIND_CPU count: 1 }]
+"""
+_MODEL = """import time
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        time.sleep(3600)
+
+    def execute(self, requests):
+        return []
+"""
+
+
+@pytest.fixture
+async def control(tmp_path: Path) -> AsyncIterator[TritonControl]:
+    (tmp_path / "models" / "stuck" / "1").mkdir(parents=True)
+    (tmp_path / "models" / "stuck" / "config.pbtxt").write_text(_CONFIG)
+    (tmp_path / "models" / "stuck" / "1" / "model.py").write_text(_MODEL)
+    settings = TritonSettings(
+        grpc_address=f"127.0.0.1:{free_port()}",
+        http_port=free_port(),
+        metrics_port=free_port(),
+        model_repository=tmp_path / "models",
+    )
+    triton = EmbeddedTriton(settings, workdir=tmp_path / "triton")
+    await triton.start()
+    control = TritonControl(settings.grpc_address)
+    try:
+        yield control
+    finally:
+        await control.close()
+        await triton.stop()
+
+
+async def test_a_load_that_never_ends_times_out_and_its_undo_is_bounded(control: TritonControl) -> None:
+    with pytest.raises(LoadTimedOut, match=r"did not finish loading 'stuck' within 2 s") as timed_out:
+        await control.load("stuck", timeout_seconds=2)
+    assert "tritonserver.log" in timed_out.value.message
+    # Triton answers an unload only once the load has ended: without a bound the loader's undo of
+    # the partial load waited for ever, and the model stayed LOADING in the registry.
+    started = time.monotonic()
+    with pytest.raises(TritonUnavailable, match=r"did not unload 'stuck' within 2 s; it may still be loading it"):
+        await control.unload("stuck", timeout_seconds=2)
+    assert time.monotonic() - started < 30
+    assert [(m.name, m.state) for m in await control.index()] == [("stuck", "LOADING")]
