@@ -6,7 +6,7 @@ same GGUF files, greedy, in the same run (issue 20's engine decision).
 
 Each engine runs in its own process and environment: xllamacpp from modelplane's (it is a
 dependency), llama-cpp-python from the benchmark environment the suite keeps under
-~/.cache/modelplane/bench/ (built from the wheel `make install` used to build, when one is cached).
+~/.cache/modelplane/bench/ (from a llama-cpp-python wheel the suite builds once per machine).
 Both run as modelplane serves them: xllamacpp as llama.cpp's C++ server in-process with one slot per
 stream (continuous batching); llama-cpp-python as one `Llama` per slot, each driven by its own
 thread, which is what modelplane's Triton model did with it. OMP_WAIT_POLICY=PASSIVE for both.

