@@ -193,7 +193,11 @@ class Placer:
         self.fleet = fleet
         self.settings = settings
         self.holder = holder or new_holder("registry")
-        self.policy = PlacementPolicy(strategy=Strategy(settings.placer_strategy))
+        self.policy = PlacementPolicy(
+            strategy=Strategy(settings.placer_strategy),
+            copy_capacity_rps=settings.placer_copy_capacity_rps,
+            min_copy_age_seconds=settings.placer_min_copy_age_seconds,
+        )
         self.leader = False
         self.last_plan: PlacementPlan | None = None
         self._wake = asyncio.Event()
