@@ -439,7 +439,12 @@ class Placer:
         ]
         removals = [(c.model, c.node) for c in result.removes]
         try:
-            await self.fleet.set_placements(targets, removals, leader_holder=self.holder if leader else "")
+            await self.fleet.set_placements(
+                targets,
+                removals,
+                leader_holder=self.holder if leader else "",
+                reasons={(c.model, c.node): c.reason for c in result.removes},
+            )
         except NotPlacerLeader:
             self._set_leader(False)
             raise
