@@ -10,7 +10,8 @@ server (each in its own environment under ~/.cache/modelplane/bench/, created on
 the in-process libraries. Workloads: fetch (fetch + verify against the SHA-256 floor), load
 (cold and warm loads per phase, and loading without modelplane), embeddings, chat, voice (speech to
 text and text to speech against faster-whisper and piper in-process), overhead, routing,
-preload (benchmarks/bench_preload.py), concurrency (benchmarks/bench_embed_concurrency.py, which
+failover (a fleet of two nodes of its own, one SIGKILLed under load), preload
+(benchmarks/bench_preload.py), concurrency (benchmarks/bench_embed_concurrency.py, which
 starts stacks of its own), placement (benchmarks/bench_placement.py: the placer against per-node LRU
 on a simulated fleet of 100 nodes). Writes docs/BENCHMARKS.md, the plots and the raw figures
 (docs/benchmarks/results.json). The GPU workload is benchmarks/gpu/bench_gpu.py, run where a GPU is.
@@ -34,7 +35,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from benchmarks.suite import chat, concurrency, embeddings, load, report, routing, tools, voice
+from benchmarks.suite import chat, concurrency, embeddings, failover, load, report, routing, tools, voice
 from benchmarks.suite.context import QUICK, REPO, Context, Sizes, llama_python, pip_versions
 
 WORKLOADS = (
@@ -46,6 +47,7 @@ WORKLOADS = (
     "voice",
     "overhead",
     "routing",
+    "failover",
     "preload",
     "concurrency",
     "placement",
@@ -187,6 +189,10 @@ def _run(args: argparse.Namespace, ctx: Context, selected: list[str]) -> dict:
             raise
         for name in set(selected) & (NEEDS_STACK | {"embeddings", "chat"}):
             results.setdefault(name, {"status": "failed", "reason": str(error)})
+    if "failover" in selected:
+        attempt("failover", lambda: asyncio.run(failover.run(ctx)))
+        if results["failover"].get("status") == "ran":
+            ctx.say(failover.summary_line(results["failover"]))
     if "preload" in selected:
         attempt("preload", lambda: _preload(ctx))
     if "concurrency" in selected:

@@ -48,6 +48,8 @@ class Sizes:
     preload_args: tuple[str, ...] = ("--repeats", "3")
     concurrency_args: tuple[str, ...] = ("--rounds", "3", "--seconds", "6")
     placement_args: tuple[str, ...] = ()
+    # The failover workload's lone copy is MiniLM; --quick uses a tiny encoder that loads in seconds.
+    failover_minilm: bool = True
     # Create the contenders' own environments (infinity-emb, llama-cpp-python) when missing: minutes.
     create_environments: bool = True
 
@@ -70,6 +72,7 @@ QUICK = Sizes(
     preload_args=("--repeats", "1", "--days", "0.2"),
     concurrency_args=("--rounds", "1", "--seconds", "0.5", "--no-unbatched"),
     placement_args=("--quick",),
+    failover_minilm=False,
     create_environments=False,
 )
 

@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from benchmarks.suite import chat, concurrency, embeddings, load, routing, tools, voice
+from benchmarks.suite import chat, concurrency, embeddings, failover, load, routing, tools, voice
 from benchmarks.suite.measure import fmt, median
 
 REPRODUCE = "make bench"
@@ -194,6 +194,15 @@ def markdown(results: dict, plots: dict[str, str]) -> str:
         _notes(routed),
     ]
 
+    lost = _section(w, "failover")
+    out += ["## Failover across nodes (issue 17's workload)", ""]
+    out += [
+        " ".join((failover.__doc__ or "").split()).removeprefix("Workload: failover. "),
+        "",
+        _status_line(lost) + (failover.render(lost) if lost["status"] == "ran" else ""),
+        _notes(lost),
+    ]
+
     out += _script_section(
         w,
         plots,
@@ -277,6 +286,8 @@ def _targets(w: dict) -> list[tuple[str, str, str]]:
         rows.append(embeddings.overhead_target(w["overhead"]))
     if w.get("routing", {}).get("status") == "ran":
         rows.append(routing.target(w["routing"]))
+    if w.get("failover", {}).get("status") == "ran":
+        rows.append(failover.target(w["failover"]))
     if w.get("placement", {}).get("status") == "ran":
         rows.append(placement_target(w["placement"]))
     if w.get("fetch", {}).get("status") == "ran":

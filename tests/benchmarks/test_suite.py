@@ -11,11 +11,22 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.suite import concurrency, routing, voice
+from benchmarks.suite import concurrency, failover, report, routing, voice
 from benchmarks.suite.measure import percentile, ratio_per_round
 
 REPO = Path(__file__).resolve().parents[2]
 PNG = b"\x89PNG\r\n\x1a\n"
+_META = {
+    "date": "2026-12-03 08:00 UTC",
+    "commit": "abc1234",
+    "command": "python -m benchmarks.suite --only failover",
+    "machine": "2 CPUs",
+    "minutes": 3.0,
+    "load_before": 1.0,
+    "load_after": 2.0,
+    "quick": False,
+    "versions": {},
+}
 
 
 @pytest.mark.slow  # runs every benchmark workload once, the embedded Triton included
@@ -68,7 +79,8 @@ def test_an_unknown_workload_is_refused_with_the_list_of_workloads(tmp_path: Pat
     assert run.returncode == 2
     assert (
         "unknown workload(s) ['embedings']; choose from "
-        "fetch, load, embeddings, chat, tools, voice, overhead, routing, preload, concurrency, placement" in run.stderr
+        "fetch, load, embeddings, chat, tools, voice, overhead, routing, failover, preload, concurrency, placement"
+        in run.stderr
     )
     assert not (tmp_path / "BENCHMARKS.md").exists()
 
@@ -158,3 +170,39 @@ def test_issue_17s_routing_overhead_figures_and_target() -> None:
         "met",
     )
     assert "ratio 1.025× at p50" in routing.summary_line(data)
+
+
+def test_issue_17s_failover_figures_and_target() -> None:
+    data = {
+        "status": "ran",
+        "model": "lone",
+        "package": "MiniLM",
+        "clients": 16,
+        "lease_s": 10.0,
+        "load_s": 21.5,
+        "lost_s": 10.4,
+        "ready_s": 29.0,
+        "bound_s": 31.5,
+        "requests": {"lone": 900, "shared": 4000},
+        "outcomes": {
+            "lone": {"OK": 820, "UNAVAILABLE TRITON_UNAVAILABLE": 80},
+            "shared": {"OK": 4000},
+        },
+    }
+    table = failover.render(data)
+    assert "| the node is LOST (lease 10 s) | 10.4 |" in table
+    assert "| lone (MiniLM) is READY on the other node | **29.0** |" in table
+    assert "| the target: lease + its load measured in this run (21.5 s) | 31.5 |" in table
+    assert "lone (one copy) 900 requests, 80 errors (OK 820, UNAVAILABLE TRITON_UNAVAILABLE 80)" in table
+    assert "shared (a copy on each node) 4000 requests, 0 errors (OK 4000)" in table
+    assert failover.target(data) == (
+        "a lost node's models READY elsewhere within lease + load time",
+        "29.0 s vs 31.5 s (lease 10 + load 21.5)",
+        "met",
+    )
+    assert failover.target(data | {"ready_s": 40.0})[2] == "**missed**"
+    assert "READY elsewhere at 29.0 s against lease + load 31.5 s" in failover.summary_line(data)
+    # The report has its section, and its target among the targets.
+    doc = report.markdown({"meta": _META, "workloads": {"failover": data}}, {})
+    assert "## Failover across nodes (issue 17's workload)" in doc
+    assert "| a lost node's models READY elsewhere within lease + load time | 29.0 s vs 31.5 s" in doc

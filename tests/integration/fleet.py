@@ -1,31 +1,46 @@
 """A fleet on this machine for the fleet's integration tests: one registry and several nodes, each
 a real tritonserver and a real loader (`modelplane serve loader`, as production runs them), every
-process on its own ports with its own Triton repository and cache. A node can be SIGKILLed (Triton
-and loader together) and started again, which `modelplane up` cannot do: it restarts what dies.
+process on its own ports with its own Triton repository and cache, and optionally an inference
+service that routes to them. A node can be SIGKILLed (Triton and loader together) and started
+again, which `modelplane up` cannot do: it restarts what dies. The helpers at the end poll the
+registry for what the tests wait for.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import httpx
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from modelplane.common.grpc_errors import parse_rpc_error
 from modelplane.common.settings import TritonSettings
+from modelplane.common.types import Model, ModelSpec, ModelState, Task
+from modelplane.inference.v1 import inference_service_pb2 as pb
+from modelplane.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from modelplane.registry.client import RegistryClient
+from modelplane.registry.fleet import Node, NodeState, Placement
 from modelplane.triton.embedded import EmbeddedTriton
 from tests.conftest import free_port
+from tests.integration.services import _serve, grpc_serving
 
 STARTUP_SECONDS = 120
 LEASE_SECONDS = 10.0
+# Longest a client of `EmbedTraffic` waits before trying again when told to retry later.
+RETRY_WAIT_CAP_SECONDS = 2.0
+T = TypeVar("T")
 
 
 def _serving(address: str) -> bool:
@@ -170,12 +185,22 @@ class Fleet:
         parts = [f"--- registry\n{_tail(self.home / 'registry.log')}"]
         for node in self.nodes.values():
             parts.append(f"--- {node.node_id} loader\n{_tail(node.loader_log)}")
+        if (self.home / "inference.log").exists():
+            parts.append(f"--- inference\n{_tail(self.home / 'inference.log')}")
         return "\n".join(parts)
 
 
 @contextlib.contextmanager
-def running_fleet(home: Path, count: int, *, database_url: str = "", **node_env: str) -> Iterator[Fleet]:
-    """A registry and `count` nodes (node-0 …), each node with `node_env` on top of its settings."""
+def running_fleet(
+    home: Path,
+    count: int,
+    *,
+    database_url: str = "",
+    registry_env: Mapping[str, str] | None = None,
+    **node_env: str,
+) -> Iterator[Fleet]:
+    """A registry and `count` nodes (node-0 …), each node with `node_env` on top of its settings;
+    `registry_env` on top of the registry's (its placer is off unless that turns it on)."""
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     registry = f"127.0.0.1:{port}"
@@ -187,9 +212,10 @@ def running_fleet(home: Path, count: int, *, database_url: str = "", **node_env:
         "MODELPLANE_REGISTRY_HOST": "127.0.0.1",
         "MODELPLANE_REGISTRY_PORT": str(port),
         "MODELPLANE_REGISTRY_DATABASE_URL": database_url or f"sqlite+aiosqlite:///{home / 'registry.db'}",
-        # The tests place copies themselves (SetPlacements), as the placer would, so that what each
-        # node must hold is known; the placer's own decisions are tested in tests/registry.
+        # Unless `registry_env` turns the placer on, the tests place copies themselves (SetPlacements),
+        # as the placer would, so that what each node must hold is known (test_fleet.py).
         "MODELPLANE_REGISTRY_PLACER": "false",
+        **(registry_env or {}),
     }
     with log.open("wb") as output:
         registry_process = subprocess.Popen(
@@ -208,3 +234,220 @@ def running_fleet(home: Path, count: int, *, database_url: str = "", **node_env:
         for node in nodes.values():
             node.stop()
         _stop(registry_process)
+
+
+@contextlib.contextmanager
+def fleet_inference(fleet: Fleet) -> Iterator[str]:
+    """An inference service that routes to the fleet's nodes, learning them and their copies from
+    the registry's watch; yields its gRPC address. Nothing listens at its configured loader or
+    Triton address: every request goes to a node, or waits for the placer's copy."""
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    env = {
+        "MODELPLANE_INFERENCE_HOST": "127.0.0.1",
+        "MODELPLANE_INFERENCE_PORT": str(port),
+        "MODELPLANE_INFERENCE_METRICS_PORT": str(free_port()),
+        "MODELPLANE_INFERENCE_REGISTRY_ADDRESS": fleet.registry,
+        "MODELPLANE_INFERENCE_LOADER_ADDRESS": f"127.0.0.1:{free_port()}",
+        "MODELPLANE_TRITON_GRPC_ADDRESS": f"127.0.0.1:{free_port()}",
+    }
+    with _serve("inference", env, fleet.home / "inference.log", lambda: grpc_serving(address)):
+        yield address
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One request of `EmbedTraffic`: when it was sent, and how it ended."""
+
+    model: str
+    sent: float  # time.monotonic()
+    answered: float  # time.monotonic()
+    code: str  # "OK", or the gRPC status code's name
+    reason: str = ""  # the error's google.rpc.ErrorInfo reason
+    retry_after: float | None = None  # the error's google.rpc.RetryInfo delay
+
+
+class EmbedTraffic:
+    """Clients embedding one text at a time through an inference service, each on its own
+    channel, until stopped; every request's outcome is kept. `clients` maps a model to how many
+    clients send to it; each client sends at most `rate` requests/s (0: as fast as answers come).
+    A client told UNAVAILABLE waits the retry delay it was given (at most 2 s), as one that
+    follows the advice does."""
+
+    def __init__(self, address: str, clients: Mapping[str, int], *, rate: float = 0.0, timeout: float = 60.0) -> None:
+        self.address = address
+        self.clients = dict(clients)
+        self.rate = rate
+        self.timeout = timeout
+        self.outcomes: list[Outcome] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+
+    def start(self) -> None:
+        for model, count in self.clients.items():
+            for index in range(count):
+                self._tasks.append(asyncio.create_task(self._client(model, index), name=f"client-{model}-{index}"))
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        await asyncio.gather(*self._tasks)
+
+    async def __aenter__(self) -> EmbedTraffic:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _client(self, model: str, index: int) -> None:
+        async with grpc.aio.insecure_channel(self.address) as channel:
+            stub = pb_grpc.InferenceServiceStub(channel)
+            count, next_send = 0, time.monotonic()
+            while not self._stopping.is_set():
+                request = pb.EmbedRequest(model=model, inputs=[pb.EmbedInput(text=f"client {index} sentence {count}")])
+                sent, wait = time.monotonic(), 0.0
+                try:
+                    await stub.Embed(request, timeout=self.timeout)
+                    self.outcomes.append(Outcome(model, sent, time.monotonic(), "OK"))
+                except grpc.aio.AioRpcError as error:
+                    remote = parse_rpc_error(error)
+                    self.outcomes.append(
+                        Outcome(
+                            model, sent, time.monotonic(), remote.code.name, remote.reason, remote.retry_after_seconds
+                        )
+                    )
+                    if remote.code == grpc.StatusCode.UNAVAILABLE:
+                        wait = min(remote.retry_after_seconds or 0.0, RETRY_WAIT_CAP_SECONDS)
+                count += 1
+                if self.rate:
+                    next_send = max(next_send + 1 / self.rate, time.monotonic() - 1)
+                    wait = max(wait, next_send - time.monotonic())
+                if wait > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), wait)
+
+    def of(self, model: str) -> list[Outcome]:
+        return [o for o in self.outcomes if o.model == model]
+
+    def errors(self, model: str) -> list[Outcome]:
+        return [o for o in self.of(model) if o.code != "OK"]
+
+    async def served(self, models: list[str], *, since: float = 0.0) -> bool:
+        """Whether each model has answered a request sent at `since` or later."""
+        return all(any(o.code == "OK" and o.sent >= since for o in self.of(model)) for model in models)
+
+    def tally(self, model: str) -> dict[str, int]:
+        """Requests by outcome: OK, or the status code and reason of the errors."""
+        counted: dict[str, int] = {}
+        for o in self.of(model):
+            key = o.code if o.code == "OK" else f"{o.code} {o.reason}".strip()
+            counted[key] = counted.get(key, 0) + 1
+        return counted
+
+
+# Waiting for the registry to show something ------------------------------------------------------
+
+
+async def until(check: Callable[[], Awaitable[T | None]], what: str, fleet: Fleet, limit: float = 240) -> T:
+    """Polls `check` until it returns something; fails with the fleet's logs after `limit` s."""
+    deadline = time.monotonic() + limit
+    while True:
+        found = await check()
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} not seen within {limit:.0f} s\n{fleet.log_tail()}")
+        await asyncio.sleep(0.25)
+
+
+async def register(registry: RegistryClient, name: str, source: Path, **spec: object) -> None:
+    """Registers an embedding model kept loaded (desired LOADED)."""
+    await registry.register(ModelSpec(name=name, task=Task.EMBEDDING, source_uri=str(source), **spec), load=True)
+
+
+async def all_ready(registry: RegistryClient, names: list[str]) -> list[Model] | None:
+    models = [m for m in await registry.list_models() if m.name in names]
+    return models if len(models) == len(names) and all(m.state == ModelState.READY for m in models) else None
+
+
+def copies(placements: list[Placement]) -> dict[str, list[str]]:
+    """The nodes each model is placed on, sorted."""
+    where: dict[str, list[str]] = {}
+    for placement in placements:
+        where.setdefault(placement.model_name, []).append(placement.node_id)
+    return {name: sorted(nodes) for name, nodes in sorted(where.items())}
+
+
+async def node_in_state(registry: RegistryClient, node_id: str, state: NodeState) -> Node | None:
+    found = [n for n in await registry.list_nodes() if n.node_id == node_id and n.state == state]
+    return found[0] if found else None
+
+
+def other_node(node_id: str) -> str:
+    """The other node of a fleet of two."""
+    return "node-1" if node_id == "node-0" else "node-0"
+
+
+async def placed(registry: RegistryClient, name: str, count: int) -> list[Placement] | None:
+    """The model's placements when there are `count` of them."""
+    placements = await registry.list_placements([name])
+    return placements if len(placements) == count else None
+
+
+async def ready_copies(registry: RegistryClient, name: str, count: int) -> list[Placement] | None:
+    """The model's placements when there are `count` and every one is READY."""
+    placements = await placed(registry, name, count)
+    ready = placements is not None and all(p.status.state == ModelState.READY for p in placements)
+    return placements if ready else None
+
+
+async def ready_on(registry: RegistryClient, name: str, node_id: str) -> Placement | None:
+    found = [p for p in await registry.list_placements([name], [node_id]) if p.status.state == ModelState.READY]
+    return found[0] if found else None
+
+
+# A node killed under traffic ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Failover:
+    """What SIGKILLing a node under traffic cost, measured in one run (`kill_under_traffic`)."""
+
+    victim: str
+    survivor: str
+    load_seconds: float  # the lone copy's first load, on the victim: the survivor's cache is as cold
+    lost_after: float  # seconds from the kill until the registry says the victim is LOST
+    ready_after: float  # seconds from the kill until the lone copy is READY on the survivor
+    killed: float  # time.monotonic() of the kill
+    ready_seen: float  # time.monotonic() when the lone copy was seen READY on the survivor
+    traffic: EmbedTraffic
+
+    @property
+    def bound(self) -> float:
+        """The issue's target: a lost node's models READY elsewhere within lease + load time."""
+        return LEASE_SECONDS + self.load_seconds
+
+
+async def kill_under_traffic(fleet: Fleet, inference: str, *, shared: str, solo: str, clients: int) -> Failover:
+    """Waits for `shared` READY on both nodes of a fleet of two and `solo` READY on one; then
+    `clients` clients (half on each model) embed through `inference` while the node holding
+    solo's copy is SIGKILLed (Triton and loader together). Returns once solo's copy is READY on
+    the other node and a request for it has been answered there."""
+    async with RegistryClient(fleet.registry) as registry:
+        await until(lambda: ready_copies(registry, shared, 2), f"{shared} READY on both nodes", fleet)
+        [copy] = await until(lambda: ready_copies(registry, solo, 1), f"{solo} READY on one node", fleet)
+        load_seconds = sum(d.duration.total_seconds() for d in copy.status.phase_durations)
+        victim, survivor = copy.node_id, other_node(copy.node_id)
+        half = clients // 2
+        async with EmbedTraffic(inference, {shared: half, solo: clients - half}, timeout=30) as traffic:
+            await until(lambda: traffic.served([shared, solo]), "both models served", fleet, limit=60)
+            killed = time.monotonic()
+            fleet.nodes[victim].kill()
+            await until(lambda: node_in_state(registry, victim, NodeState.LOST), f"{victim} LOST", fleet, limit=60)
+            lost_after = time.monotonic() - killed
+            # Generous: the target three times over and a minute, on a machine the clients keep busy.
+            limit = 3 * (LEASE_SECONDS + load_seconds) + 60
+            await until(lambda: ready_on(registry, solo, survivor), f"{solo} READY on {survivor}", fleet, limit=limit)
+            ready_seen = time.monotonic()
+            await until(lambda: traffic.served([solo], since=ready_seen), f"{solo} served again", fleet, limit=60)
+    return Failover(victim, survivor, load_seconds, lost_after, ready_seen - killed, killed, ready_seen, traffic)

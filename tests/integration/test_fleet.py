@@ -18,19 +18,27 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
 from modelplane.common.errors import InvalidArgument
-from modelplane.common.types import DesiredState, Model, ModelSpec, ModelState, PlacementPolicy, Task
+from modelplane.common.types import DesiredState, Model, ModelState, PlacementPolicy
 from modelplane.registry.client import RegistryClient
 from modelplane.registry.fleet import Node, NodeState, Placement, PlacementTarget
 from tests.conftest import free_port
 from tests.encoders import save_tiny_bert
-from tests.integration.fleet import LEASE_SECONDS, Fleet, running_fleet
+from tests.integration.fleet import (
+    LEASE_SECONDS,
+    Fleet,
+    all_ready,
+    copies,
+    node_in_state,
+    register,
+    running_fleet,
+    until,
+)
 
 MIB = 2**20
 # As in test_budget.py: each copy holds about 34 MiB of its own, and the copies share about 25 MiB
@@ -42,7 +50,6 @@ NODE_ENV = {
     "MODELPLANE_LOADER_EVICTION_GRACE_SECONDS": "0.2",
     "MODELPLANE_LOADER_RECONCILE_INTERVAL_SECONDS": "5",
 }
-T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -58,34 +65,6 @@ def encoders(tmp_path_factory: pytest.TempPathFactory, minilm_path: Path) -> dic
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     with running_fleet(tmp_path_factory.mktemp("fleet"), 2, **NODE_ENV) as running:
         yield running
-
-
-async def until(check: Callable[[], Awaitable[T | None]], what: str, fleet: Fleet, limit: float = 240) -> T:
-    """Polls `check` until it returns something; fails with the fleet's logs after `limit` s."""
-    deadline = time.monotonic() + limit
-    while True:
-        found = await check()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} not seen within {limit:.0f} s\n{fleet.log_tail()}")
-        await asyncio.sleep(0.25)
-
-
-async def register(registry: RegistryClient, name: str, source: Path, **spec: object) -> None:
-    await registry.register(ModelSpec(name=name, task=Task.EMBEDDING, source_uri=str(source), **spec), load=True)
-
-
-async def all_ready(registry: RegistryClient, names: list[str]) -> list[Model] | None:
-    models = [m for m in await registry.list_models() if m.name in names]
-    return models if len(models) == len(names) and all(m.state == ModelState.READY for m in models) else None
-
-
-def copies(placements: list[Placement]) -> dict[str, list[str]]:
-    where: dict[str, list[str]] = {}
-    for placement in placements:
-        where.setdefault(placement.model_name, []).append(placement.node_id)
-    return {name: sorted(nodes) for name, nodes in sorted(where.items())}
 
 
 def cli(fleet: Fleet, *args: str) -> str:
@@ -165,7 +144,7 @@ async def test_a_node_killed_loses_its_lease_and_its_models_are_ready_elsewhere(
 
         killed = time.monotonic()
         fleet.nodes["node-1"].kill()
-        lost = await until(lambda: _node_state(registry, "node-1", NodeState.LOST), "node-1 LOST", fleet, limit=60)
+        lost = await until(lambda: node_in_state(registry, "node-1", NodeState.LOST), "node-1 LOST", fleet, limit=60)
         lost_after = time.monotonic() - killed
         # A copy on a LOST node does not count: the registry derives the model's status again.
         enc2 = await until(lambda: _not_ready(registry, "enc-2"), "enc-2 not READY once node-1 is LOST", fleet)
@@ -192,7 +171,7 @@ async def test_a_restarted_node_converges_without_flapping_or_double_loads(
     async with RegistryClient(fleet.registry) as registry:
         old = {n.node_id: n for n in await registry.list_nodes()}["node-1"]
         node.start()
-        new = await until(lambda: _node_state(registry, "node-1", NodeState.LIVE), "node-1 LIVE again", fleet)
+        new = await until(lambda: node_in_state(registry, "node-1", NodeState.LIVE), "node-1 LIVE again", fleet)
         assert new.incarnation > old.incarnation
         # It holds nothing (its copy moved while it was gone) and loads what it is given, once.
         start = max(e.id for e in await registry.events())
@@ -258,11 +237,6 @@ async def _only(registry: RegistryClient, expected: dict[str, list[str]]) -> boo
     placements = await registry.list_placements()
     ready = all(p.status.state == ModelState.READY for p in placements)
     return ready and copies(placements) == expected
-
-
-async def _node_state(registry: RegistryClient, node_id: str, state: NodeState) -> Node | None:
-    found = [n for n in await registry.list_nodes() if n.node_id == node_id and n.state == state]
-    return found[0] if found else None
 
 
 async def _not_ready(registry: RegistryClient, name: str) -> Model | None:

@@ -207,7 +207,11 @@ async def test_a_lost_nodes_placements_are_removed_and_placed_on_a_live_node(
         [placement] = await _eventually(moved, "the copy moved to node-1")
         assert "node node-0 is lost" not in placement.decision  # a new placement, with its own reason
         events = await client.events(name="kept")
-        assert any(e.node_id == "node-0" and "removed from node node-0" in e.message for e in events)
+        # The model's history says why, as the placer decided it, not only that the placer did it.
+        removed = [e.message for e in events if e.node_id == "node-0" and "removed from node node-0" in e.message]
+        assert removed == [
+            "removed from node node-0: node node-0 is lost (its lease expired); the copy is placed again elsewhere"
+        ]
 
 
 async def test_a_hot_model_gets_a_copy_per_node_its_rate_needs(
@@ -229,6 +233,29 @@ async def test_a_hot_model_gets_a_copy_per_node_its_rate_needs(
         placements = await _eventually(three_copies, "three copies of the hot model")
         assert sorted(p.node_id for p in placements) == ["node-0", "node-1", "node-2"]
         assert all("3 copies of 20 requests/s each serve it" in p.decision for p in placements)
+
+
+async def test_what_one_copy_serves_and_how_young_a_copy_stays_are_the_operators_settings(
+    database_url: str, fleet_of: Callable[[RegistryClient], Fleet]
+) -> None:
+    """A copy on a CPU node serves far fewer requests than 20/s; the operator says how many."""
+    settings = {"placer_copy_capacity_rps": 2.0, "placer_min_copy_age_seconds": 5.0}
+    async with _registry(database_url, **settings) as (service, client):
+        fleet = fleet_of(client)
+        for node_id in ("node-0", "node-1", "node-2"):
+            await fleet.add(node_id)
+        await client.register(_spec("warm"))
+        # About 4.7 requests/s forecast: one copy at the default 20 per copy, three at 2 per copy.
+        now = datetime.now(UTC)
+        await client.record_requests([RequestCount(model_name="warm", count=500, last_request_time=now)])
+
+        async def three_copies() -> list[Placement]:
+            placements = await client.list_placements(["warm"])
+            return placements if len(placements) == 3 else []
+
+        placements = await _eventually(three_copies, "three copies of a model at 2 requests/s per copy")
+        assert all("3 copies of 2 requests/s each serve it" in p.decision for p in placements)
+        assert service.placer is not None and service.placer.policy.min_copy_age_seconds == 5.0
 
 
 # Leadership -------------------------------------------------------------------------------------

@@ -159,6 +159,11 @@ async def test_a_node_its_placements_and_the_derived_model_over_grpc(client: Reg
         await client.renew_node_lease("node-0", node.incarnation + 1)
     assert lost.value.reason == "NODE_LEASE_LOST"
     assert "no longer holds it: stop serving its copies and register again" in lost.value.message
+    # A removal carries its reason over the wire into the model's events.
+    why = {("minilm", "node-0"): "moved: node-0 is draining"}
+    _, [removed] = await client.set_placements([], [("minilm", "node-0")], reasons=why)
+    assert removed.key == ("minilm", "node-0")
+    assert (await client.events("minilm"))[-1].message == "removed from node node-0: moved: node-0 is draining"
 
 
 async def test_reflection_describes_the_fleet_rpcs(registry: RegistryService) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime, timedelta
 
 import grpc
@@ -244,11 +244,14 @@ class RegistryClient:
         removals: Sequence[tuple[str, str]] = (),
         *,
         leader_holder: str = "",
+        reasons: Mapping[tuple[str, str], str] | None = None,
     ) -> tuple[list[Placement], list[Placement]]:
-        """The placer's writes, in one transaction: the placements as stored, and those removed."""
+        """The placer's writes, in one transaction: the placements as stored, and those removed.
+        `reasons`: why each removal (model, node) is made, for the model's events."""
+        why = reasons or {}
         request = pb.SetPlacementsRequest(
             placements=[to_proto(t, pb.PlacementTarget) for t in targets],
-            removals=[pb.PlacementRef(model_name=m, node_id=n) for m, n in removals],
+            removals=[pb.PlacementRef(model_name=m, node_id=n, reason=why.get((m, n), "")) for m, n in removals],
             leader_holder=leader_holder,
         )
         response = await self._call("SetPlacements", request)

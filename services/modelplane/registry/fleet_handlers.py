@@ -6,7 +6,7 @@ store applies each rule inside the transaction that writes its result (fleet_sto
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -238,7 +238,11 @@ class FleetHandler:
         removals: Sequence[tuple[str, str]] = (),
         *,
         leader_holder: str = "",
+        reasons: Mapping[tuple[str, str], str] | None = None,
     ) -> tuple[list[Placement], list[Placement]]:
+        """Writes placements and removes others in one transaction; `reasons` says why each
+        removal (model, node) is made, in the model's events."""
+        why = reasons or {}
         keys = [(t.model_name, t.node_id) for t in targets]
         twice = sorted({k for k in keys if keys.count(k) > 1} | (set(keys) & set(removals)))
         if twice:
@@ -254,7 +258,7 @@ class FleetHandler:
                 removed = scope.placements.get(key)
                 if removed is not None:
                     writes.removals.append(removed)
-                    writes.events.append(removal_event(removed, "the placer removed it"))
+                    writes.events.append(removal_event(removed, why.get(key) or "the placer removed it"))
             for target in targets:
                 placement, event = _place(target, scope)
                 if placement is not None:

@@ -193,7 +193,11 @@ class Placer:
         self.fleet = fleet
         self.settings = settings
         self.holder = holder or new_holder("registry")
-        self.policy = PlacementPolicy(strategy=Strategy(settings.placer_strategy))
+        self.policy = PlacementPolicy(
+            strategy=Strategy(settings.placer_strategy),
+            copy_capacity_rps=settings.placer_copy_capacity_rps,
+            min_copy_age_seconds=settings.placer_min_copy_age_seconds,
+        )
         self.leader = False
         self.last_plan: PlacementPlan | None = None
         self._wake = asyncio.Event()
@@ -435,7 +439,12 @@ class Placer:
         ]
         removals = [(c.model, c.node) for c in result.removes]
         try:
-            await self.fleet.set_placements(targets, removals, leader_holder=self.holder if leader else "")
+            await self.fleet.set_placements(
+                targets,
+                removals,
+                leader_holder=self.holder if leader else "",
+                reasons={(c.model, c.node): c.reason for c in result.removes},
+            )
         except NotPlacerLeader:
             self._set_leader(False)
             raise

@@ -156,6 +156,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             converters.targets_from_proto(request),
             [(r.model_name, r.node_id) for r in request.removals],
             leader_holder=request.leader_holder,
+            reasons={(r.model_name, r.node_id): r.reason for r in request.removals if r.reason},
         )
         return pb.SetPlacementsResponse(
             placements=[converters.placement_to_proto(p) for p in placements],

@@ -40,6 +40,13 @@ class RegistrySettings(ServerSettings):
     placer_strategy: Literal["spread", "binpack"] = "spread"
     """Where new copies go among nodes with room: spread (the most memory left) or binpack (the
     least left)."""
+    placer_copy_capacity_rps: float = Field(default=20.0, gt=0)
+    """Requests/s one copy of a model serves: a model gets ceil(rate / this) copies as its
+    forecast rate rises (at most one per node). A copy on a CPU node serves far fewer than one on
+    a GPU; set it to what one of this fleet's copies sustains."""
+    placer_min_copy_age_seconds: float = Field(default=300.0, ge=0)
+    """No copy younger than this is removed because demand fell (seconds; ModelMesh's minimum
+    churn age): a burst does not load and unload the same copy."""
     placer_forecast_horizon_seconds: float = Field(default=300.0, gt=0)
     """The horizon over which request rates are forecast for placing copies ahead of requests
     (seconds; the loader's preloading horizon)."""

@@ -1256,19 +1256,26 @@ class PlacementRef(_message.Message):
 
     MODEL_NAME_FIELD_NUMBER: _builtins.int
     NODE_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """The model's name."""
     node_id: _builtins.str
     """The node's id."""
+    reason: _builtins.str
+    """Why the placement is removed, in words an operator can act on; recorded
+    in the model's events. Absent: the event says only that the placer
+    removed it.
+    """
     def __init__(
         self,
         *,
         model_name: _builtins.str = ...,
         node_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_name", b"model_name", "node_id", b"node_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_name", b"model_name", "node_id", b"node_id", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
