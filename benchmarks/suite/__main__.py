@@ -1,6 +1,6 @@
 """`make bench`: modelplane against the alternatives a user would pick, side by side, in one run.
 
-    .venv/bin/python -m benchmarks.suite                      # everything, about 16 minutes on 2 cores
+    .venv/bin/python -m benchmarks.suite                      # everything, about 25 minutes on 2 cores
     .venv/bin/python -m benchmarks.suite --only embeddings,overhead
     .venv/bin/python -m benchmarks.suite --quick --no-stack --only fetch,embeddings --out /tmp/b
 

@@ -250,8 +250,9 @@ def markdown(results: dict, plots: dict[str, str]) -> str:
         "",
         "## Reproduce",
         "",
-        "`make bench` (about 16 minutes on 2 cores; the first run on a machine also creates infinity-emb's and "
-        "llama-cpp-python's environments under `~/.cache/modelplane/bench/`). `BENCH_ARGS='--only embeddings,"
+        "`make bench` (about 25 minutes on 2 cores; the first run on a machine also builds llama-cpp-python and "
+        "creates infinity-emb's and llama-cpp-python's environments under `~/.cache/modelplane/bench/`). "
+        "`BENCH_ARGS='--only embeddings,"
         "overhead'` runs a subset; `.venv/bin/python -m benchmarks.suite --help` lists the options. Versions: "
         + ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items())
         + ".",

@@ -7,7 +7,7 @@ users see. A node SIGKILLed (Triton and loader together) loses its lease, its co
 models are READY again elsewhere; started again it converges without loading anything twice.
 
 What costs time: four tritonservers started (two per fleet), nine tiny encoders loaded, two lease
-expiries of 3 s; about 2-3 minutes on a quiet 2-core machine.
+expiries of 10 s; about 2-3 minutes on a quiet 2-core machine.
 """
 
 from __future__ import annotations
