@@ -10,19 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from modelplane.common.settings import TritonSettings
 from modelplane.loader.errors import LoadTimedOut, TritonUnavailable
 from modelplane.loader.triton_control import TritonControl
 from modelplane.triton.embedded import EmbeddedTriton
-from tests.conftest import free_port
+from tests.triton.conftest import triton_settings, write_python_model
 
-_CONFIG = """name: "stuck"
-backend: "python"
-max_batch_size: 0
-input [{ name: "x" data_type: TYPE_FP32 dims: [ -1 ] }]
-output [{ name: "y" data_type: TYPE_FP32 dims: [ -1 ] }]
-instance_group [{ kind: KIND_CPU count: 1 }]
-"""
 _MODEL = """import time
 
 
@@ -37,15 +29,8 @@ class TritonPythonModel:
 
 @pytest.fixture
 async def control(tmp_path: Path) -> AsyncIterator[TritonControl]:
-    (tmp_path / "models" / "stuck" / "1").mkdir(parents=True)
-    (tmp_path / "models" / "stuck" / "config.pbtxt").write_text(_CONFIG)
-    (tmp_path / "models" / "stuck" / "1" / "model.py").write_text(_MODEL)
-    settings = TritonSettings(
-        grpc_address=f"127.0.0.1:{free_port()}",
-        http_port=free_port(),
-        metrics_port=free_port(),
-        model_repository=tmp_path / "models",
-    )
+    write_python_model(tmp_path / "models", "stuck", _MODEL)
+    settings = triton_settings(tmp_path / "models")
     triton = EmbeddedTriton(settings, workdir=tmp_path / "triton")
     await triton.start()
     control = TritonControl(settings.grpc_address)

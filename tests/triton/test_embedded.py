@@ -17,15 +17,11 @@ from modelplane.common.settings import TritonSettings
 from modelplane.loader.triton_control import TritonControl
 from modelplane.triton.embedded import EmbeddedTriton, TritonStartError
 from tests.conftest import free_port
+from tests.triton.conftest import triton_settings
 
 
 async def test_starts_restarts_after_sigkill_and_stops(tmp_path: Path) -> None:
-    settings = TritonSettings(
-        grpc_address=f"127.0.0.1:{free_port()}",
-        http_port=free_port(),
-        metrics_port=free_port(),
-        model_repository=tmp_path / "models",
-    )
+    settings = triton_settings(tmp_path / "models")
     triton = EmbeddedTriton(settings, workdir=tmp_path / "triton")
     await triton.start()
     control = TritonControl(settings.grpc_address)
@@ -52,12 +48,7 @@ async def test_a_start_that_fails_is_tried_again(tmp_path: Path) -> None:
     holder = socket.socket()
     holder.bind(("127.0.0.1", http_port))
     holder.listen()
-    settings = TritonSettings(
-        grpc_address=f"127.0.0.1:{free_port()}",
-        http_port=http_port,
-        metrics_port=free_port(),
-        model_repository=tmp_path / "models",
-    )
+    settings = triton_settings(tmp_path / "models", http_port=http_port)
     triton = EmbeddedTriton(settings, workdir=tmp_path / "triton")
     loop = asyncio.get_running_loop()
     loop.call_later(1.0, holder.close)

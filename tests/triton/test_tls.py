@@ -16,15 +16,8 @@ from modelplane.inference.triton import TritonInferer
 from modelplane.loader.triton_control import TritonControl
 from modelplane.triton.client import TritonTls, TritonTlsError
 from modelplane.triton.embedded import EmbeddedTriton
-from tests.conftest import free_port
+from tests.triton.conftest import triton_settings, write_python_model
 
-_CONFIG = """name: "doubler"
-backend: "python"
-max_batch_size: 0
-input [{ name: "x" data_type: TYPE_FP32 dims: [ -1 ] }]
-output [{ name: "y" data_type: TYPE_FP32 dims: [ -1 ] }]
-instance_group [{ kind: KIND_CPU count: 1 }]
-"""
 _MODEL = """import triton_python_backend_utils as pb_utils
 
 
@@ -36,12 +29,6 @@ class TritonPythonModel:
             answers.append(pb_utils.InferenceResponse([pb_utils.Tensor("y", x * 2)]))
         return answers
 """
-
-
-def _doubler(repository: Path) -> None:
-    (repository / "doubler" / "1").mkdir(parents=True)
-    (repository / "doubler" / "config.pbtxt").write_text(_CONFIG)
-    (repository / "doubler" / "1" / "model.py").write_text(_MODEL)
 
 
 def _tls(certs: Path, identity: str, *, ca: Path | None = None) -> TritonTls:
@@ -59,19 +46,16 @@ async def test_the_loader_and_the_inference_service_reach_triton_under_mutual_tl
     certs, stranger = tmp_path / "certs", tmp_path / "other-ca"
     init_certificates(certs)
     init_certificates(stranger)
-    _doubler(tmp_path / "models")
-    address = f"127.0.0.1:{free_port()}"
+    write_python_model(tmp_path / "models", "doubler", _MODEL)
     # The embedded Triton serves with the certificate it is given; any service's `certs init`
     # certificate serves both ends and names 127.0.0.1.
-    server = TritonSettings(
-        grpc_address=address,
-        http_port=free_port(),
-        metrics_port=free_port(),
-        model_repository=tmp_path / "models",
+    server = triton_settings(
+        tmp_path / "models",
         tls_ca_file=certs / "ca.crt",
         tls_cert_file=certs / "loader.crt",
         tls_key_file=certs / "loader.key",
     )
+    address = server.grpc_address
     triton = EmbeddedTriton(server, workdir=tmp_path / "triton")
     assert {"--grpc-use-ssl=true", "--grpc-use-ssl-mutual=true"} <= set(triton.command())
     await triton.start()
