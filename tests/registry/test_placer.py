@@ -214,6 +214,16 @@ async def test_a_lost_nodes_placements_are_removed_and_placed_on_a_live_node(
         ]
 
 
+async def _copies(client: RegistryClient, name: str, count: int, what: str) -> list[Placement]:
+    """The model's placements, once there are `count` of them."""
+
+    async def enough() -> list[Placement]:
+        placements = await client.list_placements([name])
+        return placements if len(placements) == count else []
+
+    return await _eventually(enough, what)
+
+
 async def test_a_hot_model_gets_a_copy_per_node_its_rate_needs(
     database_url: str, fleet_of: Callable[[RegistryClient], Fleet]
 ) -> None:
@@ -226,11 +236,7 @@ async def test_a_hot_model_gets_a_copy_per_node_its_rate_needs(
         now = datetime.now(UTC)
         await client.record_requests([RequestCount(model_name="hot", count=5000, last_request_time=now)])
 
-        async def three_copies() -> list[Placement]:
-            placements = await client.list_placements(["hot"])
-            return placements if len(placements) == 3 else []
-
-        placements = await _eventually(three_copies, "three copies of the hot model")
+        placements = await _copies(client, "hot", 3, "three copies of the hot model")
         assert sorted(p.node_id for p in placements) == ["node-0", "node-1", "node-2"]
         assert all("3 copies of 20 requests/s each serve it" in p.decision for p in placements)
 
@@ -249,11 +255,7 @@ async def test_what_one_copy_serves_and_how_young_a_copy_stays_are_the_operators
         now = datetime.now(UTC)
         await client.record_requests([RequestCount(model_name="warm", count=500, last_request_time=now)])
 
-        async def three_copies() -> list[Placement]:
-            placements = await client.list_placements(["warm"])
-            return placements if len(placements) == 3 else []
-
-        placements = await _eventually(three_copies, "three copies of a model at 2 requests/s per copy")
+        placements = await _copies(client, "warm", 3, "three copies of a model at 2 requests/s per copy")
         assert all("3 copies of 2 requests/s each serve it" in p.decision for p in placements)
         assert service.placer is not None and service.placer.policy.min_copy_age_seconds == 5.0
 
