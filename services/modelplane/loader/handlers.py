@@ -9,13 +9,13 @@ their decisions to the residency to carry out; memory.py admits loads into the b
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Callable
 
 import structlog
 
 from modelplane.common.errors import ModelplaneError
 from modelplane.common.types import DesiredState, Model, ModelState
+from modelplane.common.waiting import wait_set
 from modelplane.loader.decisions import Decision, Discard, Load
 from modelplane.loader.maintenance import BudgetMaintenance
 from modelplane.loader.memory import DeviceReport, MemoryManager
@@ -219,8 +219,7 @@ class LoaderHandler:
             if was_live and not live:
                 log.warning("triton is gone; models will be reloaded when it is back")
             was_live = live
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), timeout=1.0)
+            await wait_set(self._kick, 1.0)
             since_reconcile += 1.0
             if self._kick.is_set():
                 self._kick.clear()  # with Triton gone, the round when it is back covers it

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from modelplane.common.types import Model, ModelState, Priority, RuntimeTarget
+from modelplane.common.waiting import wait_set
 from modelplane.loader import metrics
 from modelplane.loader.budget import Claim, Holder, MemoryBudget, effective, mib
 from modelplane.loader.decisions import Unload
@@ -229,8 +230,7 @@ class MemoryManager:
         if remaining <= 0:
             raise self._timed_out(name, nbytes, priority, devices)
         # Woken by every change of the budget; re-checked regularly for memory freed outside it.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.changed.wait(), timeout=min(remaining, _RECHECK_SECONDS))
+        await wait_set(self.changed, min(remaining, _RECHECK_SECONDS))
 
     def _timed_out(self, name: str, nbytes: int, priority: Priority, devices: Sequence[str]) -> BudgetExceeded:
         waited = self.settings.memory_wait_seconds
