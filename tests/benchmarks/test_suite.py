@@ -206,3 +206,47 @@ def test_issue_17s_failover_figures_and_target() -> None:
     doc = report.markdown({"meta": _META, "workloads": {"failover": data}}, {})
     assert "## Failover across nodes (issue 17's workload)" in doc
     assert "| a lost node's models READY elsewhere within lease + load time | 29.0 s vs 31.5 s" in doc
+
+
+def test_failover_steps_the_replacement_load_and_the_control_plane_overhead() -> None:
+    data = {
+        "status": "ran",
+        "model": "lone",
+        "package": "MiniLM",
+        "clients": 16,
+        "lease_s": 10.0,
+        "load_s": 16.5,
+        "lost_s": 9.9,
+        "ready_s": 27.9,
+        "ready_seen_s": 28.1,
+        "bound_s": 26.5,
+        "steps_s": {"lease_expired": 8.1, "lost": 8.15, "placed": 8.2, "load_started": 8.3, "ready": 27.9},
+        "phases_s": [["FETCHING", 0.4], ["VERIFYING", 0.3], ["CONVERTING", 15.0], ["STAGED", 0.1], ["LOADING", 3.8]],
+        "replacement_load_s": 19.6,
+        "replacement_bound_s": 29.6,
+        "control_plane_s": 0.2,
+        "requests": {"lone": 900, "shared": 4000},
+        "outcomes": {"lone": {"OK": 820, "UNAVAILABLE TRITON_UNAVAILABLE": 80}, "shared": {"OK": 4000}},
+    }
+    table = failover.render(data)
+    assert "| the node's lease ran out (lease 10 s, renewed every third of it) | 8.1 |" in table
+    assert "| the registry announced the node LOST | 8.2 |" in table
+    assert "| that node's loader started the load | 8.3 |" in table
+    assert (
+        "| lone (MiniLM) is READY on the other node (load 19.6 s: FETCHING 0.4, VERIFYING 0.3, CONVERTING 15.0, "
+        "STAGED 0.1, LOADING 3.8) | **27.9** |"
+    ) in table
+    assert "| the target: lease + the load of that copy | 29.6 |" in table
+    assert "| the old target: lease + the first load in this run, before the traffic (16.5 s) | 26.5 |" in table
+    overhead = "Control plane (neither the lease's wait nor the load: LOST recorded, placed, load started): **0.20 s**"
+    assert overhead in table
+    assert failover.target(data) == (
+        "a lost node's models READY elsewhere within lease + load time",
+        "27.9 s vs 29.6 s (lease 10 + the replacement's load 19.6; control plane 0.20 s; against the first load "
+        "16.5: 26.5 s)",
+        "met",
+    )
+    assert failover.target(data | {"ready_s": 30.0})[2] == "**missed**"
+    summary = failover.summary_line(data)
+    assert "lease ran out 8.10, LOST announced 8.15, placed 8.20, load started 8.30, READY 27.90 s" in summary
+    assert "control plane 0.20 s" in summary

@@ -1,6 +1,7 @@
 """A fleet of two nodes on this machine (tests/integration/fleet.py): each a real tritonserver and a
-real loader in fleet mode, one registry (SQLite, and real PostgreSQL), small real-architecture BERT
-encoders as the models, and a host budget per node that holds two of them.
+real loader in fleet mode, one registry on SQLite (test_fleet_postgres.py runs two replicas on real
+PostgreSQL), small real-architecture BERT encoders as the models, and a host budget per node that
+holds two of them.
 
 The nodes hold what their placements say and record each copy's state; the registry derives what
 users see. A node SIGKILLed (Triton and loader together) loses its lease, its copies move, and its

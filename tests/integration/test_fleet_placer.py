@@ -135,12 +135,17 @@ async def test_a_node_killed_under_32_clients_costs_errors_only_where_no_other_c
         everywhere = await all_ready(registry, ["shared", "solo"])
         where = copies(await registry.list_placements(["shared", "solo"]))
 
+    t = failover.timeline
     print(
         f"\n{CLIENTS} clients, {len(traffic.outcomes)} requests; shared (a copy on each node): "
         f"{traffic.tally('shared')}; solo (its one copy on {failover.victim}): {traffic.tally('solo')}\n"
         f"{failover.victim} LOST {failover.lost_after:.1f} s after SIGKILL (lease {LEASE_SECONDS:g} s); solo READY "
         f"on {failover.survivor} {failover.ready_after:.1f} s after SIGKILL, against lease + its measured load "
-        f"({failover.load_seconds:.1f} s) = {failover.bound:.1f} s"
+        f"({failover.load_seconds:.1f} s) = {failover.first_bound:.1f} s\n"
+        f"steps after SIGKILL: lease ran out {t.lease_expired:.2f}, LOST announced {t.lost:.2f}, "
+        f"placed {t.placed:.2f}, load started {t.load_started:.2f}, READY {t.ready:.2f} s; "
+        f"the replacement's load {t.load:.1f} s ({', '.join(f'{s} {seconds:.1f}' for s, seconds in t.phases)}); "
+        f"control plane {t.control_plane:.2f} s"
     )
     assert traffic.errors("shared") == []
     errors = traffic.errors("solo")
@@ -149,6 +154,8 @@ async def test_a_node_killed_under_32_clients_costs_errors_only_where_no_other_c
     outside = [e for e in errors if not (e.answered >= failover.killed and e.sent < failover.ready_seen)]
     assert outside == [], outside[:5]
     assert failover.load_seconds > 0
+    # The registry's records are in the order of what happened (each from a clock of this machine).
+    assert t.lease_expired <= t.lost and t.placed <= t.load_started < t.ready
     assert everywhere is not None
     assert where == {"shared": [failover.survivor], "solo": [failover.survivor]}
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import shutil
 import signal
@@ -55,7 +56,10 @@ class TritonNode:
     process: subprocess.Popen[bytes]
 
     def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
+        """The node dies: tritonserver and its python-backend stubs, its process group (a stub
+        whose server is SIGKILLed alone can outlive it: two held 550 MiB for 38 minutes after a run)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait()
 
 
@@ -82,7 +86,9 @@ def _start_triton(node_id: str, repository: Path, workdir: Path) -> TritonNode:
     embedded = EmbeddedTriton(settings, workdir=workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     with (workdir / "tritonserver.log").open("wb") as log:
-        process = subprocess.Popen(embedded.command(), env=embedded.environment(), stdout=log, stderr=log)
+        process = subprocess.Popen(
+            embedded.command(), env=embedded.environment(), stdout=log, stderr=log, start_new_session=True
+        )
     deadline = time.monotonic() + 120
     while True:
         with contextlib.suppress(httpx.HTTPError):

@@ -36,10 +36,11 @@ from modelplane.common.types import (
     Task,
 )
 from modelplane.registry.client import RegistryClient
-from modelplane.registry.fleet import PLACER_LEASE, Node, NodeDevice, Placement
+from modelplane.registry.fleet import PLACER_LEASE, Node, NodeDevice, NodeState, Placement
 from modelplane.registry.server import RegistryService
 from modelplane.registry.settings import RegistrySettings
 from modelplane.registry.store import RegistryStore
+from modelplane.registry.watch import NodeChange
 from tests.postgres import PostgresServer
 
 GIB = 2**30
@@ -212,6 +213,55 @@ async def test_a_lost_nodes_placements_are_removed_and_placed_on_a_live_node(
         assert removed == [
             "removed from node node-0: node node-0 is lost (its lease expired); the copy is placed again elsewhere"
         ]
+
+
+async def test_a_node_is_lost_as_its_lease_lapses_and_its_copy_placed_again_at_once(
+    database_url: str, fleet_of: Callable[[RegistryClient], Fleet]
+) -> None:
+    """Neither the sweep nor the placer waits on a timer when a node dies: with a sweep interval, a
+    placer interval and a placer debounce of a minute each, the node is announced LOST when its 5 s
+    lease lapses, and its copy is placed on the other node right after."""
+    minute = {
+        "node_sweep_interval_seconds": 60.0,
+        "placer_interval_seconds": 60.0,
+        "placer_debounce_seconds": 60.0,
+        "placer_lease_seconds": 180.0,
+    }
+    async with _registry(database_url, **minute) as (service, client):
+        placer = service.placer
+        assert placer is not None
+        await _eventually(lambda: placer.leader, "the only replica leads")
+        fleet = fleet_of(client)
+        await fleet.add("node-0")
+        await fleet.add("node-1")
+        await client.register(_spec("kept", placement=PlacementPolicy(max_copies=1)), load=True)
+        await placer.round()  # the first placement, without waiting for the loop's debounce
+        [first] = await client.list_placements(["kept"])
+        survivor = "node-1" if first.node_id == "node-0" else "node-0"
+        announced: list[tuple[Node, datetime]] = []
+        watching = asyncio.Event()
+
+        async def follow() -> None:
+            async for change in client.watch_fleet(node_ids=[first.node_id], names=["kept"], include_placements=False):
+                watching.set()
+                if isinstance(change, NodeChange) and change.node.state == NodeState.LOST:
+                    announced.append((change.node, datetime.now(UTC)))
+                    return
+
+        follower = asyncio.create_task(follow())
+        await asyncio.wait_for(watching.wait(), 30)
+        await fleet.lose(first.node_id)
+        # A minute's sweep interval would announce it a minute after the registry started.
+        await asyncio.wait_for(follower, 20)
+        [(lost, heard)] = announced
+        assert lost.lease_expire_time is not None and lost.lease_expire_time <= heard
+
+        async def moved() -> list[Placement]:
+            placements = await client.list_placements(["kept"])
+            return placements if [p.node_id for p in placements] == [survivor] else []
+
+        # A minute's debounce would place it a minute after the node was lost.
+        await _eventually(moved, f"the copy placed on {survivor}", within=20)
 
 
 async def _copies(client: RegistryClient, name: str, count: int, what: str) -> list[Placement]:

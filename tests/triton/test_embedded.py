@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import inspect
 import os
 import shutil
 import signal
 import socket
 import subprocess
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,7 @@ from modelplane.common.settings import TritonSettings
 from modelplane.loader.triton_control import TritonControl
 from modelplane.triton.embedded import EmbeddedTriton, TritonStartError
 from tests.conftest import free_port
-from tests.triton.conftest import triton_settings
+from tests.triton.conftest import triton_settings, write_python_model
 
 
 async def test_starts_restarts_after_sigkill_and_stops(tmp_path: Path) -> None:
@@ -39,6 +42,91 @@ async def test_starts_restarts_after_sigkill_and_stops(tmp_path: Path) -> None:
         await control.close()
         await triton.stop()
     assert triton.process.returncode is not None
+
+
+_IDLE_MODEL = """class TritonPythonModel:
+    def execute(self, requests):
+        return []
+"""
+
+
+def _stubs_of(server: int) -> list[int]:
+    """The live python-backend stubs tritonserver `server` started (its children, by /proc)."""
+    stubs = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+            if int(ppid) == server and state != "Z" and "stub" in os.readlink(entry / "exe"):
+                stubs.append(int(entry.name))
+    return stubs
+
+
+def _alive(pids: list[int]) -> list[int]:
+    """Those of `pids` still running (a zombie has ended)."""
+    running = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            if (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                running.append(pid)
+    return running
+
+
+def _stop(pids: list[int]) -> None:
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+
+
+async def _until(check: Callable[[], Awaitable[bool] | bool], what: str) -> None:
+    for _ in range(300):
+        result = check()
+        if await result if inspect.isawaitable(result) else result:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{what}: not so after 30 s")
+
+
+async def test_a_killed_tritons_python_backend_stubs_do_not_outlive_it(tmp_path: Path) -> None:
+    """A python-backend stub leaves when it notices that its tritonserver has gone, unless it
+    cannot: one was seen hung on its way out for 50 minutes holding 365 MiB (a llama.cpp model's)
+    after its Triton was SIGKILLed. Here the stubs are stopped (SIGSTOP) so that they cannot notice.
+    The supervisor ends them when it sees Triton die; when the supervisor died with it, the next
+    start does."""
+    repository = tmp_path / "models"
+    write_python_model(repository, "idle", _IDLE_MODEL)
+    settings = triton_settings(repository)
+    triton = EmbeddedTriton(settings, workdir=tmp_path / "triton")
+    await triton.start()
+    control = TritonControl(settings.grpc_address)
+    try:
+        assert triton.process is not None
+        await control.load("idle", timeout_seconds=120)
+        stubs = _stubs_of(triton.process.pid)
+        assert stubs
+        _stop(stubs)
+        os.kill(triton.process.pid, signal.SIGKILL)
+        await _until(lambda: triton.restarts == 1 and control.is_live(), "triton restarted")
+        await _until(lambda: not _alive(stubs), "the dead triton's stubs gone")
+
+        # Now the supervisor dies with Triton (`modelplane up` killed outright): nothing ends the stubs.
+        await control.load("idle", timeout_seconds=120)
+        server = triton.process.pid
+        stubs = _stubs_of(server)
+        assert stubs
+        _stop(stubs)
+        assert triton._supervisor is not None
+        triton._supervisor.cancel()
+        os.kill(server, signal.SIGKILL)
+        await triton.process.wait()
+        assert _alive(stubs) == stubs  # they outlive it
+        again = EmbeddedTriton(settings, workdir=tmp_path / "triton")
+        await again.start()
+        try:
+            await _until(lambda: not _alive(stubs), "the stubs of the triton before gone at the next start")
+        finally:
+            await again.stop()
+    finally:
+        await control.close()
+        await triton.stop()
 
 
 async def test_a_start_that_fails_is_tried_again(tmp_path: Path) -> None:

@@ -178,6 +178,19 @@ class FleetStore:
                 await self._derive(write, await self._models_on(connection, [n.node_id for n in lost]), now)
         return lost
 
+    async def next_lease_expiry(self) -> float | None:
+        """Seconds until the earliest lease of a node not yet recorded LOST runs out (0 or less when
+        one has run out already); None when every node is recorded LOST, or there is none."""
+        table = schema.nodes
+        query = (
+            sa.select(table).where(table.c.state != int(NodeState.LOST)).order_by(table.c.lease_expire_time).limit(1)
+        )
+        async with self._store.engine.connect() as connection:
+            now = await self._store.now(connection)
+            row = (await connection.execute(query)).first()
+        expiry = node_from_row(row).lease_expire_time if row else None
+        return (expiry - now).total_seconds() if expiry is not None else None
+
     # Placements -------------------------------------------------------------------------------
 
     async def set_placements(

@@ -8,8 +8,9 @@ of the placements through `FleetHandler.set_placements`, fenced by the lease (a 
 late write is refused). It runs every `placer_interval_seconds`, and promptly (after
 `placer_debounce_seconds`) on any change that can alter a decision: a node registered, lost,
 drained or reporting new budgets, a model registered, changed or deleted, a copy that became
-READY, failed or was evicted. Placements of a LOST node are removed by the plan (their node is
-not live) and placed again elsewhere in the same round.
+READY, failed or was evicted. A node lost skips the debounce: its copies serve nobody until they
+are placed again. Placements of a LOST node are removed by the plan (their node is not live) and
+placed again elsewhere in the same round.
 
 `ensure` is the on-demand path (EnsurePlacement): a request waits for a model with no copy. It
 plans for that model alone, marked on demand (so it may displace colder copies), on whichever
@@ -35,6 +36,7 @@ from prometheus_client import Counter, Gauge
 
 from modelplane.common.errors import ModelplaneError
 from modelplane.common.types import WORKING_STATES, DesiredState, Model, ModelState, Priority, RuntimeTarget
+from modelplane.common.waiting import wait_set
 from modelplane.loader.footprint import estimate_footprint
 from modelplane.loader.preload import forecast
 from modelplane.registry.errors import ModelNotFound, NoNodeFits, NotPlacerLeader
@@ -201,6 +203,7 @@ class Placer:
         self.leader = False
         self.last_plan: PlacementPlan | None = None
         self._wake = asyncio.Event()
+        self._urgent = asyncio.Event()  # a node was lost: plan without waiting for more changes
         self._lock = asyncio.Lock()  # one round or on-demand placement at a time in this process
         self._lease = timedelta(seconds=settings.placer_lease_seconds)
         self._pending_said: dict[str, str] = {}
@@ -214,6 +217,7 @@ class Placer:
         try:
             while True:
                 self._wake.clear()
+                self._urgent.clear()
                 try:
                     await self.round()
                 except NotPlacerLeader:
@@ -224,20 +228,21 @@ class Placer:
                 except Exception:  # the database is unreachable for now: the next round tries again
                     log.exception("placer round failed")
                 interval = self.settings.placer_interval_seconds
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), interval)
-                if self._wake.is_set():
-                    await asyncio.sleep(self.settings.placer_debounce_seconds)  # let a burst of changes settle
+                await wait_set(self._wake, interval)
+                if self._wake.is_set():  # let a burst of changes settle, unless a node is lost: its copies are down
+                    await wait_set(self._urgent, self.settings.placer_debounce_seconds)
         finally:
             follower.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await follower
             await self._resign()
 
-    def wake(self) -> None:
-        """Plan again soon: something the placer decides on changed."""
+    def wake(self, *, urgent: bool = False) -> None:
+        """Plan again soon: something the placer decides on changed; at once when `urgent`."""
         if self.leader:
             self._wake.set()
+            if urgent:
+                self._urgent.set()
 
     async def round(self) -> PlacementPlan | None:
         """One round: take or renew the lease, and if held, plan and write; None when not leader."""
@@ -270,7 +275,7 @@ class Placer:
                 with await self.store.subscribe() as subscription:
                     async for change in subscription.changes():
                         if self._matters(change):
-                            self.wake()
+                            self.wake(urgent=isinstance(change, NodeChange) and change.node.state == NodeState.LOST)
             except asyncio.CancelledError:
                 raise
             except Exception:  # the change feed is down (PostgreSQL LISTEN): rounds still run on the timer

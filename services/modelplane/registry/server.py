@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-import structlog
-
 from modelplane.common.grpc_server import GrpcServer
 from modelplane.common.service import Service
 from modelplane.registry.fleet_handlers import FleetHandler
@@ -15,9 +13,8 @@ from modelplane.registry.placer import Placer
 from modelplane.registry.servicer import RegistryServicer
 from modelplane.registry.settings import RegistrySettings
 from modelplane.registry.store import RegistryStore
+from modelplane.registry.sweeper import NodeSweeper
 from modelplane.registry.v1 import registry_service_pb2, registry_service_pb2_grpc
-
-log = structlog.get_logger()
 
 SERVICE_FULL_NAME = registry_service_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name
 # Called on a timer by the other services (request statistics, reconciliation, node leases):
@@ -59,19 +56,10 @@ class RegistryService(Service):
             SERVICE_FULL_NAME,
         )
         self.port = await self.server.start()
-        self._sweeper = asyncio.create_task(self._sweep_lost_nodes(self.fleet), name="sweep-lost-nodes")
+        sweeper = NodeSweeper(self.store, self.fleet, self.settings.node_sweep_interval_seconds)
+        self._sweeper = asyncio.create_task(sweeper.run(), name="sweep-lost-nodes")
         if self.settings.placer:
             self._placing = asyncio.create_task(self.placer.run(), name="placer")
-
-    async def _sweep_lost_nodes(self, fleet: FleetHandler) -> None:
-        """Records as LOST, and announces, each node whose lease lapses (every replica sweeps;
-        each lapse is recorded once)."""
-        while True:
-            await asyncio.sleep(self.settings.node_sweep_interval_seconds)
-            try:
-                await fleet.mark_lost_nodes()
-            except Exception:  # the database is unreachable for now; the next sweep tries again
-                log.exception("cannot sweep for lost nodes")
 
     async def stop(self) -> None:
         for task in (self._placing, self._sweeper):  # the placer first: it gives its lease up

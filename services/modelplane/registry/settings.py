@@ -23,9 +23,10 @@ class RegistrySettings(ServerSettings):
     """SQLAlchemy URL of the catalogue: sqlite+aiosqlite:///path (one replica) or
     postgresql+asyncpg://user@host/db (several replicas)."""
     node_sweep_interval_seconds: float = Field(default=1.0, gt=0)
-    """How often the registry looks for nodes whose lease has lapsed, records them as LOST and
-    tells watchers (seconds). Reads see a lapsed lease as LOST at once; this bounds how late the
-    watchers hear of it."""
+    """The longest the registry waits between two looks for nodes whose lease has lapsed (seconds).
+    It records a node LOST, and tells watchers and the placer, when the node's lease runs out (it
+    sleeps until the earliest expiry, and wakes when a node registers); this bounds each sleep, for
+    a node registered through another replica while the change feed is down."""
     placer: bool = True
     """Whether this replica runs a placer. Every replica may: one at a time places (the one that
     holds the "placer" lease), the others take over when it stops renewing."""
@@ -33,7 +34,8 @@ class RegistrySettings(ServerSettings):
     """How often the placer plans when nothing changes (seconds); also how often it renews its lease
     and how often the other replicas try to take it."""
     placer_debounce_seconds: float = Field(default=0.2, ge=0)
-    """After a change the placer waits this long for more before it plans (seconds)."""
+    """After a change the placer waits this long for more before it plans (seconds); not after a
+    node is lost, whose copies it places elsewhere at once."""
     placer_lease_seconds: float = Field(default=10.0, gt=0)
     """How long the placer's leadership lasts without renewal (seconds): a replica that stops
     renewing is replaced within this plus one interval. At least three intervals."""

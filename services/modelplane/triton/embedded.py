@@ -1,7 +1,12 @@
 """The embedded Triton: the real `tritonserver` binary shipped in the nvidia-pytriton wheel.
 
 The supervisor starts it in explicit model-control mode with the python backend, waits until it
-is live, restarts it (with backoff) when it dies, and stops it cleanly. Nothing here imitates
+is live, restarts it (with backoff) when it dies, and stops it cleanly. Each model of the python
+backend runs in a stub process that tritonserver starts; a stub leaves when it notices that its
+server has gone, unless it cannot: after a SIGKILLed Triton, a llama.cpp model's stub was seen hung
+on its way out for 50 minutes, holding 365 MiB. So Triton runs in a process group of its own,
+recorded in a file beside its log, and once it exits its group's remaining processes are killed:
+at once by the supervisor, or at the next start when the supervisor died with it. Nothing here imitates
 Triton; when `MODELPLANE_TRITON_EMBEDDED=false` none of this runs and the services talk to an
 external Triton (NVIDIA's container) at the configured address.
 """
@@ -90,6 +95,17 @@ class EmbeddedTriton:
     def log_path(self) -> Path:
         return self.workdir / "tritonserver.log"
 
+    @property
+    def group_path(self) -> Path:
+        """The process group of the tritonserver last started here (its pid), until it is ended."""
+        return self.workdir / "tritonserver.pgid"
+
+    @property
+    def _programs(self) -> frozenset[str]:
+        """The executables of this Triton's processes: the server, and the stub copied for it."""
+        stub = self.workdir / "backends" / "python" / "triton_python_backend_stub"
+        return frozenset(str(path.resolve()) for path in (self.distribution.binary, stub))
+
     def _backend_directory(self) -> Path:
         """Triton wants <dir>/python/ holding the backend library, its utils module and the stub
         built for the running Python; the wheel keeps the stubs apart, so link them together. The
@@ -173,6 +189,7 @@ class EmbeddedTriton:
         process going away; a persistent fault still fails after the last attempt."""
         self._stopping = False
         await self._check_stub_libraries()
+        self._end_previous_group()
         for attempt in range(1, _START_ATTEMPTS + 1):
             try:
                 await self._spawn()
@@ -234,6 +251,7 @@ class EmbeddedTriton:
             preexec_fn=die_with_parent,
         )
         log_file.close()
+        self.group_path.write_text(f"{self.process.pid}\n")  # its process group's id: the session it leads
         log.info("triton starting", pid=self.process.pid, grpc_port=self.grpc_port, log=str(self.log_path))
         await self._wait_live()
         log.info("triton live", pid=self.process.pid)
@@ -270,6 +288,7 @@ class EmbeddedTriton:
             returncode = await self.process.wait()
             if self._stopping:
                 return
+            self._end_group(self.process.pid)
             self.restarts += 1
             log.error("triton died; restarting", returncode=returncode, restarts=self.restarts, in_seconds=backoff)
             await asyncio.sleep(backoff)
@@ -290,12 +309,56 @@ class EmbeddedTriton:
         log.info("triton stopped")
 
     async def _terminate(self) -> None:
-        if self.process is None or self.process.returncode is not None:
+        if self.process is None:
             return
-        self.process.send_signal(signal.SIGTERM)
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.process.wait(), timeout=20)
+            except TimeoutError:
+                log.warning("triton did not stop within 20 s; killing it")
+                self.process.kill()
+                await self.process.wait()
+        self._end_group(self.process.pid)
+
+    def _end_previous_group(self) -> None:
+        """Kills what a Triton started here before left running, when it died with its supervisor
+        (its group file remains). A group whose server still runs is another live Triton's: left
+        alone (it holds the ports, so this start fails and says so)."""
         try:
-            await asyncio.wait_for(self.process.wait(), timeout=20)
-        except TimeoutError:
-            log.warning("triton did not stop within 20 s; killing it")
-            self.process.kill()
-            await self.process.wait()
+            group = int(self.group_path.read_text())
+        except (OSError, ValueError):
+            return
+        members = group_members(group, self._programs)
+        if group in members:
+            return
+        self._end_group(group)
+
+    def _end_group(self, group: int) -> None:
+        """Kills the processes left in a Triton's process group once its server has exited (its
+        python-backend stubs), and forgets the group."""
+        left = group_members(group, self._programs)
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if left:
+            log.warning("killed the processes a dead tritonserver left running", group=group, pids=left)
+        with contextlib.suppress(OSError):
+            if self.group_path.read_text().strip() == str(group):
+                self.group_path.unlink()
+
+
+def group_members(group: int, programs: frozenset[str]) -> list[int]:
+    """The live processes of a process group that run one of `programs` (resolved paths), by pid:
+    the group id alone could name another program's group once every one of its own has gone."""
+    members = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            # The fields after the command name, which may hold spaces: state, ppid, pgrp, …
+            state, _ppid, pgrp = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+            program = os.readlink(entry / "exe").removesuffix(" (deleted)")
+        except (OSError, ValueError):
+            continue  # gone meanwhile, or not ours to read
+        if int(pgrp) == group and state != "Z" and program in programs:
+            members.append(int(entry.name))
+    return sorted(members)
