@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
@@ -10,11 +11,12 @@ import asyncpg
 import pytest
 
 from modelplane.common.errors import Unavailable
-from modelplane.common.types import ModelSpec, ModelState, Task
+from modelplane.common.types import ModelAsset, ModelSpec, ModelState, Task
 from modelplane.registry.client import RegistryClient
 from modelplane.registry.fleet import Node, NodeState, PlacementTarget
 from modelplane.registry.server import RegistryService
 from modelplane.registry.settings import RegistrySettings
+from modelplane.registry.store import RegistryStore
 from modelplane.registry.watch import Change, ChangeType, ModelChange, NodeChange, PlacementChange
 from tests.postgres import PostgresServer
 
@@ -128,6 +130,36 @@ async def test_watchers_resync_when_the_listen_connection_drops(
         await writer_side.register(ModelSpec(name="after", task=Task.EMBEDDING, source_uri="/m/after"))
         change = await asyncio.wait_for(anext(stream), timeout=10)
         assert (change.change_type, change.model.name) == (ChangeType.REGISTERED, "after")
+
+
+async def test_two_models_that_share_an_asset_record_it_at_once(postgres: PostgresServer, database: str) -> None:
+    """Two loads recording the same file (a tokenizer many models share) for two models, each in its
+    transaction as TransitionPlacement records it: the second waits on the first's new row and then
+    finds it there, rather than failing on the key (an INTERNAL error that fails the load)."""
+    store = await RegistryStore.open(database)
+    content = b"[PAD]\n[UNK]\n"
+    shared = ModelAsset(name="vocab.txt", sha256=hashlib.sha256(content).hexdigest(), content=content)
+
+    async def record(name: str) -> None:
+        async with store.engine.begin() as connection:
+            await store.replace_assets(connection, name, [shared])
+
+    admin = await asyncpg.connect(host="127.0.0.1", port=postgres.port, user="modelplane", database="postgres")
+    try:
+        async with store.engine.begin() as first:
+            await store.replace_assets(first, "enc-0", [shared])
+            second = asyncio.create_task(record("enc-1"))
+            # The second transaction has not seen the first's row and waits on its key.
+            query = "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'"
+            while not await admin.fetchval(query, database.rpartition("/")[2]):
+                assert not second.done(), second
+                await asyncio.sleep(0.05)
+        await second
+        assert await store.get_assets("enc-0") == [shared]
+        assert await store.get_assets("enc-1") == [shared]
+    finally:
+        await admin.close()
+        await store.close()
 
 
 async def test_registrations_through_both_replicas_at_once_number_versions_without_gaps_or_doubles(

@@ -24,6 +24,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from modelplane.common.types import (
@@ -355,14 +356,13 @@ class RegistryStore:
 
     async def replace_assets(self, connection: AsyncConnection, name: str, assets: Sequence[ModelAsset]) -> None:
         await connection.execute(sa.delete(schema.model_assets).where(schema.model_assets.c.model_name == name))
+        insert = postgresql.insert if self.postgres else sqlite.insert
         for asset in assets:
-            known = (
-                await connection.execute(
-                    sa.select(schema.assets.c.sha256).where(schema.assets.c.sha256 == asset.sha256)
-                )
-            ).first()
-            if not known:
-                await connection.execute(sa.insert(schema.assets).values(sha256=asset.sha256, content=asset.content))
+            # Many models share a file (a tokenizer): another replica's transaction may be recording
+            # it now, unseen until it commits. ON CONFLICT waits for that one and keeps its row.
+            await connection.execute(
+                insert(schema.assets).values(sha256=asset.sha256, content=asset.content).on_conflict_do_nothing()
+            )
             await connection.execute(
                 sa.insert(schema.model_assets).values(model_name=name, name=asset.name, sha256=asset.sha256)
             )
