@@ -200,3 +200,47 @@ async def test_a_second_call_starts_only_once_it_is_as_big_as_the_one_under_way(
     assert [(await task).tolist() for task in (first, *waiting)] == [[[1], [1]], [[2]], [[3]]]
     # Nothing under way again: a lone request is sent at once.
     assert (await calls.run(MODEL, _chunk([4]), request_id="d")).tolist() == [[4]]
+
+
+class RecordingTask(HeldTriton):
+    """Notes the task each call is made from."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tasks: list[asyncio.Task | None] = []
+
+    async def infer(
+        self, model: str, arrays: Mapping[str, np.ndarray], output: str, *, request_id: str = ""
+    ) -> np.ndarray:
+        self.tasks.append(asyncio.current_task())
+        return await super().infer(model, arrays, output, request_id=request_id)
+
+
+async def test_a_request_that_finds_the_model_idle_is_sent_from_its_own_task() -> None:
+    """The lone client's path: no task started and no future to wake between it and its call."""
+    triton = RecordingTask()
+    calls = EncoderCalls(triton, calls_in_flight=1)  # type: ignore[arg-type]
+    caller = asyncio.create_task(calls.run(MODEL, _chunk([1]), request_id="a"))
+    await _settle()
+    triton.release.set()
+    assert (await caller).tolist() == [[1]]
+    assert triton.tasks == [caller]
+
+
+async def test_a_lone_caller_that_gives_up_frees_the_slot_for_the_next() -> None:
+    """Cancelling the caller of a call sent from its own task cancels that call, which nobody else
+    shares, and the requests that waited behind it go out at once, together."""
+    triton = HeldTriton()
+    calls = EncoderCalls(triton, calls_in_flight=1)  # type: ignore[arg-type]
+    lone = asyncio.create_task(calls.run(MODEL, _chunk([1]), request_id="a"))
+    await _settle()
+    behind = [asyncio.create_task(calls.run(MODEL, _chunk([value]), request_id=str(value))) for value in (2, 3)]
+    await _settle()
+    assert len(triton.calls) == 1, "the others wait while the lone call holds the slot"
+    lone.cancel()
+    await _settle()
+    assert lone.cancelled()
+    assert len(triton.calls) == 2
+    assert triton.calls[1]["input_ids"].tolist() == [[2], [3]]
+    triton.release.set()
+    assert [(await task).tolist() for task in behind] == [[[2]], [[3]]]

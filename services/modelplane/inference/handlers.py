@@ -319,15 +319,19 @@ class InferenceHandler:
             for i in range(0, len(sequences), model.max_rows)
         ]
         request_id = current_request_id.get()
-        outputs = await asyncio.gather(
-            *(self.encoder_calls.run(model, chunk.arrays, request_id=request_id) for chunk in chunks)
-        )
+        if len(chunks) == 1:  # the common case, without a task for the chunk
+            outputs = [await self.encoder_calls.run(model, chunks[0].arrays, request_id=request_id)]
+        else:
+            outputs = await asyncio.gather(
+                *(self.encoder_calls.run(model, chunk.arrays, request_id=request_id) for chunk in chunks)
+            )
         facts = EncodedBatch(
             arrays={},
             token_counts=[count for chunk in chunks for count in chunk.token_counts],
             truncated=[cut for chunk in chunks for cut in chunk.truncated],
         )
-        return np.concatenate(outputs).astype(np.float32, copy=False), facts
+        vectors = outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+        return vectors.astype(np.float32, copy=False), facts
 
 
 def _response_schema(serving: ServingModel, response_format: structured.ResponseFormat) -> dict | None:
