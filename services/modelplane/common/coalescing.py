@@ -118,10 +118,7 @@ class Coalescer(Generic[KeyT, ItemT, ResultT]):
         a good part of what coalescing would cost it. It holds the call slot like any call, so
         items that arrive meanwhile wait and go together when it ends; cancelling the caller
         cancels the call, which nobody else shares."""
-        label = self.label(key)
-        self.metrics.wait_seconds.labels(label).observe(0.0)
-        self.metrics.calls.labels(label).inc()
-        self.metrics.items.labels(label).inc()
+        self._count_call(self.label(key), [0.0])
         calls.in_flight.append(size)
         try:
             (result,) = await self.send(key, [item])
@@ -181,12 +178,8 @@ class Coalescer(Generic[KeyT, ItemT, ResultT]):
         size: int,
         limit: int,
     ) -> None:
-        label = self.label(key)
         started = time.monotonic()
-        for waiting in batch:
-            self.metrics.wait_seconds.labels(label).observe(started - waiting.queued_at)
-        self.metrics.calls.labels(label).inc()
-        self.metrics.items.labels(label).inc(len(batch))
+        self._count_call(self.label(key), [started - waiting.queued_at for waiting in batch])
         try:
             results = await self.send(key, [waiting.item for waiting in batch])
         except asyncio.CancelledError:
@@ -209,6 +202,13 @@ class Coalescer(Generic[KeyT, ItemT, ResultT]):
                 waiting.result.set_exception(result)
             else:
                 waiting.result.set_result(result)
+
+    def _count_call(self, label: str, waited: list[float]) -> None:
+        """One call's metrics: how long each of its items waited for it, and how many went."""
+        for seconds in waited:
+            self.metrics.wait_seconds.labels(label).observe(seconds)
+        self.metrics.calls.labels(label).inc()
+        self.metrics.items.labels(label).inc(len(waited))
 
 
 def _waiting_size(waiting: collections.deque[_Waiting[ItemT, ResultT]]) -> int:
