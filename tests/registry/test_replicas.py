@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 from modelplane.common.errors import Unavailable
-from modelplane.common.types import ModelAsset, ModelSpec, ModelState, Task
+from modelplane.common.types import Model, ModelAsset, ModelSpec, ModelState, Task
 from modelplane.registry.client import RegistryClient
 from modelplane.registry.fleet import Node, NodeState, PlacementTarget
 from modelplane.registry.server import RegistryService
@@ -157,6 +157,38 @@ async def test_two_models_that_share_an_asset_record_it_at_once(postgres: Postgr
         await second
         assert await store.get_assets("enc-0") == [shared]
         assert await store.get_assets("enc-1") == [shared]
+    finally:
+        await admin.close()
+        await store.close()
+
+
+async def test_a_model_deleted_while_another_records_its_shared_asset_leaves_the_asset(
+    postgres: PostgresServer, database: str
+) -> None:
+    """The last model holding a shared file (a tokenizer) is deleted on one replica while a load on
+    another records the same file for a second model, in a transaction not committed yet: the
+    delete's sweep of unreferenced files must not take the file the second model now refers to
+    (it cannot see that reference until it commits, so it waits for it)."""
+    store = await RegistryStore.open(database)
+    content = b"[PAD]\n[UNK]\n"
+    shared = ModelAsset(name="vocab.txt", sha256=hashlib.sha256(content).hexdigest(), content=content)
+    spec = ModelSpec(name="old", task=Task.EMBEDDING, source_uri="/m/old")
+    await store.register_model("old", lambda _: (Model(spec=spec), True, None, ChangeType.REGISTERED))
+    async with store.engine.begin() as connection:
+        await store.replace_assets(connection, "old", [shared])
+    admin = await asyncpg.connect(host="127.0.0.1", port=postgres.port, user="modelplane", database="postgres")
+    try:
+        async with store.engine.begin() as recording:
+            await store.replace_assets(recording, "new", [shared])
+            deleting = asyncio.create_task(store.delete_model("old"))
+            query = "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'"
+            for _ in range(100):  # the delete either waits for the recording transaction or is done
+                if deleting.done() or await admin.fetchval(query, database.rpartition("/")[2]):
+                    break
+                await asyncio.sleep(0.05)
+        await deleting
+        assert await store.get_model("old") is None
+        assert await store.get_assets("new") == [shared]
     finally:
         await admin.close()
         await store.close()

@@ -355,6 +355,7 @@ class RegistryStore:
     # Assets -------------------------------------------------------------------------------
 
     async def replace_assets(self, connection: AsyncConnection, name: str, assets: Sequence[ModelAsset]) -> None:
+        await self.lock(connection, "assets", "")  # see _drop_orphan_assets
         await connection.execute(sa.delete(schema.model_assets).where(schema.model_assets.c.model_name == name))
         insert = postgresql.insert if self.postgres else sqlite.insert
         for asset in assets:
@@ -369,6 +370,11 @@ class RegistryStore:
         await self._drop_orphan_assets(connection)
 
     async def _drop_orphan_assets(self, connection: AsyncConnection) -> None:
+        """Drops the files no model refers to any more. A transaction recording a reference to a
+        file holds the assets lock until it commits: the sweep waits for it rather than dropping a
+        file whose new reference it cannot see yet (the last model holding a shared tokenizer
+        deleted while a load on another replica records it for a second model)."""
+        await self.lock(connection, "assets", "")
         referenced = sa.select(schema.model_assets.c.sha256)
         await connection.execute(sa.delete(schema.assets).where(schema.assets.c.sha256.not_in(referenced)))
 
