@@ -122,8 +122,9 @@ protos: install
 check-generated: install
 	$(BIN)/python scripts/gen_protos.py --check
 
+# The slowest tests are listed at the end, so that a run that grows shows where.
 pytest: install $(HELM)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=30 $(PYTEST_ARGS)
 
 # deploy/Dockerfile built with podman and started with buildah (scripts/image_check.sh says how). Not
 # part of `make test`: a cold build downloads and installs every wheel (deploy/README.md has figures).
