@@ -2,7 +2,7 @@
 service and of tritonserver printed at the start and at the end.
 
 `MODELPLANE_RELIABILITY_CYCLES` sets the number of cycles. A cycle takes about 3.5 s on two cores
-(a python-backend model starts its own stub process), so CI runs 25 and the figures of a
+(a python-backend model starts its own stub process), so CI runs 10 and the figures of a
 1,000-cycle run are in the README's Reliability section:
 
     MODELPLANE_RELIABILITY_CYCLES=1000 .venv/bin/python -m pytest tests/reliability/test_memory.py -s -o timeout=0
@@ -22,7 +22,7 @@ from modelplane.loader.client import LoaderClient
 from tests.integration.conftest import RunningStack
 from tests.reliability.conftest import AUTH, ENCODERS, consistent, record, rss_mib, service_processes, states
 
-CYCLES = int(os.environ.get("MODELPLANE_RELIABILITY_CYCLES", "25"))
+CYCLES = int(os.environ.get("MODELPLANE_RELIABILITY_CYCLES", "10"))
 MODEL = ENCODERS[4]
 
 
