@@ -212,14 +212,19 @@ async def test_registry_killed_during_writes_loses_no_acknowledged_write(rel: Ru
     before_kill = len(acknowledged)
     old = kill(rel, "registry")
     back = await restarted(rel, "registry", old, rel.registry)
-    await asyncio.sleep(1.5)
+    # Writes resume once each writer's channel reconnects: within its reconnect backoff
+    # (common/channels.py: at most 2 s, with jitter), which a downtime of a few seconds reaches.
+    await until(lambda: _value(len(acknowledged)), lambda count: count > before_kill, 15)
+    resumed = time.monotonic()
+    await asyncio.sleep(1.0)
     stop.set()
     await asyncio.gather(*writers)
     stored = await registry_models(rel)
     lost = [name for name in acknowledged if name not in stored]
     record(
         f"registry SIGKILL during writes: {len(acknowledged)} registrations acknowledged ({before_kill} before the "
-        f"kill), refused meanwhile {dict(refused)}, lost {len(lost)}; serving again {back - killed:.1f} s after"
+        f"kill), refused meanwhile {dict(refused)}, lost {len(lost)}; serving again {back - killed:.1f} s after, "
+        f"writes acknowledged again {resumed - killed:.1f} s after"
     )
     assert before_kill > 0 and len(acknowledged) > before_kill
     assert lost == []
