@@ -108,8 +108,11 @@ class _Stream:
                 raise
             except Exception as error:  # noqa: BLE001 - every failure is the call's answer
                 answer = pb.EncodeStreamResponse(id=message.id, error=call_error(observation.failure(error)))
-        answer.id = message.id
-        self.answers.put_nowait(answer)
+            answer.id = message.id
+            self.answers.put_nowait(answer)
+            # One turn of the loop before the observation ends: the stream hands the answer to grpc
+            # first, so the call's log line and metrics are written while it travels, not before.
+            await asyncio.sleep(0)
 
     def _finished(self, call_id: int) -> None:
         self._calls.pop(call_id, None)
