@@ -43,13 +43,16 @@ def test_by_default_triton_batches_without_waiting_and_the_model_buckets_by_leng
     assert text.count("allow_ragged_batch: true") == 3
     assert 'key: "length_buckets"\n  value: { string_value: "12,16,24,32,48,64,96,128,192,256,384,512" }' in text
     assert 'key: "bucket_merge_tokens"\n  value: { string_value: "16" }' in text
+    assert 'key: "parallel_runs"\n  value: { string_value: "2" }' in text
 
 
 def test_bucket_bounds_and_batching_come_from_the_environment(artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MODELPLANE_LOADER_LENGTH_BUCKETS", "[64, 16, 32]")
     monkeypatch.setenv("MODELPLANE_LOADER_MAX_QUEUE_DELAY_MICROSECONDS", "500")
     monkeypatch.setenv("MODELPLANE_LOADER_BUCKET_MERGE_TOKENS", "0")
+    monkeypatch.setenv("MODELPLANE_LOADER_ONNX_PARALLEL_RUNS", "1")
     text = _config_text(artifact, LoaderSettings())
+    assert 'key: "parallel_runs"\n  value: { string_value: "1" }' in text
     assert 'value: { string_value: "16,32,64" }' in text
     assert 'key: "bucket_merge_tokens"\n  value: { string_value: "0" }' in text
     assert "max_queue_delay_microseconds: 500" in text

@@ -131,6 +131,7 @@ class EncoderBuilder(ArtifactBuilder):
                 "pad_token_id": str(_token_id(artifact, special.get("pad_token"))),
                 "length_buckets": ",".join(str(bound) for bound in sorted(settings.length_buckets)),
                 "bucket_merge_tokens": str(settings.bucket_merge_tokens),
+                "parallel_runs": str(settings.onnx_parallel_runs),
             }
             files["model.py"] = python_model_source("onnx_encoder")
         elif target == RuntimeTarget.TENSORRT:

@@ -10,11 +10,18 @@ which costs about as much as a few tokens (`bucket_merge_tokens`), so neighbouri
 merged while padding the shorter one's rows costs less than the call it saves: a small batch spread
 over many buckets runs as two or three calls, not one per bucket. Padding is masked, so a text's
 result does not depend on what it was batched with.
+
+With `parallel_runs` above 1, the calls of one execution run that many at a time, each on its
+share of the cores (one thread each on two cores), instead of one after another on all of them: a
+run on two threads costs about 4 ms more CPU than on one before its first token (the threads wake
+and wait for each other at every operator; benchmarks/bench_onnx_calls.py), which small executions
+pay on every call. A call large enough to leave the other runs idle is split by rows first.
 """
 
 import itertools
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnxruntime as ort
@@ -27,7 +34,14 @@ class TritonPythonModel:
         parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         model_dir = os.path.join(args["model_repository"], args["model_version"])
         options = ort.SessionOptions()
-        options.intra_op_num_threads = int(parameters.get("intra_op_threads", "0"))
+        threads = int(parameters.get("intra_op_threads", "0"))
+        self.parallel_runs = max(1, int(parameters.get("parallel_runs", "1")))
+        self.pool = None
+        if self.parallel_runs > 1:
+            # The runs share the cores: each gets its part of them (of all, when threads is 0).
+            threads = max(1, (threads or len(os.sched_getaffinity(0))) // self.parallel_runs)
+            self.pool = ThreadPoolExecutor(self.parallel_runs, thread_name_prefix="onnx-run")
+        options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Spinning threads burn the cores the other processes (Triton, the services) need between
@@ -50,7 +64,7 @@ class TritonPythonModel:
         pb_utils.Logger.log_info(
             f"{args['model_name']}: onnxruntime providers {self.session.get_providers()}, inputs {self.input_names}, "
             f"length buckets {self.length_buckets.tolist()} (merged below {self.bucket_merge_tokens} tokens), "
-            f"spinning threads {spinning}"
+            f"spinning threads {spinning}, parallel runs {self.parallel_runs}"
         )
 
     def execute(self, requests):
@@ -80,14 +94,39 @@ class TritonPythonModel:
         # A row's length is one past its last attended position (padding is on the right).
         lengths = np.where(mask.any(axis=1), mask.shape[1] - np.argmax(mask[:, ::-1] != 0, axis=1), 1)
         buckets = np.searchsorted(self.length_buckets, lengths, side="left")
-        outputs = None
-        for rows in self._merged([np.flatnonzero(buckets == bucket) for bucket in np.unique(buckets)], lengths):
+        calls = self._merged([np.flatnonzero(buckets == bucket) for bucket in np.unique(buckets)], lengths)
+
+        def run(rows):
             width = int(lengths[rows].max())
-            part = self.session.run([self.output_name], {name: array[rows, :width] for name, array in feed.items()})[0]
-            if outputs is None:
-                outputs = np.empty((mask.shape[0], *part.shape[1:]), dtype=np.float32)
+            return self.session.run([self.output_name], {name: array[rows, :width] for name, array in feed.items()})[0]
+
+        if self.pool is None:
+            parts = [run(rows) for rows in calls]
+        else:
+            calls = self._spread(calls, lengths)
+            parts = list(self.pool.map(run, calls)) if len(calls) > 1 else [run(calls[0])]
+        outputs = np.empty((mask.shape[0], *parts[0].shape[1:]), dtype=np.float32)
+        for rows, part in zip(calls, parts, strict=True):
             outputs[rows] = part
         return outputs
+
+    def _spread(self, calls, lengths):
+        """The calls, largest first (the pool starts them in this order), after splitting the
+        largest by rows while there are fewer calls than parallel runs and the split pays: each
+        half must still cost several times what a call costs beyond its tokens."""
+
+        def cost(rows):
+            return len(rows) * int(lengths[rows].max())
+
+        calls = sorted(calls, key=cost, reverse=True)
+        floor = 8 * max(self.bucket_merge_tokens, 1)
+        while len(calls) < self.parallel_runs and len(calls[0]) > 1 and cost(calls[0]) >= 2 * floor:
+            rows = calls.pop(0)
+            rows = rows[np.argsort(lengths[rows], kind="stable")]
+            half = int(np.searchsorted(np.cumsum(lengths[rows]), lengths[rows].sum() / 2)) + 1
+            half = min(max(half, 1), len(rows) - 1)
+            calls = sorted([*calls, rows[:half], rows[half:]], key=cost, reverse=True)
+        return calls
 
     def _merged(self, groups, lengths):
         """Merges neighbouring groups (in length order) while padding the shorter group's rows to
@@ -115,4 +154,6 @@ class TritonPythonModel:
         return padded
 
     def finalize(self):
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
         self.session = None
