@@ -21,7 +21,7 @@ from modelplane.loader.triton_control import TritonControl
 from modelplane.triton.embedded import EmbeddedTriton
 from tests.triton.conftest import triton_settings, write_python_model
 
-# Doubles x; refuses a vector that starts below zero; sleeps x[1] seconds first when x[0] is 7.
+# Doubles x; refuses a vector that starts below zero; sleeps x[1] seconds first when x[0] is 7 or -7.
 _MODEL = """import time
 
 import triton_python_backend_utils as pb_utils
@@ -32,11 +32,11 @@ class TritonPythonModel:
         answers = []
         for request in requests:
             x = pb_utils.get_input_tensor_by_name(request, "x").as_numpy()
+            if abs(x[0]) == 7:
+                time.sleep(float(x[1]))
             if x[0] < 0:
                 answers.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"refused {x[0]:g}")))
                 continue
-            if x[0] == 7:
-                time.sleep(float(x[1]))
             answers.append(pb_utils.InferenceResponse([pb_utils.Tensor("y", x * 2)]))
         return answers
 """
@@ -133,6 +133,14 @@ async def test_a_caller_that_gives_up_leaves_the_stream_to_the_others(node: Node
     assert (await inferer.encode("doubler", _x(1), "y")).tolist() == [2.0]
     await asyncio.sleep(0.6)
     assert (await inferer.encode("sleeper", _x(2), "y")).tolist() == [4.0]
+
+
+async def test_the_late_error_of_a_call_given_up_goes_to_no_one_else(node: Node) -> None:
+    inferer = node.inferer
+    with pytest.raises(TimeoutError):  # refused after 0.4 s, by when its caller has gone
+        await asyncio.wait_for(inferer.encode("sleeper", _x(-7, 0.4), "y"), timeout=0.05)
+    # The one call waiting when that error arrives gets its own answer, not the error.
+    assert (await inferer.encode("doubler", _x(7, 1.0), "y")).tolist() == [14.0, 2.0]
 
 
 async def test_calls_held_by_a_triton_that_dies_fail_as_unreachable_and_a_new_stream_serves_it_back(

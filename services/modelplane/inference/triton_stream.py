@@ -130,9 +130,13 @@ class _Stream:
                 waiting.set_result(answer)
             return  # an answer to a call that gave up
         error = InferenceServerException(response.error_message)
-        if waiting is None and len(self._waiting) == 1:
+        if answer.id:
+            if waiting is not None and not waiting.done():
+                waiting.set_exception(error)
+            return  # an error for a call that gave up
+        # Without an id: the only call waiting, or else each runs again alone to get its own answer.
+        if len(self._waiting) == 1:
             waiting = next(iter(self._waiting.values()))
-        if waiting is not None:
             if not waiting.done():
                 waiting.set_exception(error)
             return
