@@ -28,7 +28,7 @@ class HeldTriton:
         self.release = asyncio.Event()
         self.failure: Exception | None = None
 
-    async def encode(
+    async def infer(
         self, model: str, arrays: Mapping[str, np.ndarray], output: str, *, request_id: str = ""
     ) -> np.ndarray:
         self.calls.append(dict(arrays))
@@ -150,14 +150,14 @@ class SendingInItsOwnTask(HeldTriton):
         super().__init__()
         self.sent: list[str] = []
 
-    async def encode(
+    async def infer(
         self, model: str, arrays: Mapping[str, np.ndarray], output: str, *, request_id: str = ""
     ) -> np.ndarray:
         async def put_on_the_wire() -> None:
             self.sent.append(request_id)
 
         await asyncio.create_task(put_on_the_wire())
-        return await super().encode(model, arrays, output, request_id=request_id)
+        return await super().infer(model, arrays, output, request_id=request_id)
 
 
 async def test_the_next_call_goes_out_before_the_finished_calls_callers_resume() -> None:
@@ -209,11 +209,11 @@ class RecordingTask(HeldTriton):
         super().__init__()
         self.tasks: list[asyncio.Task | None] = []
 
-    async def encode(
+    async def infer(
         self, model: str, arrays: Mapping[str, np.ndarray], output: str, *, request_id: str = ""
     ) -> np.ndarray:
         self.tasks.append(asyncio.current_task())
-        return await super().encode(model, arrays, output, request_id=request_id)
+        return await super().infer(model, arrays, output, request_id=request_id)
 
 
 async def test_a_request_that_finds_the_model_idle_is_sent_from_its_own_task() -> None:

@@ -61,7 +61,7 @@ class EncoderCalls:
         else:
             arrays = _joined([chunk.arrays for chunk in chunks], model.pad_id)
             request_id = f"{chunks[0].request_id}+{len(chunks) - 1}"
-        output = await self.triton.encode(model.triton_name, arrays, model.output, request_id=request_id)
+        output = await self.triton.infer(model.triton_name, arrays, model.output, request_id=request_id)
         results: list[np.ndarray | BaseException] = []
         offset = 0
         for chunk in chunks:

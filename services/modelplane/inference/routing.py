@@ -273,12 +273,11 @@ class Router:
         table: RoutingTable,
         tls: TritonTls | None = None,
         *,
-        streams: bool = True,
         rng: random.Random | None = None,
         connect: Callable[[str], TritonInferer] | None = None,
     ) -> None:
         self.table = table
-        self.connect = connect or (lambda address: TritonInferer(address, tls, streams=streams))
+        self.connect = connect or (lambda address: TritonInferer(address, tls))
         self.rng = rng or random.Random()  # noqa: S311 - load spreading, not security
         self.links: dict[str, NodeLink] = {}
         self._nodes_seen = -1

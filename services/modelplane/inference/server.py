@@ -34,7 +34,7 @@ class InferenceService(Service):
         loader = LoaderClient(self.settings.loader_address)
         # Until the registry knows nodes, the configured Triton serves every model as node-0.
         table = RoutingTable(self.triton_settings.grpc_address)
-        self.router = Router(table, TritonTls.from_settings(self.triton_settings), streams=self.settings.triton_streams)
+        self.router = Router(table, TritonTls.from_settings(self.triton_settings))
         self.catalog = ModelCatalog(registry, FleetOnDemand(registry, loader, table), table)
         self.stats = RequestStatistics(registry, self.settings.stats_report_interval_seconds)
         handler = InferenceHandler(self.settings, self.catalog, self.router, self.stats)

@@ -31,10 +31,6 @@ class InferenceSettings(ServerSettings):
     many are running go to Triton together in the next call, which saves each its own call's cost
     (docs/BATCHING.md). With several Triton instances of the model (`instance_count`), set it to
     their number; 0 sends every request as its own call."""
-    triton_streams: bool = True
-    """Embedding and rerank calls reach each node's Triton as messages of one long-lived stream
-    (ModelStreamInfer) instead of a unary call each, which saves each call's set-up on both sides
-    (docs/BATCHING.md, section 10). false sends unary calls; speech and generation are unchanged."""
     max_audio_seconds: float = 1800.0
     """Longest recording one transcription request may carry, in seconds (30 minutes); longer ones
     are refused with INVALID_ARGUMENT. With the gateway's 32 MiB body limit that is about a

@@ -18,8 +18,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from modelplane.common.errors import Cancelled, Internal
 from modelplane.inference.errors import InvalidRequest, ModelNotOnNode, NodeUnreachable, TritonUnavailable
-from modelplane.inference.triton_stream import RunAlone, TritonStream
-from modelplane.triton.client import TritonTls, open_triton, open_triton_channel
+from modelplane.triton.client import TritonTls, open_triton
 
 # Over a gRPC stream Triton delivers a decoupled model's error as a message only; modelplane's LLM
 # models lead it with the code ("[INVALID_ARG] the prompt has 5000 tokens; ...").
@@ -51,31 +50,12 @@ log = structlog.get_logger()
 class TritonInferer:
     """Calls into one node's Triton; routing.py picks the node."""
 
-    def __init__(self, address: str, tls: TritonTls | None = None, *, streams: bool = True) -> None:
+    def __init__(self, address: str, tls: TritonTls | None = None) -> None:
         self.address = address
         self.client = open_triton(address, tls)
-        self._channel = open_triton_channel(address, tls) if streams else None
-        self._encoder_stream = TritonStream(self._channel) if self._channel is not None else None
 
     async def close(self) -> None:
-        if self._encoder_stream is not None and self._channel is not None:
-            await self._encoder_stream.close()
-            await self._channel.close()
         await self.client.close()
-
-    async def encode(
-        self, model: str, arrays: Mapping[str, np.ndarray], output: str, *, request_id: str = ""
-    ) -> np.ndarray:
-        """An encoder call (embeddings, rerank): a message of this node's stream (triton_stream.py),
-        or a unary call when streams are off. Its deadline is the caller's: cancel it to give up."""
-        if self._encoder_stream is None:
-            return await self.infer(model, arrays, output, request_id=request_id)
-        try:
-            return await self._encoder_stream.infer(model, arrays, output, request_id=request_id)
-        except RunAlone:
-            return await self.infer(model, arrays, output, request_id=request_id)
-        except InferenceServerException as error:
-            raise _translate(model, error) from None
 
     async def infer(
         self,

@@ -64,32 +64,19 @@ def _read(setting: str, path: Path) -> bytes:
 
 def open_triton(address: str, tls: TritonTls | None = None) -> triton_aio.InferenceServerClient:
     """A client of the Triton at `address`, under TLS when `tls` is given."""
-    options = _options(tls)
     if tls is None:
-        return triton_aio.InferenceServerClient(address, channel_args=options)
-    return triton_aio.InferenceServerClient(address, creds=tls.credentials(), channel_args=options)
-
-
-def open_triton_channel(address: str, tls: TritonTls | None = None) -> grpc.aio.Channel:
-    """A bare gRPC channel to the Triton at `address`, with the options and credentials of
-    `open_triton`'s client (for the calls that client does not offer as they are wanted)."""
-    options = _options(tls)
-    if tls is None:
-        return grpc.aio.insecure_channel(address, options=options)
-    return grpc.aio.secure_channel(address, tls.credentials(), options=options)
-
-
-def _options(tls: TritonTls | None) -> list[tuple[str, object]]:
-    """tritonclient's own channel defaults (message sizes, keepalive), and the TLS name to expect."""
+        return triton_aio.InferenceServerClient(address)
+    if not tls.server_name:
+        return triton_aio.InferenceServerClient(address, creds=tls.credentials())
+    # Any channel argument replaces all of tritonclient's defaults, so they are restated here.
     keepalive = KeepAliveOptions()
-    options: list[tuple[str, object]] = [
+    options = [
         ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
         ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
         ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
         ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
         ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
         ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        ("grpc.ssl_target_name_override", tls.server_name),
     ]
-    if tls is not None and tls.server_name:
-        options.append(("grpc.ssl_target_name_override", tls.server_name))
-    return options
+    return triton_aio.InferenceServerClient(address, creds=tls.credentials(), channel_args=options)
